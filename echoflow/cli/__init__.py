@@ -1,0 +1,37 @@
+"""The `echoflow` command: a thin layer over library functions, one file per command group."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from echoflow.cli.data import data_app
+from echoflow.errors import EchoFlowError
+
+app = typer.Typer(
+    name="echoflow",
+    help=(
+        "EchoFlow: privacy-preserving synthetic echocardiography, trained across hospital sites.\n\n"
+        "Protocol: 1) `echoflow data` builds or ingests each site's cohort; 2) `echoflow train` / "
+        "`echoflow simulate` train the VAE, latent flows, re-id and EF models; 3) `echoflow sample` generates; "
+        "4) `echoflow audit run` withholds anything too close to a real patient; 5) `echoflow pipeline` "
+        "does all of it and compares EF regression on real vs synthetic videos."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data_app, name="data")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 1."""
+    try:
+        app()
+    except EchoFlowError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(1)
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,36 @@
+"""Hydra at the edge: compose the config tree in ``configs/`` from command-line overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from echoflow.errors import EchoFlowError
+
+
+def config_dir() -> Path:
+    """The ``configs/`` folder: packaged copy first, then the repository's top level."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "config.yaml").exists():
+            return candidate
+    raise EchoFlowError(f"{here.parent / 'configs'}: no Hydra config folder found")
+
+
+def load_config(overrides: list[str] | None = None, *, name: str = "config") -> DictConfig:
+    """Compose ``configs/<name>.yaml`` with Hydra overrides such as ``["dp=eps8", "federation.sites=4"]``."""
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name=name, overrides=list(overrides or []))
+    except EchoFlowError:
+        raise
+    except Exception as err:  # Hydra's own errors are long; keep the first line.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EchoFlowError(f"config: {first}") from err
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML text."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

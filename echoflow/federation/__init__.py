@@ -1,0 +1,1 @@
+"""EchoFlow federation."""
