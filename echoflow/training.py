@@ -64,8 +64,14 @@ class Stage(Protocol):
         """Networks by optimiser group; ``"model"`` is the main one (EMA'd, checkpointed, federated)."""
         ...
 
-    def losses(self, batch: Batch, *, step: int) -> dict[str, Tensor]:
-        """Scalar losses keyed by group name; extra keys (e.g. ``"l1"``) are logged as metrics only."""
+    def loss(self, group: str, batch: Batch, *, step: int) -> tuple[Tensor, dict[str, float]]:
+        """The scalar loss that trains ``group`` on ``batch``, and values to log.
+
+        Called once per group per step, in `groups()` order, each followed at once by its backward and
+        optimiser step — so a group's forward and backward are never interleaved with another's (Opacus'
+        per-sample hooks rely on that). A stage may cache work for later groups of the same step
+        (the VAE passes its reconstruction to the discriminator).
+        """
         ...
 
 
@@ -73,7 +79,7 @@ def set_step_seed(seed: int, step: int) -> None:
     """Seed torch and numpy from ``(seed, step)`` so every step's randomness is reproducible on resume."""
     mixed = (seed * 1_000_003 + step) % (2**31)
     torch.manual_seed(mixed)
-    np.random.seed(mixed)
+    np.random.seed(mixed)  # noqa: NPY002 -- seeds legacy-RNG users (e.g. augmentations) too
 
 
 def random_batches(dataset: Dataset[Batch], *, batch_size: int) -> Callable[[], Batch]:
@@ -118,20 +124,20 @@ class Trainer:
         """One optimiser step of every group on ``batch``; returns the logged values."""
         batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         autocast = self.config.amp and self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-            losses = self.stage.losses(batch, step=self.step)
+        values: dict[str, float] = {}
         for name, optimizer in self.optimizers.items():
             optimizer.zero_grad(set_to_none=True)
-            # Later groups (the discriminator) must not keep gradients from earlier groups' losses.
-            losses[name].backward(retain_graph=name != list(self.optimizers)[-1])
-            params = [p for group in optimizer.param_groups for p in group["params"]]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss, logged = self.stage.loss(name, batch, step=self.step)
+            loss.backward()
             if self.config.grad_clip > 0:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
             optimizer.step()
+            values |= {name: float(loss.detach())} | logged
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
-        values = {k: float(v.detach()) for k, v in losses.items()}
         if not all(math.isfinite(v) for v in values.values()):
             raise EchoFlowError(f"training {self.stage.name}: non-finite loss at step {self.step}: {values}")
         return values

@@ -31,11 +31,12 @@ class ToyStage:
     def groups(self) -> dict[str, nn.Module]:
         return {"model": self.net, "disc": self.adv}
 
-    def losses(self, batch: Batch, *, step: int) -> dict[str, Tensor]:
-        pred = self.net(batch["x"] + 0.01 * torch.randn_like(batch["x"])).squeeze(-1)
-        mse = (pred - batch["y"]).pow(2).mean()
-        disc = self.adv(pred.detach().unsqueeze(-1)).pow(2).mean()
-        return {"model": mse, "disc": disc, "mse": mse}
+    def loss(self, group: str, batch: Batch, *, step: int) -> tuple[Tensor, dict[str, float]]:
+        if group == "model":
+            self.pred = self.net(batch["x"] + 0.01 * torch.randn_like(batch["x"])).squeeze(-1)
+            mse = (self.pred - batch["y"]).pow(2).mean()
+            return mse, {"mse": float(mse.detach())}
+        return self.adv(self.pred.detach().unsqueeze(-1)).pow(2).mean(), {}
 
 
 def make(steps: int = 60) -> Trainer:
