@@ -116,9 +116,9 @@ def test_classifier_free_guidance_mixes_cond_and_uncond(guidance: float) -> None
 
 
 def test_bad_arguments_raise_readable_errors() -> None:
-    with pytest.raises(EchoFlowError, match="flow.method"):
+    with pytest.raises(EchoFlowError, match=r"flow\.method"):
         sample(gaussian_velocity, torch.zeros(1, 1), steps=4, method="rk4")  # type: ignore[arg-type]
-    with pytest.raises(EchoFlowError, match="flow.steps"):
+    with pytest.raises(EchoFlowError, match=r"flow\.steps"):
         sample(gaussian_velocity, torch.zeros(1, 1), steps=0)
-    with pytest.raises(EchoFlowError, match="flow.schedule"):
+    with pytest.raises(EchoFlowError, match=r"flow\.schedule"):
         sample_time(3, schedule="cosine")  # type: ignore[arg-type]
