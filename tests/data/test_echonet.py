@@ -1,4 +1,5 @@
 import math
+import sys
 from pathlib import Path
 
 import av
@@ -6,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from echoflow.cli import main
 from echoflow.data.echonet import (
     VideoRecord,
     load_video,
@@ -142,3 +144,30 @@ def test_corrupt_videos_raise_naming_the_file(tmp_path: Path) -> None:
     for name in ("cut.avi", "zero.avi"):
         with pytest.raises(EchoFlowError, match=rf"^{tmp_path / name}: "):
             load_video(tmp_path / name, size=16)
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["echoflow", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    a = make_site(tmp_path / "site_00", [{"FileName": "a", "EF": 40.0, "PatientID": "p"},
+                                         {"FileName": "b", "EF": 60.0, "PatientID": "p"},
+                                         {"FileName": "c", "EF": 50.0, "Split": "TEST"},
+                                         {"FileName": "d", "EF": 150.0}])
+    b = make_site(tmp_path / "site_01", [{"FileName": "e", "EF": math.nan, "Split": "VAL"}])
+    code, out, _ = run_cli(monkeypatch, capsys, "data", "summary", str(a), str(b))
+    assert code == 0
+    assert "site_00: 3 videos (TRAIN 2 videos/1 patients, VAL 0 videos/0 patients, TEST 1 videos/1 patients)" in out
+    assert "EF %: mean 50.0, sd 8.2, min 40.0, max 60.0; unknown 0" in out
+    assert "problems: 1" in out and "d.avi: EF 150.0 outside 0-100" in out
+    assert "site_01: 1 videos" in out and "EF %: unknown for every video" in out
+    code, out, err = run_cli(monkeypatch, capsys, "data", "summary", str(a), str(tmp_path))
+    assert code == 1 and err == f"error: {tmp_path}: not an EchoNet-style dataset (needs FileList.csv and Videos/)\n"
