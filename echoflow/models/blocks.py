@@ -1,0 +1,156 @@
+"""Building blocks shared by the latent flow networks, for frames (B, C, H, W) and clips (B, C, T, H, W).
+
+Every block is Opacus-compatible (sites train under DP-SGD): GroupNorm instead of BatchNorm, learned
+tensors only inside ``nn.Linear`` / ``nn.Conv*`` / ``nn.Embedding`` / ``nn.GroupNorm``, and attention built
+from ``nn.Linear`` + ``F.scaled_dot_product_attention`` with the batch dimension kept first, so Opacus hooks
+see one input row per sample. ``video=True`` switches a block to clips: (2+1)D convolutions (spatial
+(1, 3, 3) then temporal (3, 1, 1), as in R(2+1)D) and attention over time at each spatial position.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def sinusoidal_embedding(x: Tensor, dim: int, *, max_period: float = 10_000.0) -> Tensor:
+    """Fourier features of a scalar per sample.
+
+    Args:
+        x: (B,) values in [0, 1] (flow time t, or EF / 100).
+        dim: even number of features.
+        max_period: longest period, in units of x / 1000.
+
+    Returns:
+        (B, dim) cosines then sines.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device) / half)
+    args = 1000.0 * x.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ScalarEmbedding(nn.Module):
+    """Fourier features of a scalar in [0, 1] followed by a two-layer MLP: (B,) -> (B, dim)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Embed x: (B,) in [0, 1] -> (B, dim)."""
+        return self.mlp(sinusoidal_embedding(x, self.dim))
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups that divide ``channels``."""
+    return nn.GroupNorm(math.gcd(channels, 32), channels)
+
+
+def conv(in_channels: int, out_channels: int, *, video: bool, kernel: int = 3) -> nn.Module:
+    """Same-size convolution: 2D for frames, factorised (2+1)D for clips (kernel 1: pointwise)."""
+    pad = kernel // 2
+    if not video:
+        return nn.Conv2d(in_channels, out_channels, kernel, padding=pad)
+    if kernel == 1:
+        return nn.Conv3d(in_channels, out_channels, 1)
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, (1, kernel, kernel), padding=(0, pad, pad)),
+        nn.SiLU(),
+        nn.Conv3d(out_channels, out_channels, (kernel, 1, 1), padding=(pad, 0, 0)),
+    )
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block conditioned by FiLM: the embedding scales and shifts the second norm.
+
+    Scale-shift after the norm (as in ADM), not a bias before it: with one channel per group GroupNorm
+    would erase a per-channel bias, and with it all conditioning.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, emb_dim: int, video: bool) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = conv(in_channels, out_channels, video=video)
+        self.emb = nn.Linear(emb_dim, 2 * out_channels)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = conv(out_channels, out_channels, video=video)
+        self.skip = (
+            nn.Identity() if in_channels == out_channels else conv(in_channels, out_channels, video=video, kernel=1)
+        )
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """x: (B, C_in, [T,] H, W), emb: (B, emb_dim) -> (B, C_out, [T,] H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        film = self.emb(F.silu(emb))
+        scale, shift = film.view(*film.shape, *([1] * (x.dim() - 2))).chunk(2, dim=1)
+        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Residual multi-head self-attention: over H·W positions for frames, over T frames for clips."""
+
+    def __init__(self, channels: int, *, heads: int, video: bool) -> None:
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"Attention: channels {channels} not divisible by heads {heads}")
+        self.heads = heads
+        self.video = video
+        self.norm = group_norm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.out = nn.Linear(channels, channels)
+
+    def _tokens(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, 1, H·W, C); (B, C, T, H, W) -> (B, H·W, T, C)."""
+        if self.video:
+            b, c, t, h, w = x.shape
+            return x.permute(0, 3, 4, 2, 1).reshape(b, h * w, t, c)
+        return x.flatten(2).transpose(1, 2).unsqueeze(1)
+
+    def _untokens(self, tokens: Tensor, shape: torch.Size) -> Tensor:
+        if self.video:
+            b, c, t, h, w = shape
+            return tokens.reshape(b, h, w, t, c).permute(0, 4, 3, 1, 2)
+        return tokens.squeeze(1).transpose(1, 2).reshape(shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, [T,] H, W) -> same shape."""
+        tokens = self._tokens(self.norm(x))
+        *lead, length, channels = tokens.shape
+        q, k, v = (
+            part.reshape(*lead, length, self.heads, -1).transpose(-3, -2)
+            for part in self.qkv(tokens).chunk(3, dim=-1)
+        )
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(-3, -2).reshape(*lead, length, channels)
+        return x + self._untokens(self.out(attended), x.shape)
+
+
+class Downsample(nn.Module):
+    """Strided convolution halving H and W (never T)."""
+
+    def __init__(self, channels: int, *, video: bool) -> None:
+        super().__init__()
+        self.conv: nn.Module = (
+            nn.Conv3d(channels, channels, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+            if video
+            else nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C, [T,] H, W) -> (B, C, [T,] ceil(H/2), ceil(W/2))."""
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour resize to the skip connection's size, then a convolution changing channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, video: bool) -> None:
+        super().__init__()
+        self.conv = conv(in_channels, out_channels, video=video)
+
+    def forward(self, x: Tensor, size: torch.Size) -> Tensor:
+        """x: (B, C_in, [T,] h, w) -> (B, C_out, *size); size may be odd (14x14 latents -> 7 -> 14)."""
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
