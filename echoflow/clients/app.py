@@ -1,0 +1,85 @@
+"""The Flower ClientApp (Message API): a site trains or evaluates the global weights on its own data.
+
+Deployment: ``flower-supernode ... --node-config 'site-dir="/data/echo" state-dir="/var/echoflow"'`` runs
+`app` unchanged; the run config comes from the app's ``pyproject.toml`` / ``flwr run --run-config``.
+Simulation: `make_client_app(defaults)` fills the run config that the simulation engine does not pass.
+
+The site's privacy ledger lives in the node's ``context.state`` (which Flower keeps between rounds) and, when
+a ``state-dir`` is known, in ``<state-dir>/site_XX/privacy_ledger.json`` too — the file wins, because it
+survives a crash of the whole federation and a site must never forget what it has already spent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from echoflow.clients.dp import PrivacyLedger
+from echoflow.clients.settings import ClientSettings
+from echoflow.clients.site import evaluate, train_round
+
+LEDGER_KEY = "privacy-ledger"
+LEDGER_FILE = "privacy_ledger.json"
+
+
+def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run config is ``defaults`` overridden by ``context.run_config``."""
+    app = ClientApp()
+    base = dict(defaults or {})
+
+    def settings_of(context: Context) -> ClientSettings:
+        torch.set_num_threads(1)  # one core per simulated site; sites run side by side
+        return ClientSettings.from_context({**base, **context.run_config}, context.node_config)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        settings = settings_of(context)
+        arrays = msg.content["arrays"].to_torch_state_dict()
+        config = msg.content["config"]
+        result, ledger = train_round(
+            settings, arrays, server_round=int(config["server-round"]), ledger=load_ledger(settings, context),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+        )
+        if ledger is not None:
+            save_ledger(settings, context, ledger)
+        metrics = MetricRecord({**result.metrics, "site": settings.site})
+        content = RecordDict({"metrics": metrics})
+        if result.arrays is not None:
+            content["arrays"] = ArrayRecord(result.arrays)
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_global(msg: Message, context: Context) -> Message:
+        settings = settings_of(context)
+        metrics = evaluate(settings, msg.content["arrays"].to_torch_state_dict())
+        return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "site": settings.site})}), reply_to=msg)
+
+    return app
+
+
+def load_ledger(settings: ClientSettings, context: Context) -> PrivacyLedger | None:
+    """The site's ledger: the site-local file if there is one, else the node context, else None."""
+    if settings.state_dir is not None and (settings.state_dir / LEDGER_FILE).exists():
+        return PrivacyLedger.from_state(json.loads((settings.state_dir / LEDGER_FILE).read_text()))
+    if LEDGER_KEY in context.state:
+        return PrivacyLedger.from_state(json.loads(str(context.state[LEDGER_KEY]["json"])))  # type: ignore[index]
+    return None
+
+
+def save_ledger(settings: ClientSettings, context: Context, ledger: PrivacyLedger) -> None:
+    """Store the ledger in the node context and (atomically) in the site-local file."""
+    text = json.dumps(ledger.state_dict())
+    context.state[LEDGER_KEY] = ConfigRecord({"json": text})
+    if settings.state_dir is not None:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = settings.state_dir / (LEDGER_FILE + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(settings.state_dir / LEDGER_FILE)
+
+
+app = make_client_app()

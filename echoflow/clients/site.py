@@ -1,0 +1,136 @@
+"""One site's work in a round, free of Flower: train the stage from the global weights, or evaluate them.
+
+Training uses the shared `Trainer` (AdamW, no EMA: the federation averages live weights). Each site and each
+round get their own step seeds (site-mixed seed, steps numbered across rounds), so rounds never replay the
+same batches and a resumed run replays exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from echoflow.clients.dp import PrivacyLedger, make_private, poisson_batches
+from echoflow.clients.settings import ClientSettings
+from echoflow.clients.task import group_arrays, load_group_arrays, load_task
+from echoflow.training import Stage, TrainConfig, Trainer, random_batches, set_step_seed
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """A site's reply to a training round.
+
+    Attributes:
+        arrays: updated weights (``"<group>.<param>"``), or None when the site's privacy budget is spent.
+        metrics: num-examples, train-loss, wall-s (seconds), epsilon (cumulative; 0 without DP), the DP
+            parameters (dp-noise-multiplier, dp-sample-rate, dp-steps, dp-delta) and budget-exhausted (0/1).
+    """
+
+    arrays: dict[str, Tensor] | None
+    metrics: dict[str, float]
+
+
+def train_round(
+    settings: ClientSettings,
+    arrays: Mapping[str, Tensor],
+    *,
+    server_round: int,
+    ledger: PrivacyLedger | None,
+    proximal_mu: float = 0.0,
+) -> tuple[RoundResult, PrivacyLedger | None]:
+    """Train ``settings.local_steps`` steps from ``arrays``; returns the reply and the (updated) ledger.
+
+    Args:
+        settings: the site's settings. arrays: global weights. server_round: 1-based round number.
+        ledger: the site's ledger from earlier rounds (None on its first DP round, or without DP).
+        proximal_mu: FedProx μ; each step then pulls the weights toward ``arrays`` by ``lr·μ·(w - w_global)``
+            (a data-independent update, so it composes with DP-SGD for free).
+    """
+    started = time.perf_counter()
+    task = load_task(settings.task)
+    stage = task.build_stage(settings.stage, settings.config)
+    load_group_arrays(stage, arrays)
+    train, _ = task.site_data(settings.stage, settings.site_dir, settings.config)
+    n = len(train)  # type: ignore[arg-type]
+    if settings.dp is not None and ledger is None:
+        planned = settings.rounds * settings.local_steps
+        ledger = PrivacyLedger.calibrate(settings.dp, n_examples=n, batch_size=settings.batch_size, planned_steps=planned)
+    if ledger is not None and not ledger.can_spend(settings.local_steps):
+        return RoundResult(None, _metrics(n=0, loss=0.0, started=started, ledger=ledger, exhausted=True)), ledger
+
+    config = TrainConfig(
+        steps=server_round * settings.local_steps, batch_size=settings.batch_size, lr=settings.lr,
+        grad_clip=0.0 if ledger is not None else 1.0, ema_decay=0.0, log_every=settings.local_steps,
+        seed=settings.seed * 1009 + settings.site, amp=False,
+    )
+    trainer = Trainer(stage, config)
+    trainer.step = (server_round - 1) * settings.local_steps
+    if proximal_mu > 0:
+        _pull_toward(trainer, arrays, strength=settings.lr * proximal_mu)
+    if ledger is not None:
+        assert settings.dp is not None  # ledger exists only with DP
+        make_private(trainer, ledger, max_grad_norm=settings.dp.max_grad_norm, batch_size=settings.batch_size)
+        draw = poisson_batches(train, sample_rate=ledger.sample_rate)
+    else:
+        draw = random_batches(train, batch_size=settings.batch_size)
+    means = trainer.fit(draw, quiet=True)
+    metrics = _metrics(n=n, loss=means.get("model", float("nan")), started=started, ledger=ledger, exhausted=False)
+    return RoundResult(group_arrays(stage), metrics), ledger
+
+
+def evaluate(settings: ClientSettings, arrays: Mapping[str, Tensor]) -> dict[str, float]:
+    """Mean ``"model"`` loss of the global weights on the site's validation split (num-examples, eval-loss)."""
+    task = load_task(settings.task)
+    stage = task.build_stage(settings.stage, settings.config)
+    load_group_arrays(stage, arrays)
+    _, val = task.site_data(settings.stage, settings.site_dir, settings.config)
+    return {"num-examples": float(len(val)), "eval-loss": mean_loss(stage, val, batch_size=settings.batch_size,  # type: ignore[arg-type]
+                                                                    seed=settings.seed)}
+
+
+def mean_loss(stage: Stage, dataset: torch.utils.data.Dataset, *, batch_size: int, seed: int) -> float:  # type: ignore[type-arg]
+    """Example-weighted mean of the stage's ``"model"`` loss over ``dataset``, in eval mode, without gradients."""
+    nets = stage.groups().values()
+    for net in nets:
+        net.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size)):
+            set_step_seed(seed, i)
+            loss, _ = stage.loss("model", batch, step=0)
+            size = len(next(iter(batch.values())))
+            total, count = total + float(loss) * size, count + size
+    for net in nets:
+        net.train()
+    return total / max(count, 1)
+
+
+def _pull_toward(trainer: Trainer, anchor: Mapping[str, Tensor], *, strength: float) -> None:
+    for group, optimizer in trainer.optimizers.items():
+        pairs = [(p, anchor[f"{group}.{name}"]) for name, p in trainer.stage.groups()[group].named_parameters()]
+
+        def pull(_opt: torch.optim.Optimizer, _args: object, _kwargs: object, pairs: list = pairs) -> None:  # type: ignore[type-arg]
+            with torch.no_grad():
+                for p, w in pairs:
+                    p.sub_(p - w, alpha=strength)
+
+        optimizer.register_step_post_hook(pull)
+
+
+def _metrics(*, n: int, loss: float, started: float, ledger: PrivacyLedger | None, exhausted: bool) -> dict[str, float]:
+    return {
+        "num-examples": float(n),
+        "train-loss": float(loss),
+        "wall-s": time.perf_counter() - started,
+        "epsilon": ledger.epsilon() if ledger else 0.0,
+        "dp-noise-multiplier": ledger.noise_multiplier if ledger else 0.0,
+        "dp-sample-rate": ledger.sample_rate if ledger else 0.0,
+        "dp-steps": float(ledger.steps) if ledger else 0.0,
+        "dp-delta": ledger.delta if ledger else 0.0,
+        "budget-exhausted": float(exhausted),
+    }

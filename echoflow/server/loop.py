@@ -1,0 +1,139 @@
+"""The resumable round loop: Flower strategies do the sampling and aggregation, this loop owns the rounds.
+
+Flower's ``Strategy.start`` always begins at round 1; ours begins after the latest checkpoint. Each round:
+train on the sampled sites, drop the replies of sites whose privacy budget is spent (they say so and send no
+weights), aggregate the rest, evaluate, checkpoint, log. The federation stops early only when no site can
+train any more.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from echoflow.clients.task import group_arrays, load_task
+from echoflow.server.checkpoint import FederationState, load_latest, save_round
+from echoflow.server.settings import ServerSettings
+from echoflow.server.strategies import load_strategy_state, make_strategy, strategy_state
+from echoflow.server.tracking import RunTracker, round_metrics
+
+log = logging.getLogger(__name__)
+
+
+def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str, Any]) -> FederationState:
+    """Run (or resume) the federation to ``settings.rounds``; returns the final state (also on disk)."""
+    strategy = make_strategy(settings.strategy)
+    state = load_latest(settings.checkpoint_dir) if settings.resume else None
+    if state is None:
+        torch.manual_seed(settings.seed)
+        stage = load_task(settings.task).build_stage(settings.stage, settings.config)
+        state = FederationState(round=0, arrays=group_arrays(stage), run_config=dict(run_config))
+    else:
+        log.info("resuming %s after round %d", settings.checkpoint_dir, state.round)
+        load_strategy_state(strategy, state.strategy)
+    tracker = _tracker(settings, state)
+    try:
+        for server_round in range(state.round + 1, settings.rounds + 1):
+            state = run_round(grid, strategy, state, server_round=server_round, settings=settings)
+            save_round(settings.checkpoint_dir, state)
+            if tracker is not None:
+                entry = state.history[-1]
+                tracker.log_round(server_round, round_metrics(entry["sites"], entry["aggregate"],
+                                                              wall_s=entry["wall_s"]))
+            if not entry_trained(state.history[-1]):
+                log.warning("round %d: no site could train (budgets spent); stopping", server_round)
+                break
+        if tracker is not None:
+            tracker.log_artifact(settings.checkpoint_dir / f"round_{state.round:04d}", artifact_path="global")
+            tracker.finish()
+    except BaseException:
+        if tracker is not None:
+            tracker.finish(failed=True)
+        raise
+    return state
+
+
+def run_round(
+    grid: Grid, strategy: Strategy, state: FederationState, *, server_round: int, settings: ServerSettings
+) -> FederationState:
+    """One round of training (+ evaluation); returns the next state (not yet saved)."""
+    started = time.perf_counter()
+    arrays = ArrayRecord(state.arrays)
+    replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+                                    timeout=settings.timeout_s)
+    per_site = _site_metrics(replies)
+    trained = [m for m in _ok(replies) if not m.content["metrics"]["budget-exhausted"]]
+    new_arrays = state.arrays
+    if trained:
+        aggregated, _ = strategy.aggregate_train(server_round, trained)
+        if aggregated is not None:
+            new_arrays = dict(aggregated.to_torch_state_dict())
+    if settings.evaluate:
+        evaluated = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, ArrayRecord(new_arrays), ConfigRecord(), grid),
+            timeout=settings.timeout_s)
+        for site, values in _site_metrics(evaluated).items():
+            per_site.setdefault(site, {})["eval-loss"] = values["eval-loss"]
+    sites = dict(state.sites) | {str(s): dict(v) for s, v in per_site.items()}
+    entry = {"round": server_round, "wall_s": time.perf_counter() - started, "sites": per_site,
+             "aggregate": _aggregate(per_site), "trained": len(trained)}
+    return FederationState(round=server_round, arrays=new_arrays, strategy=strategy_state(strategy), sites=sites,
+                           history=[*state.history, entry], run_config=state.run_config,
+                           mlflow_run_id=state.mlflow_run_id)
+
+
+def entry_trained(entry: Mapping[str, Any]) -> bool:
+    """Whether any site trained in the round of this history entry."""
+    return int(entry["trained"]) > 0
+
+
+def _ok(replies: Iterable[Message]) -> list[Message]:
+    good = []
+    for message in replies:
+        if message.has_error():
+            log.warning("site node %d failed: %s", message.metadata.src_node_id, message.error.reason)
+        else:
+            good.append(message)
+    return good
+
+
+def _site_metrics(replies: Iterable[Message]) -> dict[int, dict[str, float]]:
+    result = {}
+    for message in _ok(replies):
+        metrics = {k: float(v) for k, v in message.content["metrics"].items()}  # type: ignore[arg-type]
+        result[int(metrics["site"])] = metrics
+    return result
+
+
+def _aggregate(per_site: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """Example-weighted train/eval loss over the sites that report them; the largest ε any site has spent."""
+    result: dict[str, float] = {}
+    for key in ("train-loss", "eval-loss"):
+        pairs = [(v[key], v.get("num-examples", 1.0)) for v in per_site.values()
+                 if key in v and not v.get("budget-exhausted", 0.0)]
+        weight = sum(w for _, w in pairs)
+        if pairs and weight > 0:
+            result[key] = sum(x * w for x, w in pairs) / weight
+    result["epsilon-max"] = max((v.get("epsilon", 0.0) for v in per_site.values()), default=0.0)
+    result["sites-trained"] = float(sum(1 for v in per_site.values()
+                                        if "budget-exhausted" in v and not v["budget-exhausted"]))
+    return result
+
+
+def _tracker(settings: ServerSettings, state: FederationState) -> RunTracker | None:
+    if not settings.mlflow_uri:
+        return None
+    tracker = RunTracker(tracking_uri=settings.mlflow_uri, experiment=settings.mlflow_experiment,
+                         run_name=settings.run_name, parent_run_id=settings.mlflow_parent_run_id,
+                         run_id=state.mlflow_run_id)
+    if state.mlflow_run_id is None:
+        tracker.log_params(state.run_config)
+        state.mlflow_run_id = tracker.run_id
+    return tracker

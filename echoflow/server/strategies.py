@@ -1,0 +1,98 @@
+"""Aggregation strategies by name (Flower's message-API strategies) and their resumable state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
+from torch import Tensor
+
+from echoflow.errors import EchoFlowError
+
+#: Attributes holding a strategy's state between rounds (FedAdam/FedYogi: server moments and last weights).
+STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t")
+NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Strategy choice and hyper-parameters.
+
+    Attributes:
+        name: one of `NAMES`. fraction_train / fraction_evaluate: share of sites asked each round.
+        min_nodes: sites that must be connected before a round starts.
+        proximal_mu: FedProx μ. eta, eta_l, beta_1, beta_2, tau: FedAdam/FedYogi server optimiser.
+        trim_beta: FedTrimmedAvg's cut fraction per side. num_malicious: Krum's assumed Byzantine sites.
+    """
+
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_nodes: int = 2
+    proximal_mu: float = 0.01
+    eta: float = 1e-2
+    eta_l: float = 1e-2
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    trim_beta: float = 0.2
+    num_malicious: int = 0
+
+
+def make_strategy(config: StrategyConfig) -> Strategy:
+    """The Flower strategy named by ``config.name``."""
+    common = {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": config.fraction_evaluate,
+        "min_train_nodes": config.min_nodes,
+        "min_evaluate_nodes": config.min_nodes if config.fraction_evaluate > 0 else 0,
+        "min_available_nodes": config.min_nodes,
+    }
+    opt = {"eta": config.eta, "eta_l": config.eta_l, "beta_1": config.beta_1, "beta_2": config.beta_2,
+           "tau": config.tau}
+    if config.name == "fedavg":
+        return FedAvg(**common)
+    if config.name == "fedprox":
+        return FedProx(**common, proximal_mu=config.proximal_mu)
+    if config.name == "fedadam":
+        return FedAdam(**common, **opt)
+    if config.name == "fedyogi":
+        return FedYogi(**common, **opt)
+    if config.name == "fedmedian":
+        return FedMedian(**common)
+    if config.name == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=config.trim_beta)
+    if config.name == "krum":
+        return Krum(**common, num_malicious_nodes=config.num_malicious)
+    raise EchoFlowError(f"strategy.name: unknown strategy {config.name!r} (choose from {', '.join(NAMES)})")
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Tensor]:
+    """The strategy's state as tensors ``"<attr>/<key>"`` (empty for stateless strategies)."""
+    state: dict[str, Tensor] = {}
+    for attr in STATE_ATTRIBUTES:
+        for key, value in (getattr(strategy, attr, None) or {}).items():
+            state[f"{attr}/{key}"] = torch.from_numpy(np.ascontiguousarray(value))
+    return state
+
+
+def load_strategy_state(strategy: Strategy, state: dict[str, Tensor]) -> None:
+    """Restore `strategy_state` into a freshly made strategy of the same kind."""
+    for attr in STATE_ATTRIBUTES:
+        prefix = f"{attr}/"
+        values = {k[len(prefix):]: v.numpy() for k, v in state.items() if k.startswith(prefix)}
+        if values:
+            if not hasattr(strategy, attr):
+                raise EchoFlowError(f"checkpoint: strategy state {attr!r} does not fit {type(strategy).__name__}")
+            setattr(strategy, attr, values)
