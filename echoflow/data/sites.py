@@ -29,7 +29,9 @@ class SiteData:
     Attributes:
         name: site name (its folder name). ``index``: its position among the loaded sites.
         records: FileList rows whose videos decoded, aligned with ``videos``.
-        videos: (T, H, W) uint8 arrays at the configured size; T varies per video.
+        videos: (T, H, W) uint8 pixel arrays at the configured size; T varies per video. Sites encoded by the
+            VAE hold (T, C, h, w) float32 latents instead, and every dataset then yields latents
+            (frame (C, h, w), clip (C, T, h, w), pair a/b (C, h, w)) in place of pixels.
         patient_index: ``PatientID`` -> int, shared by every site loaded together.
         first_video: global index of ``videos[0]`` across the loaded sites.
         problems: one line per skipped row or undecodable video.
@@ -82,8 +84,15 @@ def load_sites(
 
 
 def _to_unit(frames: np.ndarray) -> torch.Tensor:
-    """uint8 pixels -> float32 in [-1, 1], one leading channel axis."""
-    return (torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1.0).unsqueeze(0)
+    """Model input, channels first.
+
+    uint8 pixels (..., H, W) -> float32 in [-1, 1] with a new channel axis; float latents (..., C, h, w)
+    (see ``SiteData.videos``) -> the same values with C moved to the front.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(frames))
+    if frames.dtype == np.uint8:
+        return (tensor.float() / 127.5 - 1.0).unsqueeze(0)
+    return tensor.movedim(-3, 0)
 
 
 class _Videos:

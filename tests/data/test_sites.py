@@ -134,3 +134,15 @@ def test_non_iid_skews_ef_per_site() -> None:
 
     iid, skewed = spread(None), spread(0.1)
     assert iid < 3.0 and skewed > 3 * iid
+
+
+def test_latent_sites_yield_channels_first(two_sites: list[Path]) -> None:
+    site = load_site(two_sites[0], size=64)
+    latents = [np.random.default_rng(i).normal(size=(len(v), 4, 16, 16)).astype(np.float32)
+               for i, v in enumerate(site.videos)]
+    site.videos = latents
+    frame = FrameDataset([site])[33]["frame"]  # video 1, frame 1
+    torch.testing.assert_close(frame, torch.from_numpy(latents[1][1]))
+    clip = ClipDataset([site], frames=4, stride=2, random_start=False)[0]["clip"]
+    assert clip.shape == (4, 4, 16, 16)
+    torch.testing.assert_close(clip[:, 3], torch.from_numpy(latents[0][6]))
