@@ -81,8 +81,8 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
         rv_width=float(rng.uniform(2.4, 3.3)), rv_apex=float(rng.uniform(0.2, 0.35)),
         la_axes=(float(rng.uniform(1.9, 2.4)), float(rng.uniform(2.6, 3.4))),
         ra_axes=(float(rng.uniform(1.6, 2.1)), float(rng.uniform(2.4, 3.2))),
-        tilt=float(np.deg2rad(rng.uniform(-4.0, 12.0))),
-        apex=(float(rng.uniform(0.0, 0.8)), float(rng.uniform(1.5, 2.3))),
+        tilt=float(np.deg2rad(rng.uniform(5.0, 14.0))),
+        apex=(float(rng.uniform(0.2, 0.8)), float(rng.uniform(1.5, 2.3))),
         texture_seed=int(rng.integers(2**31)),
     )
 
