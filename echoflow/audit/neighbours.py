@@ -1,0 +1,150 @@
+"""The abstract idea of the audit's per-site index: similarities, the result dataclass, the protocol.
+
+Both similarities map to an inner product of preprocessed unit vectors, so one inner-product index serves both:
+
+- ``cosine``: ``x / ‖x‖``.
+- ``pearson``: ``(x - mean(x)) / ‖x - mean(x)‖``, the mean taken over the D components of each vector, so the
+  inner product of two prepared vectors is their Pearson correlation (the reference filter, EchoNet-Synthetic's
+  ``echosyn/privacy/apply.py``, thresholds Pearson correlations of re-id embeddings). Per-vector statistics only:
+  a site needs nothing from other sites to prepare its vectors.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, get_args
+
+import numpy as np
+
+from echoflow.errors import EchoFlowError
+
+Similarity = Literal["cosine", "pearson"]
+SIMILARITIES: tuple[str, ...] = get_args(Similarity)
+
+
+def prepare(vectors: np.ndarray, *, similarity: Similarity, what: str = "embeddings") -> np.ndarray:
+    """Map raw embeddings to unit vectors whose inner product is the chosen similarity.
+
+    Args:
+        vectors: (N, D) real embeddings (any float dtype).
+        similarity: ``cosine`` or ``pearson``.
+        what: names the input in error messages.
+
+    Returns:
+        (N, D) float32, C-contiguous, each row of norm 1.
+    """
+    if similarity not in SIMILARITIES:
+        raise EchoFlowError(f"audit.similarity: expected one of {SIMILARITIES}, got {similarity!r}")
+    x = np.asarray(vectors, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise EchoFlowError(f"{what}: expected a non-empty (N, D) array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise EchoFlowError(f"{what}: contains NaN or inf")
+    if similarity == "pearson":
+        x = x - x.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms < 1e-12).any():
+        raise EchoFlowError(f"{what}: {int((norms < 1e-12).sum())} vector(s) have zero norm ({similarity})")
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """One site's answer to a query batch: only similarities and local sample ids travel.
+
+    Attributes:
+        similarity: (Q, k) float32, descending per row; -inf where fewer than k samples were compared.
+        ids: (Q, k) int64 local sample ids (row order of the site's real embeddings); -1 where none.
+        exact: (Q,) bool; True where ``similarity[q]`` is exactly the true top-k. Wherever
+            ``similarity[q, 0] >= threshold`` the maximum is exact regardless (that is the guarantee the
+            release decision rests on); elsewhere a False row's values are lower bounds.
+        scanned: share of (query, real sample) pairs whose inner product was computed, 0-1.
+    """
+
+    similarity: np.ndarray
+    ids: np.ndarray
+    exact: np.ndarray
+    scanned: float
+
+
+class SiteSearcher(Protocol):
+    """What the audit needs from a site; a federated client implements this by a remote call."""
+
+    def search(self, queries: np.ndarray, *, k: int, threshold: float | None) -> Neighbours:
+        """Answer a (Q, D) batch of raw generated embeddings; see `SiteIndex.search`."""
+        ...
+
+
+class SiteIndex(ABC):
+    """An exact-decision index of one site's real embeddings (inner product of prepared vectors).
+
+    Attributes:
+        kind: ``exact`` | ``bounded_ivf`` — written to the sidecar so `load_index` rebuilds the right class.
+        similarity: ``cosine`` | ``pearson``; applied to the stored and the query vectors alike.
+    """
+
+    kind: str
+    similarity: Similarity
+
+    @property
+    @abstractmethod
+    def ntotal(self) -> int:
+        """Number of real samples indexed."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Embedding dimension D."""
+
+    @abstractmethod
+    def search(self, queries: np.ndarray, *, k: int = 1, threshold: float | None = None) -> Neighbours:
+        """Top-k real neighbours of each query, exact wherever the decision depends on it.
+
+        Args:
+            queries: (Q, D) raw embeddings; prepared with this index's similarity.
+            k: neighbours per query.
+            threshold: the release threshold τ. Every real sample with similarity ≥ τ to a query is compared
+                exactly, so ``similarity[:, 0] >= τ`` is exact. ``None`` asks for the exact top-k of every query.
+        """
+
+    @abstractmethod
+    def vectors(self) -> np.ndarray:
+        """(N, D) float32 prepared vectors, row i = local id i (for brute-force checks; stays on site)."""
+
+    @abstractmethod
+    def _write(self, path: Path) -> dict[str, Any]:
+        """Write the faiss file(s) at ``path``; return the kind-specific sidecar fields."""
+
+    def save(self, path: Path) -> None:
+        """Write ``path`` (faiss index) and ``path.with_suffix('.json')`` (sidecar: kind, similarity, ...)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": self.kind, "similarity": self.similarity, "dim": self.dim, "ntotal": self.ntotal}
+        meta |= self._write(path)
+        path.with_suffix(".json").write_text(json.dumps(meta))
+
+    def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
+        if k < 1:
+            raise EchoFlowError(f"audit.k: expected ≥ 1, got {k}")
+        q = prepare(queries, similarity=self.similarity, what="generated embeddings")
+        if q.shape[1] != self.dim:
+            raise EchoFlowError(f"generated embeddings: dimension {q.shape[1]} ≠ site index dimension {self.dim}")
+        return q
+
+
+def threshold_recall(index: SiteIndex, queries: np.ndarray, *, threshold: float, max_queries: int = 512) -> float:
+    """Share of (query, real sample) pairs with similarity ≥ τ that ``index.search`` reports, by brute force.
+
+    Only the maximum decides, so a query counts as recalled when its reported maximum is ≥ τ whenever the
+    true maximum is. Checks the first ``max_queries`` queries. Returns 1.0 when no pair reaches τ.
+    """
+    q = prepare(queries[:max_queries], similarity=index.similarity, what="generated embeddings")
+    real = index.vectors()
+    best = np.full(len(q), -np.inf, dtype=np.float32)
+    for start in range(0, len(real), 65536):
+        best = np.maximum(best, (q @ real[start : start + 65536].T).max(axis=1))
+    truth = best >= threshold
+    found = index.search(queries[:max_queries], k=1, threshold=threshold).similarity[:, 0] >= threshold
+    return 1.0 if not truth.any() else float((found & truth).sum() / truth.sum())

@@ -1,0 +1,197 @@
+"""The audit's record: ``audit.json``, a self-contained ``audit.html``, and MLflow logging.
+
+``audit.json`` follows ``audit.schema.json`` (beside this file); ``audit.html`` inlines its figures as base64
+PNG and has no scripts and no links, so it opens anywhere, offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from echoflow.audit.calibrate import Calibration
+from echoflow.audit.canaries import DCRStats
+from echoflow.audit.decide import AuditResult
+
+SCHEMA_PATH = Path(__file__).with_name("audit.schema.json")
+APPROXIMATE_NOTE = (
+    "Every similarity >= tau is exact, so every decision is exact. Below tau, a bounded-IVF site may report a "
+    "lower bound of the true maximum (exact=false); such samples are released correctly all the same."
+)
+
+
+def _num(x: float) -> float | None:
+    return None if not np.isfinite(x) else float(x)
+
+
+def build_report(
+    result: AuditResult,
+    calibration: Calibration,
+    *,
+    index_info: Mapping[str, Mapping[str, Any]] | None = None,
+    canaries: Mapping[str, tuple[int, int]] | None = None,
+    dcr: DCRStats | None = None,
+) -> dict[str, Any]:
+    """The ``audit.json`` document (see the schema for every field).
+
+    Args:
+        result: the decision.
+        calibration: where τ came from.
+        index_info: per site, e.g. ``{"index": "bounded_ivf", "ntotal": 250000, "threshold_recall": 1.0}``.
+        canaries: `CanaryPlan.score` output.
+        dcr: `dcr_stats` output.
+    """
+    withheld = ~result.release
+    sites: dict[str, Any] = {}
+    for name in result.sites:
+        mine = withheld & (result.site == name)
+        sites[name] = {
+            "withheld": int(mine.sum()) if not result.failed else 0,
+            "threshold": result.thresholds[name],
+            "scanned": result.scanned.get(name),
+        } | dict((index_info or {}).get(name, {}))
+    report: dict[str, Any] = {
+        "version": 1,
+        "status": "failed" if result.failed else "passed",
+        "failures": dict(result.failures),
+        "counts": {
+            "generated": len(result.release),
+            "released": int(result.release.sum()),
+            "withheld": int(withheld.sum()),
+        },
+        "sites": sites,
+        "calibration": {
+            "percentile": calibration.percentile,
+            "global_threshold": calibration.global_threshold,
+            "site_threshold": dict(calibration.site_threshold),
+        },
+        "approximate": {"inexact_similarities": int((~result.exact).sum()), "note": APPROXIMATE_NOTE},
+        "seconds": result.seconds,
+        "samples": [
+            {
+                "id": i,
+                "release": bool(result.release[i]),
+                "site": str(result.site[i]),
+                "real_id": int(result.real_id[i]),
+                "similarity": _num(result.similarity[i]),
+                "threshold": _num(result.threshold[i]),
+                "exact": bool(result.exact[i]),
+            }
+            for i in range(len(result.release))
+        ],
+    }
+    if canaries is not None:
+        report["canaries"] = {t: {"caught": c, "planted": p} for t, (c, p) in canaries.items()}
+    if dcr is not None:
+        report["dcr"] = asdict(dcr) | {"dcr_train_quantiles": list(dcr.dcr_train_quantiles)}
+    return report
+
+
+def _png(fig: Figure) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _histogram(result: AuditResult, calibration: Calibration) -> str:
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
+    finite = result.similarity[np.isfinite(result.similarity)]
+    real = calibration.heldout_to_all
+    for values, label in ((finite, "generated → nearest real"), (real, "real held-out → real train")):
+        ax.hist(values, bins=200, range=(-1.0, 1.0), alpha=0.6, density=True, label=label)
+    ax.axvline(calibration.global_threshold, color="k", linestyle="--", label=f"τ = {calibration.global_threshold:.3f}")
+    lo = float(min(finite.min(initial=1.0), calibration.heldout_to_all.min()))
+    ax.set_xlim(max(-1.0, lo - 0.05), 1.0)
+    ax.set_xlabel("max similarity")
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)
+
+
+def _pairs_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]]) -> str:
+    fig = Figure(figsize=(4, 2 * len(pairs)))
+    axes = fig.subplots(len(pairs), 2, squeeze=False)
+    for row, (gen, real, caption) in zip(axes, pairs, strict=True):
+        for ax, image, title in ((row[0], gen, f"generated {caption}"), (row[1], real, "nearest real")):
+            ax.imshow(np.squeeze(image), cmap="gray", vmin=-1, vmax=1)
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    return _png(fig)
+
+
+def write_report(
+    report: Mapping[str, Any],
+    calibration: Calibration,
+    result: AuditResult,
+    out_dir: Path,
+    *,
+    pairs: Sequence[tuple[np.ndarray, np.ndarray, str]] = (),
+) -> tuple[Path, Path]:
+    """Write ``audit.json`` and ``audit.html`` into ``out_dir``; return both paths.
+
+    Args:
+        report: `build_report` output.
+        calibration: for the held-out→train histogram and τ.
+        result: for the generated→real histogram.
+        out_dir: created if missing.
+        pairs: optional closest (generated, real) thumbnails, each (H, W) or (1, H, W) in [-1, 1], with a caption.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, html_path = out_dir / "audit.json", out_dir / "audit.html"
+    json_path.write_text(json.dumps(report, indent=1))
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{s['withheld']}</td><td>{s['threshold']:.4f}</td>"
+        f"<td>{html.escape(str(s.get('index', '?')))}</td><td>{s.get('threshold_recall', '—')}</td>"
+        f"<td>{s['scanned']}</td></tr>"
+        for name, s in report["sites"].items()
+    )
+    failures = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in report["failures"].items())
+    canaries = "".join(f"<li>{html.escape(t)}: {c['caught']}/{c['planted']} caught</li>"
+                       for t, c in report.get("canaries", {}).items())
+    counts, approx = report["counts"], report["approximate"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>EchoFlow audit</title></head><body>",
+        f"<h1>EchoFlow privacy audit: {report['status']}</h1>",
+        f"<ul>{failures}</ul>" if failures else "",
+        f"<p>{counts['generated']} generated, {counts['released']} released, {counts['withheld']} withheld; "
+        f"fan-out {report['seconds']:.2f} s; τ = p{calibration.percentile:g} of held-out→train similarity.</p>",
+        "<table border='1'><tr><th>site</th><th>withheld</th><th>τ</th><th>index</th><th>threshold recall</th>"
+        f"<th>pairs compared</th></tr>{rows}</table>",
+        f"<p>{html.escape(approx['note'])} Inexact: {approx['inexact_similarities']}.</p>",
+        f"<h2>Canaries</h2><ul>{canaries}</ul>" if canaries else "",
+        f"<h2>Similarities</h2><img alt='histogram' src='data:image/png;base64,{_histogram(result, calibration)}'>"
+        if not result.failed else "",
+        f"<h2>Closest pairs</h2><img alt='pairs' src='data:image/png;base64,{_pairs_figure(pairs)}'>" if pairs else "",
+        "</body></html>",
+    ]
+    html_path.write_text("".join(parts))
+    return json_path, html_path
+
+
+def log_to_mlflow(report: Mapping[str, Any], paths: Sequence[Path]) -> bool:
+    """Log counts and timing as metrics and the report files as artifacts to the active MLflow run.
+
+    Returns False (and logs nothing) when no run is active.
+    """
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return False
+    counts = report["counts"]
+    mlflow.log_metrics({
+        "audit_released": counts["released"], "audit_withheld": counts["withheld"],
+        "audit_failed": float(report["status"] == "failed"), "audit_seconds": report["seconds"],
+        "audit_inexact": report["approximate"]["inexact_similarities"],
+    })
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path="audit")
+    return True

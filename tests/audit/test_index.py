@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from echoflow.audit import BoundedIVFIndex, ExactIndex, build_index, load_index, prepare, threshold_recall
+from echoflow.audit.synthetic import PatientSpace, near_copies
+from echoflow.errors import EchoFlowError
+
+
+def test_pearson_is_cosine_of_centred() -> None:
+    x = np.random.default_rng(0).standard_normal((5, 16))
+    p = prepare(x, similarity="pearson")
+    np.testing.assert_allclose(p @ p.T, np.corrcoef(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bounded_ivf_never_misses_a_pair_over_tau(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    space = PatientSpace.random(dim=32, factors=6, seed=seed)
+    real = space.frames(space.patients(400, rng), 20, rng)[0]
+    queries = np.concatenate([space.frames(space.patients(300, rng), 1, rng)[0],
+                              near_copies(real, 50, noise=0.02, rng=rng)[0]])
+    ivf = BoundedIVFIndex.build(real, nlist=128, seed=seed)
+    truth = ExactIndex.build(real).search(queries, k=1).similarity[:, 0]
+    skipped = []
+    for tau in np.quantile(truth, [0.05, 0.3, 0.6, 0.9, 0.99]):  # from inside the data's range to its top
+        got = ivf.search(queries, k=1, threshold=float(tau))
+        assert np.array_equal(got.similarity[:, 0] >= tau, truth >= tau)
+        over = truth >= tau
+        np.testing.assert_allclose(got.similarity[over, 0], truth[over], atol=1e-5)
+        assert np.all(got.similarity[:, 0] <= truth + 1e-5)  # below τ: lower bounds
+        np.testing.assert_allclose(got.similarity[got.exact, 0], truth[got.exact], atol=1e-5)
+        skipped.append(1 - got.scanned)
+    assert skipped[-1] > 0.8  # high τ: most lists skipped
+    assert threshold_recall(ivf, queries, threshold=float(np.quantile(truth, 0.6))) == 1.0
+
+
+def test_exact_top_k_without_threshold() -> None:
+    rng = np.random.default_rng(3)
+    space = PatientSpace.random(dim=24, factors=5, seed=3)
+    real = space.frames(space.patients(200, rng), 10, rng)[0]
+    queries = space.frames(space.patients(100, rng), 1, rng)[0]
+    got = BoundedIVFIndex.build(real, nlist=64).search(queries, k=3)
+    want = ExactIndex.build(real).search(queries, k=3)
+    assert got.exact.all()
+    np.testing.assert_allclose(got.similarity, want.similarity, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["exact", "bounded_ivf"])
+def test_persist_and_load_give_same_answers(tmp_path, kind: str) -> None:
+    rng = np.random.default_rng(4)
+    real = rng.standard_normal((2000, 16)).astype(np.float32)
+    queries = rng.standard_normal((50, 16)).astype(np.float32)
+    index = build_index(real, kind=kind, similarity="pearson", nlist=32)
+    index.save(tmp_path / "site.faiss")
+    loaded = load_index(tmp_path / "site.faiss")
+    assert (loaded.kind, loaded.similarity, loaded.ntotal) == (kind, "pearson", 2000)
+    a, b = index.search(queries, k=2, threshold=0.5), loaded.search(queries, k=2, threshold=0.5)
+    np.testing.assert_array_equal(a.similarity, b.similarity)
+    np.testing.assert_array_equal(a.ids, b.ids)
+
+
+def test_auto_picks_exact_for_small_sites_and_rejects_bad_input() -> None:
+    assert build_index(np.eye(4, dtype=np.float32)).kind == "exact"
+    with pytest.raises(EchoFlowError, match="dimension"):
+        build_index(np.eye(4, dtype=np.float32)).search(np.ones((1, 3)), k=1)
