@@ -51,6 +51,31 @@ def bench_decode(*, videos: int = 8, frames: int = 64, size: int = 112, repeats:
           f"(ratio {ours / pyav:.2f}x); load_video(size=64) incl. resize {resized:,.0f}")
 
 
+def bench_phantom(*, videos: int = 12, frames: int = 32, size: int = 64) -> None:
+    """Phantom videos rendered + written (FFV1) per second, against random uint8 frames + the same writer."""
+    from echoflow.data.phantom import render_video, sample_patient_ef, sample_visit
+    from echoflow.data.phantom_anatomy import sample_anatomy
+    from echoflow.data.phantom_look import sample_site_style
+
+    rng = np.random.default_rng(0)
+    style, anatomy = sample_site_style(rng), sample_anatomy(rng)
+    visits = [sample_visit(rng, patient_ef=sample_patient_ef(rng), frames=frames) for _ in range(videos)]
+    with tempfile.TemporaryDirectory() as folder:
+        render_video(anatomy, visits[0], style, size=size, frames=frames, rng=rng)  # warm-up
+        start = time.perf_counter()
+        for i, visit in enumerate(visits):
+            video = render_video(anatomy, visit, style, size=size, frames=frames, rng=rng)
+            write_avi(Path(folder) / f"p{i}.avi", video.frames, fps=25)
+        phantom = videos * frames / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for i in range(videos):
+            write_avi(Path(folder) / f"r{i}.avi", rng.integers(0, 256, (frames, size, size), dtype=np.uint8), fps=25)
+        baseline = videos * frames / (time.perf_counter() - start)
+    print(f"Phantom generation, {videos} x {frames} frames {size}x{size}, frames/s: render_video + write_avi "
+          f"{phantom:,.0f}; numpy random frames + write_avi {baseline:,.0f} (ratio {phantom / baseline:.2f}x)")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     bench_decode()
+    bench_phantom()
