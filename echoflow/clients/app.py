@@ -39,11 +39,11 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         settings = settings_of(context)
-        arrays = msg.content["arrays"].to_torch_state_dict()
-        config = msg.content["config"]
+        arrays = msg.content.array_records["arrays"].to_torch_state_dict()
+        config = msg.content.config_records["config"]
         result, ledger = train_round(
-            settings, arrays, server_round=int(config["server-round"]), ledger=load_ledger(settings, context),
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            settings, arrays, server_round=int(str(config["server-round"])), ledger=load_ledger(settings, context),
+            proximal_mu=float(str(config.get("proximal-mu", 0.0))),
         )
         if ledger is not None:
             save_ledger(settings, context, ledger)
@@ -56,7 +56,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate_global(msg: Message, context: Context) -> Message:
         settings = settings_of(context)
-        metrics = evaluate(settings, msg.content["arrays"].to_torch_state_dict())
+        metrics = evaluate(settings, msg.content.array_records["arrays"].to_torch_state_dict())
         return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "site": settings.site})}), reply_to=msg)
 
     return app
@@ -67,7 +67,7 @@ def load_ledger(settings: ClientSettings, context: Context) -> PrivacyLedger | N
     if settings.state_dir is not None and (settings.state_dir / LEDGER_FILE).exists():
         return PrivacyLedger.from_state(json.loads((settings.state_dir / LEDGER_FILE).read_text()))
     if LEDGER_KEY in context.state:
-        return PrivacyLedger.from_state(json.loads(str(context.state[LEDGER_KEY]["json"])))  # type: ignore[index]
+        return PrivacyLedger.from_state(json.loads(str(context.state.config_records[LEDGER_KEY]["json"])))
     return None
 
 

@@ -166,7 +166,7 @@ def poisson_batches(dataset: Dataset[Batch], *, sample_rate: float) -> Any:
         index = torch.nonzero(torch.rand(n) < sample_rate).flatten()
         if len(index) == 0:
             return {k: v.new_empty((0, *v.shape)) for k, v in example.items() if isinstance(v, Tensor)}
-        return default_collate([dataset[int(i)] for i in index])  # type: ignore[no-any-return]
+        return default_collate([dataset[int(i)] for i in index])
 
     return draw
 
@@ -194,5 +194,5 @@ def make_private(trainer: Trainer, ledger: PrivacyLedger, *, max_grad_norm: floa
         )
         if name == "model":
             dp_optimizer.attach_step_hook(ledger.count_step)
-        trainer.optimizers[name] = dp_optimizer  # type: ignore[assignment]
+        trainer.optimizers[name] = dp_optimizer
     trainer.stage = NoiseOnlyOnEmpty(trainer.stage)

@@ -8,17 +8,17 @@ same batches and a resumed run replays exactly.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from echoflow.clients.dp import PrivacyLedger, make_private, poisson_batches
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.task import group_arrays, load_group_arrays, load_task
-from echoflow.training import Stage, TrainConfig, Trainer, random_batches, set_step_seed
+from echoflow.training import Batch, Stage, TrainConfig, Trainer, random_batches, set_step_seed
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,9 @@ def train_round(
     """Train ``settings.local_steps`` steps from ``arrays``; returns the reply and the (updated) ledger.
 
     Args:
-        settings: the site's settings. arrays: global weights. server_round: 1-based round number.
+        settings: the site's settings.
+        arrays: the global weights, ``"<group>.<param>"``.
+        server_round: 1-based round number; steps are numbered across rounds.
         ledger: the site's ledger from earlier rounds (None on its first DP round, or without DP).
         proximal_mu: FedProx μ; each step then pulls the weights toward ``arrays`` by ``lr·μ·(w - w_global)``
             (a data-independent update, so it composes with DP-SGD for free).
@@ -58,8 +60,8 @@ def train_round(
     train, _ = task.site_data(settings.stage, settings.site_dir, settings.config)
     n = len(train)  # type: ignore[arg-type]
     if settings.dp is not None and ledger is None:
-        planned = settings.rounds * settings.local_steps
-        ledger = PrivacyLedger.calibrate(settings.dp, n_examples=n, batch_size=settings.batch_size, planned_steps=planned)
+        ledger = PrivacyLedger.calibrate(settings.dp, n_examples=n, batch_size=settings.batch_size,
+                                         planned_steps=settings.rounds * settings.local_steps)
     if ledger is not None and not ledger.can_spend(settings.local_steps):
         return RoundResult(None, _metrics(n=0, loss=0.0, started=started, ledger=ledger, exhausted=True)), ledger
 
@@ -72,8 +74,7 @@ def train_round(
     trainer.step = (server_round - 1) * settings.local_steps
     if proximal_mu > 0:
         _pull_toward(trainer, arrays, strength=settings.lr * proximal_mu)
-    if ledger is not None:
-        assert settings.dp is not None  # ledger exists only with DP
+    if ledger is not None and settings.dp is not None:
         make_private(trainer, ledger, max_grad_norm=settings.dp.max_grad_norm, batch_size=settings.batch_size)
         draw = poisson_batches(train, sample_rate=ledger.sample_rate)
     else:
@@ -89,11 +90,11 @@ def evaluate(settings: ClientSettings, arrays: Mapping[str, Tensor]) -> dict[str
     stage = task.build_stage(settings.stage, settings.config)
     load_group_arrays(stage, arrays)
     _, val = task.site_data(settings.stage, settings.site_dir, settings.config)
-    return {"num-examples": float(len(val)), "eval-loss": mean_loss(stage, val, batch_size=settings.batch_size,  # type: ignore[arg-type]
-                                                                    seed=settings.seed)}
+    loss = mean_loss(stage, val, batch_size=settings.batch_size, seed=settings.seed)
+    return {"num-examples": float(len(val)), "eval-loss": loss}  # type: ignore[arg-type]
 
 
-def mean_loss(stage: Stage, dataset: torch.utils.data.Dataset, *, batch_size: int, seed: int) -> float:  # type: ignore[type-arg]
+def mean_loss(stage: Stage, dataset: Dataset[Batch], *, batch_size: int, seed: int) -> float:
     """Example-weighted mean of the stage's ``"model"`` loss over ``dataset``, in eval mode, without gradients."""
     nets = stage.groups().values()
     for net in nets:
@@ -114,7 +115,7 @@ def _pull_toward(trainer: Trainer, anchor: Mapping[str, Tensor], *, strength: fl
     for group, optimizer in trainer.optimizers.items():
         pairs = [(p, anchor[f"{group}.{name}"]) for name, p in trainer.stage.groups()[group].named_parameters()]
 
-        def pull(_opt: torch.optim.Optimizer, _args: object, _kwargs: object, pairs: list = pairs) -> None:  # type: ignore[type-arg]
+        def pull(_opt: object, _args: object, _kwargs: object, pairs: Sequence[tuple[Tensor, Tensor]] = pairs) -> None:
             with torch.no_grad():
                 for p, w in pairs:
                     p.sub_(p - w, alpha=strength)

@@ -39,12 +39,13 @@ def load_task(path: str) -> SiteTask:
         task = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as err:
         raise EchoFlowError(f"task {path!r}: cannot import ({err})") from err
-    return task  # type: ignore[no-any-return]
+    return task
 
 
 def group_arrays(stage: Stage) -> dict[str, Tensor]:
     """All groups' weights as one flat dict ``"<group>.<param>" -> tensor`` (what the federation exchanges)."""
-    return {f"{g}.{k}": v.detach().cpu() for g, net in stage.groups().items() for k, v in net.state_dict().items()}
+    groups = stage.groups().items()
+    return {f"{g}.{k}": v.detach().cpu().clone() for g, net in groups for k, v in net.state_dict().items()}
 
 
 def load_group_arrays(stage: Stage, arrays: Mapping[str, Tensor]) -> None:

@@ -45,7 +45,7 @@ class ServerSettings:
         try:
             strategy = StrategyConfig(
                 name=str(run_config.get("strategy", "fedavg")),
-                **{f.name: type(f.default)(run_config[key])
+                **{f.name: _cast(f.default, run_config[key])
                    for f in fields(StrategyConfig) if f.name != "name" and (key := strategy_key(f.name)) in run_config},
             )
             return cls(
@@ -72,3 +72,8 @@ def strategy_key(field_name: str) -> str:
     """The run-config key of a `StrategyConfig` field, e.g. ``proximal_mu`` -> ``strategy-proximal-mu``."""
     return "strategy-" + field_name.replace("_", "-")
 
+
+
+def _cast(default: Any, value: Any) -> Any:
+    """``value`` as the type of the field's default (run configs carry TOML/CLI scalars)."""
+    return type(default)(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,14 +53,14 @@ class StrategyConfig:
 
 def make_strategy(config: StrategyConfig) -> Strategy:
     """The Flower strategy named by ``config.name``."""
-    common = {
+    common: dict[str, Any] = {
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
         "min_train_nodes": config.min_nodes,
         "min_evaluate_nodes": config.min_nodes if config.fraction_evaluate > 0 else 0,
         "min_available_nodes": config.min_nodes,
     }
-    opt = {"eta": config.eta, "eta_l": config.eta_l, "beta_1": config.beta_1, "beta_2": config.beta_2,
+    opt: dict[str, Any] = {"eta": config.eta, "eta_l": config.eta_l, "beta_1": config.beta_1, "beta_2": config.beta_2,
            "tau": config.tau}
     if config.name == "fedavg":
         return FedAvg(**common)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -13,62 +14,64 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 import echoflow.server.loop as loop
 from echoflow.clients.dp import PrivacyLedger
+from echoflow.clients.task import group_arrays
 from echoflow.federation.simulation import SimulationConfig, simulate
 from echoflow.server.checkpoint import FederationState
+from tests.federation.toy import TASK
 
 SIM = SimulationConfig(sites=2, client_cpus=1.0, num_cpus=1)
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus' RDP orders, restated
+
+
+def toy_weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return group_arrays(TASK.build_stage("toy", {}))
+
+
+def flat(arrays: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([arrays[k].flatten() for k in sorted(arrays)])
 
 
 def site_history(state: FederationState, site: int, key: str) -> list[float]:
     return [entry["sites"][str(site)][key] for entry in state.history]
 
 
-def test_dp_federation_accounts_epsilon_across_rounds(tmp_path: Path, run_config: dict[str, Any]) -> None:
+def test_dp_federation_accounts_epsilon_and_a_spent_site_stops(tmp_path: Path, run_config: dict[str, Any]) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = run_config | {"dp-enabled": True, "dp-epsilon": 3.0, "dp-max-grad-norm": 1.0, "mlflow-uri": uri,
-                           "mlflow-experiment": "test", "rounds": 3}
+                           "mlflow-experiment": "test", "rounds": 3, "strategy": "fedmedian"}
+    # site 1 took part in an earlier study: its site-local ledger already holds most of its budget
+    spent = PrivacyLedger(epsilon=3.0, delta=0.1 / 64, noise_multiplier=1.0, sample_rate=8 / 64)
+    spent.accountant.history = [(1.0, 8 / 64, 60)]
+    assert spent.epsilon() < 3.0 and not spent.can_spend(2 * 5)
+    (Path(config["state-root"]) / "site_01").mkdir(parents=True)
+    (Path(config["state-root"]) / "site_01" / "privacy_ledger.json").write_text(json.dumps(spent.state_dict()))
+    initial = toy_weights()
+
     state = simulate(config, SIM)
 
     assert state.round == 3 and [e["round"] for e in state.history] == [1, 2, 3]
-    ledger_path = Path(config["state-root"]) / "site_00" / "privacy_ledger.json"
-    assert ledger_path.exists()
-    for site in (0, 1):
-        eps = site_history(state, site, "epsilon")
-        assert all(b > a for a, b in zip(eps, eps[1:], strict=False)), eps
-        assert 0 < eps[-1] <= 3.0
-        # independent recomputation from the logged (σ, q, steps)
-        last = state.history[-1]["sites"][str(site)]
-        rdp = compute_rdp(q=last["dp-sample-rate"], noise_multiplier=last["dp-noise-multiplier"],
-                          steps=int(last["dp-steps"]), orders=ORDERS)
-        recomputed, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=last["dp-delta"])
-        assert recomputed == pytest.approx(eps[-1], rel=1e-9)
-        assert last["dp-steps"] == 3 * 5
-        assert eps[-1] > 3.0 * 0.9  # calibrated for the whole run: nearly all of the budget is used by the end
-
-    run = mlflow.MlflowClient(uri).get_run(state.mlflow_run_id)
-    assert run.info.status == "FINISHED" and run.data.params["dp-epsilon"] == "3.0"
-    history = mlflow.MlflowClient(uri).get_metric_history(state.mlflow_run_id, "site_01/epsilon")
-    assert [m.step for m in history] == [1, 2, 3]
-
-
-def test_spent_site_stops_and_the_others_go_on(tmp_path: Path, run_config: dict[str, Any]) -> None:
-    config = run_config | {"dp-enabled": True, "dp-epsilon": 3.0, "rounds": 3, "strategy": "fedmedian"}
-    # site 1 took part in an earlier study: its ledger already holds most of its budget
-    ledger = PrivacyLedger(epsilon=3.0, delta=0.1 / 64, noise_multiplier=1.0, sample_rate=8 / 64)
-    ledger.accountant.history = [(1.0, 8 / 64, 60)]
-    assert ledger.epsilon() < 3.0 and not ledger.can_spend(2 * 5)
-    folder = Path(config["state-root"]) / "site_01"
-    folder.mkdir(parents=True)
-    (folder / "privacy_ledger.json").write_text(json.dumps(ledger.state_dict()))
-
-    state = simulate(config, SIM)
-
-    assert state.round == 3
-    exhausted = site_history(state, 1, "budget-exhausted")
-    assert exhausted[-1] == 1.0 and site_history(state, 1, "epsilon")[-1] <= 3.0
-    assert site_history(state, 0, "budget-exhausted") == [0.0, 0.0, 0.0]
+    assert not torch.equal(flat(state.arrays), flat(initial))
+    # site 0: cumulative ε grows every round, ends within (and close to) its target, and is reproducible
+    eps = site_history(state, 0, "epsilon")
+    assert all(b > a for a, b in itertools.pairwise(eps)), eps
+    assert 3.0 * 0.9 < eps[-1] <= 3.0
+    last = state.history[-1]["sites"]["0"]
     assert site_history(state, 0, "dp-steps") == [5.0, 10.0, 15.0]
+    rdp = compute_rdp(q=last["dp-sample-rate"], noise_multiplier=last["dp-noise-multiplier"],
+                      steps=int(last["dp-steps"]), orders=ORDERS)
+    recomputed, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=last["dp-delta"])
+    assert recomputed == pytest.approx(eps[-1], rel=1e-9)
+    # site 1: stops once its budget cannot fit another round, never exceeds it; the federation goes on
+    assert site_history(state, 1, "budget-exhausted")[-1] == 1.0
+    assert site_history(state, 1, "epsilon")[-1] <= 3.0
+    assert site_history(state, 0, "budget-exhausted") == [0.0, 0.0, 0.0]
+    assert [e["trained"] for e in state.history][-1] == 1
+    # MLflow: one run with the config as params, per-site metrics per round
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(state.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.params["dp-epsilon"] == "3.0"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "site_00/epsilon")] == [1, 2, 3]
 
 
 def test_crashed_server_resumes_from_last_round(
@@ -93,5 +96,4 @@ def test_crashed_server_resumes_from_last_round(
     state = simulate(config, SIM)
 
     assert state.round == 2 and [e["round"] for e in state.history] == [1, 2]
-    assert not torch.equal(torch.cat([v.flatten() for v in state.arrays.values()]),
-                           torch.cat([v.flatten() for v in first.arrays.values()]))
+    assert not torch.equal(flat(state.arrays), flat(first.arrays))
