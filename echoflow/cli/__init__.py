@@ -7,6 +7,8 @@ import sys
 import typer
 
 from echoflow.cli.data import data_app
+from echoflow.cli.evaluate import evaluate_app
+from echoflow.cli.train import train
 from echoflow.errors import EchoFlowError
 
 app = typer.Typer(
@@ -23,6 +25,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
+app.command()(train)
+app.add_typer(evaluate_app, name="evaluate")
 
 
 def main() -> None:

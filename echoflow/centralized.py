@@ -1,0 +1,135 @@
+"""Centralized training of a stage on a cohort folder, and the site-local latents the latent stages train on.
+
+Outputs live in the run's working directory (``cfg.workdir``):
+
+    cohort/site_00 ...            the phantom cohort (when ``data.source=phantom``)
+    <stage>/checkpoint.*          trainer state, for resume
+    <stage>/model.safetensors     the stage's final (EMA) network weights
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import Dataset
+
+from echoflow.data.phantom import generate_cohort
+from echoflow.data.sites import ClipDataset, FrameDataset, PatientPairDataset, SiteData, load_sites
+from echoflow.errors import EchoFlowError
+from echoflow.models.vae import AdversarialVAE, measure_latent_scale
+from echoflow.stages import build_network, build_stage
+from echoflow.training import Batch, TrainConfig, Trainer, random_batches
+
+LATENT_STAGES = ("image_flow", "reid", "video_flow")
+"""Stages that train on VAE latents rather than pixels."""
+
+
+def plain(cfg: Any) -> Any:
+    """A config node as plain Python containers (constructor kwargs)."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def cohort_roots(cfg: DictConfig) -> list[Path]:
+    """The site folders of the run: the user's ``data.roots``, or a phantom cohort generated once."""
+    if cfg.data.source != "phantom":
+        roots = [Path(root) for root in cfg.data.roots]
+        if not roots:
+            raise EchoFlowError(f"data.roots: give one folder per site for data.source={cfg.data.source}")
+        return roots
+    out = Path(cfg.workdir) / "cohort"
+    marker = out / "done"
+    if not marker.exists():
+        generate_cohort(out, sites=cfg.data.sites, patients_per_site=cfg.data.patients_per_site, seed=cfg.seed,
+                        size=cfg.data.size, frames=cfg.data.frames)
+        marker.write_text("ok\n")
+    return sorted(path for path in out.iterdir() if path.is_dir())
+
+
+def load_split(cfg: DictConfig, splits: Sequence[str]) -> list[SiteData]:
+    """Every site's videos of ``splits``, decoded at ``data.size``."""
+    return load_sites(cohort_roots(cfg), size=cfg.data.size, splits=splits)
+
+
+@torch.no_grad()
+def encode_sites(vae: AdversarialVAE, sites: Sequence[SiteData], *, batch_size: int = 256) -> list[SiteData]:
+    """The same sites with every video replaced by its scaled VAE latent means, (T, C, h, w) float32.
+
+    Encoding happens per site, as in the federation: latents never mix across sites.
+    """
+    vae.eval()
+    encoded = []
+    for site in sites:
+        latents = []
+        for video in site.videos:
+            frames = torch.from_numpy(video).float().div(127.5).sub(1.0).unsqueeze(1)
+            chunks = [vae.encode_latent(chunk) for chunk in frames.split(batch_size)]
+            latents.append(torch.cat(chunks).numpy().astype(np.float32))
+        encoded.append(replace(site, videos=latents))
+    return encoded
+
+
+def stage_dataset(name: str, sites: Sequence[SiteData], cfg: DictConfig) -> Dataset[Batch]:
+    """The dataset stage ``name`` trains on (pixel sites for vae/ef, latent sites for the others)."""
+    clip = {"frames": cfg.data.clip_frames, "stride": cfg.data.clip_stride}
+    if name in ("vae", "image_flow"):
+        return FrameDataset(sites)
+    if name == "reid":
+        return PatientPairDataset(sites)
+    return ClipDataset(sites, **clip)
+
+
+def save_network(net: nn.Module, path: Path) -> None:
+    """Final weights as safetensors (no pickle)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path))
+
+
+def load_network(name: str, cfg: DictConfig) -> nn.Module:
+    """Stage ``name``'s trained network from ``<workdir>/<name>/model.safetensors``, in eval mode."""
+    path = Path(cfg.workdir) / name / "model.safetensors"
+    if not path.exists():
+        raise EchoFlowError(f"{path}: no trained {name} model; run `echoflow train {name}` first")
+    net = build_network(name, plain(cfg.model))
+    net.load_state_dict(load_file(str(path)))
+    return net.eval()
+
+
+def log_metrics(prefix: str) -> Any:
+    """An ``on_metrics`` callback logging to the active MLflow run (no-op without one)."""
+
+    def log(step: int, values: dict[str, float]) -> None:
+        if mlflow.active_run() is not None:
+            mlflow.log_metrics({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
+
+    return log
+
+
+def train_stage(name: str, cfg: DictConfig, sites: Sequence[SiteData], *, quiet: bool = False) -> nn.Module:
+    """Train stage ``name`` on ``sites`` (pixels or latents as the stage needs), resuming if interrupted.
+
+    Returns the final network (EMA weights when kept), also saved to ``<workdir>/<name>/model.safetensors``.
+    For the VAE, the latent scale (1 / std of latent means on the training frames) is measured and stored.
+    """
+    stage_cfg = cfg.train[name]
+    stage = build_stage(name, plain(cfg.model), plain(stage_cfg.loss))
+    trainer = Trainer(stage, TrainConfig(**plain(stage_cfg.optim), seed=cfg.seed), device=cfg.device)
+    out = Path(cfg.workdir) / name
+    trainer.resume(out)
+    dataset = stage_dataset(name, sites, cfg)
+    trainer.fit(random_batches(dataset, batch_size=trainer.config.batch_size), checkpoint_dir=out,
+                on_metrics=log_metrics(name), quiet=quiet)
+    net = trainer.averaged_model().cpu().eval()
+    if isinstance(net, AdversarialVAE):
+        frames = torch.from_numpy(np.concatenate([video for site in sites for video in site.videos]))
+        measure_latent_scale(net, frames.float().div(127.5).sub(1.0).unsqueeze(1))
+    save_network(net, out / "model.safetensors")
+    return net

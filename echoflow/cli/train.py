@@ -1,0 +1,39 @@
+"""`echoflow train STAGE [overrides]`: train stages centrally on the run's cohort."""
+
+from __future__ import annotations
+
+import typer
+
+from echoflow.centralized import LATENT_STAGES, encode_sites, load_network, load_split, train_stage
+from echoflow.cli.common import OVERRIDES, QUIET, apply_runtime
+from echoflow.config import load_config
+from echoflow.models.vae import AdversarialVAE
+from echoflow.stages import STAGES
+from echoflow.tracking import start_run
+
+
+def train(
+    stage: str = typer.Argument(..., help=f"Which network to train: {', '.join(STAGES)}, or `all` in that order."),
+    overrides: list[str] | None = OVERRIDES,
+    quiet: bool = QUIET,
+) -> None:
+    """Train EchoFlow stages on the TRAIN split of every site, pooled (the centralized baseline).
+
+    The latent stages (image_flow, reid, video_flow) encode the videos with the trained VAE first, so train
+    `vae` before them. Re-running resumes from the last checkpoint in <workdir>/<stage>/.
+    """
+    names = list(STAGES) if stage == "all" else [stage]
+    if not set(names) <= set(STAGES):
+        raise typer.BadParameter(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)} or all")
+    cfg = load_config(overrides)
+    apply_runtime(cfg)
+    with start_run(cfg, f"train-{stage}"):
+        pixels = load_split(cfg, ["TRAIN"])
+        latents = None
+        for name in names:
+            if name in LATENT_STAGES and latents is None:
+                vae = load_network("vae", cfg)
+                assert isinstance(vae, AdversarialVAE)
+                latents = encode_sites(vae, pixels)
+            train_stage(name, cfg, latents if name in LATENT_STAGES and latents else pixels, quiet=quiet)
+            typer.echo(f"{name}: trained; weights in {cfg.workdir}/{name}/model.safetensors")
