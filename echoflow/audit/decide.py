@@ -70,7 +70,9 @@ class AuditResult:
         real_id: (G,) int64 local sample id of that site's nearest real sample (-1 if none).
         similarity: (G,) float32 that site's max similarity (exact when ≥ τ, else possibly a lower bound).
         threshold: (G,) float32 τ of that site.
-        exact: (G,) bool, True where every site's reported maximum is exact.
+        exact: (G,) bool, True where ``similarity`` is exact: always for withheld samples (any value ≥ τ is exact,
+            and a site's lower bound < τ can only hide a true value < τ), and for released ones when every site's
+            maximum is exact.
         failures: site → reason, for sites that did not answer; non-empty means the audit failed.
         sites: names of all sites asked; ``thresholds``: τ per site as used.
         scanned: per site, share of pairs compared (0-1).
@@ -133,14 +135,15 @@ def audit(
     sim = np.stack([answers[n].similarity[:, 0] for n in names], axis=1)  # (G, S)
     tau = np.array([taus[n] for n in names], dtype=np.float32)
     best = np.argmax(sim - tau, axis=1)
+    withheld = np.asarray((sim >= tau).any(axis=1), dtype=bool)
     rows = np.arange(g)
     return AuditResult(
-        release=np.asarray(~(sim >= tau).any(axis=1), dtype=bool),
+        release=~withheld,
         site=np.array(names, dtype=object)[best],
         real_id=np.stack([answers[n].ids[:, 0] for n in names], axis=1)[rows, best],
         similarity=sim[rows, best].astype(np.float32),
         threshold=tau[best],
-        exact=np.asarray(np.stack([answers[n].exact for n in names], axis=1).all(axis=1), dtype=bool),
+        exact=np.asarray(withheld | np.stack([answers[n].exact for n in names], axis=1).all(axis=1), dtype=bool),
         failures={},
         sites=names,
         thresholds=taus,
