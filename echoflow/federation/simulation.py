@@ -68,7 +68,7 @@ def simulate(run_config: Mapping[str, Any], sim: SimulationConfig) -> Federation
     try:
         run_simulation(
             server_app=make_server_app(run_config), client_app=make_client_app(run_config),
-            num_supernodes=sim.sites, backend_config=backend_config,  # type: ignore[arg-type]
+            num_supernodes=sim.sites, backend_config=backend_config,
         )
     finally:
         flwr_logger.setLevel(level)

@@ -32,7 +32,7 @@ def test_strategy_choice_is_honoured(tmp_path: Path, name: str) -> None:
 
 
 def test_unknown_strategy_is_a_user_error() -> None:
-    with pytest.raises(EchoFlowError, match="strategy.name"):
+    with pytest.raises(EchoFlowError, match=r"strategy\.name"):
         make_strategy(StrategyConfig(name="fedsgd"))
 
 

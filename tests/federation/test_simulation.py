@@ -42,8 +42,8 @@ def test_dp_federation_accounts_epsilon_and_a_spent_site_stops(tmp_path: Path, r
                            "mlflow-experiment": "test", "rounds": 3, "strategy": "fedmedian"}
     # site 1 took part in an earlier study: its site-local ledger already holds most of its budget
     spent = PrivacyLedger(epsilon=3.0, delta=0.1 / 64, noise_multiplier=1.0, sample_rate=8 / 64)
-    spent.accountant.history = [(1.0, 8 / 64, 60)]
-    assert spent.epsilon() < 3.0 and not spent.can_spend(2 * 5)
+    spent.accountant.history = [(1.0, 8 / 64, 10)]
+    assert spent.can_spend(5) and not spent.can_spend(2 * 5)  # room for exactly one more round
     (Path(config["state-root"]) / "site_01").mkdir(parents=True)
     (Path(config["state-root"]) / "site_01" / "privacy_ledger.json").write_text(json.dumps(spent.state_dict()))
     initial = toy_weights()
@@ -63,7 +63,8 @@ def test_dp_federation_accounts_epsilon_and_a_spent_site_stops(tmp_path: Path, r
     recomputed, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=last["dp-delta"])
     assert recomputed == pytest.approx(eps[-1], rel=1e-9)
     # site 1: stops once its budget cannot fit another round, never exceeds it; the federation goes on
-    assert site_history(state, 1, "budget-exhausted")[-1] == 1.0
+    assert site_history(state, 1, "budget-exhausted") == [0.0, 1.0, 1.0]
+    assert site_history(state, 1, "dp-steps") == [15.0, 15.0, 15.0]
     assert site_history(state, 1, "epsilon")[-1] <= 3.0
     assert site_history(state, 0, "budget-exhausted") == [0.0, 0.0, 0.0]
     assert [e["trained"] for e in state.history][-1] == 1

@@ -1,0 +1,55 @@
+"""Hydra at the edge: the composed config becomes a flat Flower run config and a `SimulationConfig`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, cast
+
+from omegaconf import DictConfig, OmegaConf
+
+from echoflow.federation.simulation import SimulationConfig
+from echoflow.server.settings import strategy_key
+from echoflow.server.strategies import StrategyConfig
+
+
+def run_config(
+    cfg: DictConfig, *, stage: str, stage_checkpoints: Mapping[str, str] | None = None, parent_run_id: str = ""
+) -> dict[str, Any]:
+    """The flat run config (Flower ``run_config`` keys) for federating ``stage`` under ``cfg``.
+
+    Args:
+        cfg: the composed EchoFlow config (groups ``federation``, ``dp``, ``strategy``, ``data``, ``model``…).
+        stage: the stage to train.
+        stage_checkpoints: final round folders of stages already federated (``{"vae": ".../round_0005"}``),
+            passed to the task as ``config["stage_checkpoints"]`` (the latent stages encode with the global VAE).
+        parent_run_id: MLflow run to nest under ('' = top level).
+    """
+    fed, dp, strategy = cfg.federation, cfg.dp, cfg.strategy
+    resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+    resolved["stage_checkpoints"] = dict(stage_checkpoints or {})
+    config: dict[str, Any] = {
+        "task": fed.task, "stage": stage, "config-json": json.dumps(resolved), "seed": int(cfg.seed),
+        "rounds": int(fed.rounds), "local-steps": int(fed.local_steps), "batch-size": int(fed.batch_size),
+        "lr": float(fed.lr), "data-root": str(Path(cfg.workdir) / "cohort"),
+        "checkpoint-dir": str(Path(fed.checkpoint_dir) / stage), "state-root": str(fed.state_root),
+        "resume": bool(fed.resume), "evaluate": bool(fed.evaluate), "timeout-s": float(fed.timeout_s),
+        "dp-enabled": bool(dp.enabled), "dp-epsilon": float(dp.epsilon), "dp-delta": float(dp.delta),
+        "dp-max-grad-norm": float(dp.max_grad_norm), "strategy": str(strategy.name),
+        "mlflow-uri": str(cfg.mlflow.tracking_uri), "mlflow-experiment": str(cfg.mlflow.experiment),
+        "mlflow-parent-run-id": parent_run_id, "run-name": f"federate-{stage}",
+    }
+    for f in fields(StrategyConfig):
+        if f.name != "name" and f.name in strategy:
+            config[strategy_key(f.name)] = strategy[f.name]
+    return config
+
+
+def simulation_config(cfg: DictConfig) -> SimulationConfig:
+    """The Ray simulation settings of ``cfg.federation``."""
+    fed = cfg.federation
+    return SimulationConfig(sites=int(fed.sites), client_cpus=float(fed.client_cpus), num_cpus=int(fed.num_cpus),
+                            ray_address=str(fed.ray_address or ""), object_store_mb=int(fed.object_store_mb),
+                            verbose=bool(fed.verbose))

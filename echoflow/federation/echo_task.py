@@ -1,0 +1,68 @@
+"""The EchoFlow stages as a `SiteTask`: networks from `echoflow.stages`, a site's videos from its own folder.
+
+Latent stages (image_flow, reid, video_flow) encode the site's videos with the GLOBAL VAE of the federated
+``vae`` stage (``config["stage_checkpoints"]["vae"]``), at the site: latents never leave it. Decoded (and
+encoded) site data is cached per process, since every round asks for the same data again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
+
+from echoflow.centralized import LATENT_STAGES, encode_sites, plain, stage_dataset
+from echoflow.data.sites import load_site
+from echoflow.errors import EchoFlowError
+from echoflow.models.vae import AdversarialVAE
+from echoflow.stages import build_network, build_stage
+from echoflow.training import Batch, Stage, load_checkpoint
+
+
+class EchoTask:
+    """`SiteTask` for the five EchoFlow stages; ``config`` is the resolved root config as a dict."""
+
+    def build_stage(self, name: str, config: Mapping[str, Any]) -> Stage:
+        """Stage ``name`` built from ``config["model"]`` and ``config["train"][name]["loss"]``."""
+        cfg = _cfg(config)
+        return build_stage(name, plain(cfg.model), plain(cfg.train[name].loss))
+
+    def site_data(self, name: str, site_dir: Path, config: Mapping[str, Any]) -> tuple[Dataset[Batch], Dataset[Batch]]:
+        """The site's TRAIN and VAL datasets for stage ``name`` (latents for the latent stages)."""
+        return _site_data(name, str(site_dir), json.dumps(config, sort_keys=True))
+
+
+@lru_cache(maxsize=4)
+def _site_data(name: str, site_dir: str, config_json: str) -> tuple[Dataset[Batch], Dataset[Batch]]:
+    cfg = _cfg(json.loads(config_json))
+    train, val = (load_site(Path(site_dir), size=cfg.data.size, splits=[split]) for split in ("TRAIN", "VAL"))
+    if name in LATENT_STAGES:
+        vae = global_vae(cfg)
+        train, val = encode_sites(vae, [train])[0], encode_sites(vae, [val])[0]
+    return stage_dataset(name, [train], cfg), stage_dataset(name, [val], cfg)
+
+
+def global_vae(cfg: DictConfig) -> AdversarialVAE:
+    """The federated VAE's final global weights (the ``model`` group of its last round checkpoint)."""
+    folder = (cfg.get("stage_checkpoints") or {}).get("vae")
+    if not folder:
+        raise EchoFlowError("stage_checkpoints.vae: the latent stages need the federated VAE; federate `vae` first")
+    tensors, _ = load_checkpoint(Path(folder))
+    prefix = "global/model."
+    vae = build_network("vae", plain(cfg.model))
+    vae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    if not isinstance(vae, AdversarialVAE):
+        raise EchoFlowError("model.vae: not an AdversarialVAE")
+    return vae.eval()
+
+
+def _cfg(config: Mapping[str, Any]) -> DictConfig:
+    return OmegaConf.create(dict(config))
+
+
+TASK = EchoTask()

@@ -1,0 +1,42 @@
+"""Federate one stage, or the stages in pipeline order, each starting from what the previous ones produced."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mlflow
+from omegaconf import DictConfig
+
+from echoflow.errors import EchoFlowError
+from echoflow.federation.config import run_config, simulation_config
+from echoflow.federation.simulation import simulate
+from echoflow.server.checkpoint import FederationState
+
+#: Pipeline order (as in `echoflow.stages.STAGES`): the VAE first, since the latent stages encode with it.
+STAGE_ORDER = ("vae", "image_flow", "reid", "video_flow", "ef")
+
+
+def federate(cfg: DictConfig, stages: Sequence[str]) -> dict[str, FederationState]:
+    """Federate ``stages`` in order under ``cfg``; returns each stage's final state.
+
+    Each stage gets its own checkpoint folder (``<federation.checkpoint_dir>/<stage>``) and MLflow run,
+    nested under the caller's active MLflow run when there is one. A re-run resumes each stage from its
+    latest round and skips stages already complete.
+    """
+    unknown = [s for s in stages if s not in STAGE_ORDER]
+    if unknown:
+        raise EchoFlowError(f"stage: unknown {unknown[0]!r}; choose from {', '.join(STAGE_ORDER)} or all")
+    active = mlflow.active_run()
+    parent = active.info.run_id if active is not None else ""
+    done: dict[str, str] = {}
+    states: dict[str, FederationState] = {}
+    for stage in sorted(stages, key=STAGE_ORDER.index):
+        config = run_config(cfg, stage=stage, stage_checkpoints=done, parent_run_id=parent)
+        states[stage] = simulate(config, simulation_config(cfg))
+        done[stage] = f"{config['checkpoint-dir']}/round_{states[stage].round:04d}"
+    return states
+
+
+def stages_of(name: str) -> list[str]:
+    """``"all"`` -> every stage in pipeline order; otherwise the one stage named."""
+    return list(STAGE_ORDER) if name == "all" else [name]
