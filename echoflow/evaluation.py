@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from echoflow.data.sites import ClipDataset, SiteData
+from echoflow.generate import animate_frames, decode_clips, sample_latent_frames
 from echoflow.metrics import Regression, frechet_distance, regression
-from echoflow.models.flow import Method, Target, sample
+from echoflow.models.flow import Method, Target
 from echoflow.models.reid import verification_auc
 from echoflow.models.vae import AdversarialVAE
-from echoflow.models.video_flow import animate
 
 
 def _clips(sites: Sequence[SiteData], *, frames: int, stride: int) -> tuple[Tensor, Tensor]:
@@ -36,12 +36,6 @@ def measure_ef(regressor: nn.Module, clips: Tensor, *, batch_size: int = 32) -> 
     """EF (N,) percent that ``regressor`` reads from pixel clips (N, 1, T, H, W)."""
     regressor.eval()
     return torch.cat([regressor(chunk) for chunk in clips.split(batch_size)])
-
-
-@torch.no_grad()
-def decode_clips(vae: AdversarialVAE, latents: Tensor, *, batch_size: int = 8) -> Tensor:
-    """Scaled latent clips (N, C, T, h, w) -> pixel clips (N, 1, T, H, W) clamped to [-1, 1]."""
-    return torch.cat([vae.decode_latent(chunk).clamp(-1, 1) for chunk in latents.split(batch_size)])
 
 
 def ef_regression(regressor: nn.Module, sites: Sequence[SiteData], *, frames: int, stride: int) -> Regression:
@@ -90,16 +84,6 @@ def reid_auc(encoder: nn.Module, latent_sites: Sequence[SiteData], *, every: int
     return verification_auc(embed(encoder, frames), patients)
 
 
-@torch.no_grad()
-def sample_latent_frames(flow: nn.Module, n: int, *, shape: Sequence[int], steps: int, method: Method,
-                         target: Target, batch_size: int = 64) -> Tensor:
-    """``n`` latent frames (n, C, h, w) from the latent image flow."""
-    flow.eval()
-    chunks = [sample(flow, torch.randn(min(batch_size, n - i), *shape), steps=steps, method=method, target=target)
-              for i in range(0, n, batch_size)]
-    return torch.cat(chunks)
-
-
 def image_flow_fd(flow: nn.Module, encoder: nn.Module, train: Sequence[SiteData], held_out: Sequence[SiteData],
                   *, n: int, steps: int, method: Method, target: Target) -> dict[str, float]:
     """Fréchet distance to held-out real latents in re-id space: generated, real-train floor, Gaussian baseline."""
@@ -128,11 +112,7 @@ def video_flow_ef(video_flow: nn.Module, vae: AdversarialVAE, regressor: nn.Modu
     firsts = torch.stack([torch.from_numpy(video[0]) for site in held_out for video in site.videos])
     firsts = firsts[torch.randint(len(firsts), (n,), generator=generator)]
     requested = ef_range[0] + (ef_range[1] - ef_range[0]) * torch.rand(n, generator=generator)
-    video_flow.eval()
-    latents = torch.cat([
-        animate(video_flow, f, e, frames=frames, steps=steps, method=method, target=target, guidance=guidance,
-                window=frames, generator=generator)
-        for f, e in zip(firsts.split(16), requested.split(16), strict=True)
-    ])
+    latents = animate_frames(video_flow, firsts, requested, frames=frames, window=frames, steps=steps,
+                             method=method, target=target, guidance=guidance, generator=generator)
     measured = measure_ef(regressor, decode_clips(vae, latents))
     return regression(requested.numpy(), measured.numpy()), requested.numpy(), measured.numpy()

@@ -6,8 +6,10 @@ import sys
 
 import typer
 
+from echoflow.cli.common import limit_threads
 from echoflow.cli.data import data_app
 from echoflow.cli.evaluate import evaluate_app
+from echoflow.cli.sample import sample
 from echoflow.cli.train import train
 from echoflow.errors import EchoFlowError
 
@@ -26,11 +28,13 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.command()(train)
+app.command()(sample)
 app.add_typer(evaluate_app, name="evaluate")
 
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 1."""
+    limit_threads(1)  # commands with a config raise it to `threads`
     try:
         app()
     except EchoFlowError as err:
