@@ -79,7 +79,7 @@ def encode_sites(vae: AdversarialVAE, sites: Sequence[SiteData], *, batch_size: 
 
 def stage_dataset(name: str, sites: Sequence[SiteData], cfg: DictConfig) -> Dataset[Batch]:
     """The dataset stage ``name`` trains on (pixel sites for vae/ef, latent sites for the others)."""
-    clip = {"frames": cfg.data.clip_frames, "stride": cfg.data.clip_stride}
+    clip = {"frames": cfg.data.clip_frames, "fps": cfg.data.clip_fps}
     if name in ("vae", "image_flow"):
         return FrameDataset(sites)
     if name == "reid":
@@ -99,7 +99,10 @@ def load_network(name: str, cfg: DictConfig) -> nn.Module:
     if not path.exists():
         raise EchoFlowError(f"{path}: no trained {name} model; run `echoflow train {name}` first")
     net = build_network(name, plain(cfg.model))
-    net.load_state_dict(load_file(str(path)))
+    try:
+        net.load_state_dict(load_file(str(path)))
+    except RuntimeError as err:
+        raise EchoFlowError(f"{path}: weights do not fit the configured {name} network (changed model config?)") from err
     return net.eval()
 
 

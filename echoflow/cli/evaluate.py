@@ -34,7 +34,7 @@ def models(
     """
     cfg = load_config(overrides)
     apply_runtime(cfg)
-    clip = {"frames": cfg.data.clip_frames, "stride": cfg.data.clip_stride}
+    clip = {"frames": cfg.data.clip_frames, "fps": cfg.data.clip_fps}
     sampling = {"steps": cfg.train.sampling.steps, "method": cfg.train.sampling.method}
     vae, ef_model = load_network("vae", cfg), load_network("ef", cfg)
     assert isinstance(vae, AdversarialVAE)

@@ -26,7 +26,7 @@ def sample(
     """Generate synthetic echo videos with the trained models of <workdir> (not yet audited: see `audit run`).
 
     New latent frames come from the latent image flow, are animated by the latent video flow at EFs spread
-    over [ef-min, ef-max], and are decoded by the VAE; videos are written at 25/clip_stride fps.
+    over [ef-min, ef-max], and are decoded by the VAE; videos are written at data.clip_fps.
     """
     cfg = load_config(overrides)
     apply_runtime(cfg)
@@ -43,5 +43,5 @@ def sample(
                              window=cfg.data.clip_frames, steps=s.steps, method=s.method,
                              target=cfg.train.video_flow.loss.target, guidance=s.guidance, generator=generator)
     videos = to_uint8(decode_clips(vae, latents))
-    write_synthetic(out, videos, np.asarray(ef), fps=25.0 / cfg.data.clip_stride)
+    write_synthetic(out, videos, np.asarray(ef), fps=cfg.data.clip_fps)
     typer.echo(f"wrote {n} synthetic videos to {out} (unaudited)")

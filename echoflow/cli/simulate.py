@@ -6,6 +6,7 @@ import itertools
 
 import typer
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from echoflow.cli.common import OVERRIDES
 from echoflow.config import load_config
@@ -24,9 +25,13 @@ def simulate(
     last round checkpoint. Each sweep point is one MLflow run (full config as params) with a nested run per
     stage, per-site metrics per round and the final global weights as an artifact.
     """
-    for point in sweep(list(overrides or [])) if multirun else [list(overrides or [])]:
+    points = sweep(list(overrides or [])) if multirun else [list(overrides or [])]
+    for number, point in enumerate(points):
         stage = next((o.split("=", 1)[1] for o in point if o.startswith("stage=")), "vae")
         cfg = load_config([o for o in point if not o.startswith("stage=")])
+        if len(points) > 1:  # each sweep point is its own federation: own checkpoints and site ledgers
+            for key in ("checkpoint_dir", "state_root"):
+                OmegaConf.update(cfg, f"federation.{key}", f"{cfg.federation[key]}/sweep_{number:03d}")
         with start_run(cfg, f"simulate-{stage}"):
             states = federate(cfg, stages_of(stage))
         for name, state in states.items():

@@ -104,12 +104,13 @@ class _Videos:
         if any(site.patient_index is not sites[0].patient_index for site in sites):
             raise EchoFlowError("sites: load them together with load_sites so patients share one index")
         self.videos = [video for site in sites for video in site.videos]
-        rows = [(record.ef, site.patient_index[record.patient_id], site.index, site.first_video + i)
+        rows = [(record.ef, site.patient_index[record.patient_id], site.index, site.first_video + i, record.fps)
                 for site in sites for i, record in enumerate(site.records)]
         self.ef = [row[0] for row in rows]
         self.patient = [row[1] for row in rows]
         self.site = [row[2] for row in rows]
         self.video_id = [row[3] for row in rows]
+        self.fps = [row[4] for row in rows]
 
     def labels(self, video: int) -> Item:
         return {
@@ -145,39 +146,41 @@ class FrameDataset(Dataset[Item]):
 
 
 class ClipDataset(Dataset[Item]):
-    """One clip per video: ``frames`` frames taken every ``stride``-th frame.
+    """One clip per video: ``frames`` frames at a fixed frame rate ``fps``.
 
-    With 25 fps, 32-frame videos, ``frames=16, stride=2`` spans 31 frames (1.24 s, about one heart cycle).
-    Videos shorter than the span are left out (listed in ``skipped``).
+    Each video is subsampled with stride round(video fps / ``fps``) (at least 1), so clips from 25-fps real
+    videos and 12.5-fps generated videos show the same time span: with ``frames=16, fps=12.5`` a clip spans
+    1.2 s, about one heart cycle. Videos shorter than their clip span are left out (listed in ``skipped``).
 
     Item fields:
-        clip: (1, T, H, W) float32 in [-1, 1], T = ``frames``.
+        clip: (1, T, H, W) float32 in [-1, 1] (latent sites: (C, T, h, w)), T = ``frames``.
         ef: () float32, percent 0-100. patient, site, video: () int64 as in ``FrameDataset``.
 
     Args:
-        sites: loaded sites. frames: T. stride: step between taken frames.
+        sites: loaded sites. frames: T. fps: the clips' frame rate, frames per second.
         random_start: draw the first frame uniformly at every access (torch's RNG); else start at 0.
     """
 
-    def __init__(self, sites: Sequence[SiteData], *, frames: int = 16, stride: int = 2,
+    def __init__(self, sites: Sequence[SiteData], *, frames: int = 16, fps: float = 12.5,
                  random_start: bool = True) -> None:
         self.table = _Videos(sites)
-        self.frames, self.stride, self.random_start = frames, stride, random_start
-        self.span = (frames - 1) * stride + 1
-        self.kept = [i for i, video in enumerate(self.table.videos) if len(video) >= self.span]
-        self.skipped = [i for i, video in enumerate(self.table.videos) if len(video) < self.span]
+        self.frames, self.random_start = frames, random_start
+        self.strides = [max(1, round(video_fps / fps)) for video_fps in self.table.fps]
+        spans = [(frames - 1) * stride + 1 for stride in self.strides]
+        self.kept = [i for i, video in enumerate(self.table.videos) if len(video) >= spans[i]]
+        self.skipped = [i for i, video in enumerate(self.table.videos) if len(video) < spans[i]]
         if not self.kept:
-            raise EchoFlowError(f"sites: no video has the {self.span} frames a clip spans")
+            raise EchoFlowError(f"sites: no video is long enough for {frames} frames at {fps} fps")
 
     def __len__(self) -> int:
         return len(self.kept)
 
     def __getitem__(self, index: int) -> Item:
         video = self.kept[index]
-        pixels = self.table.videos[video]
-        last_start = len(pixels) - self.span
-        start = int(torch.randint(last_start + 1, ()).item()) if self.random_start else 0
-        return {"clip": _to_unit(pixels[start : start + self.span : self.stride]), **self.table.labels(video)}
+        pixels, stride = self.table.videos[video], self.strides[video]
+        span = (self.frames - 1) * stride + 1
+        start = int(torch.randint(len(pixels) - span + 1, ()).item()) if self.random_start else 0
+        return {"clip": _to_unit(pixels[start : start + span : stride]), **self.table.labels(video)}
 
 
 class PatientPairDataset(Dataset[Item]):

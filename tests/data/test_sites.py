@@ -71,21 +71,21 @@ def test_frame_dataset_fields(two_sites: list[Path]) -> None:
     assert all(item[k].shape == () and item[k].dtype == torch.int64 for k in ("patient", "site", "video"))
 
 
-def test_clip_dataset_takes_every_stride_frame(two_sites: list[Path]) -> None:
+def test_clip_dataset_samples_at_the_clip_fps(two_sites: list[Path]) -> None:
     sites = load_sites(two_sites, size=64)
-    fixed = ClipDataset(sites, frames=16, stride=2, random_start=False)
+    fixed = ClipDataset(sites, frames=16, fps=12.5, random_start=False)
     assert len(fixed) == 5
     item = fixed[0]
     assert item["clip"].shape == (1, 16, 64, 64) and item["clip"].dtype == torch.float32
     assert [pixel(v) // 4 for v in item["clip"][0, :, 0, 0]] == list(range(0, 31, 2))
-    moving = ClipDataset(sites, frames=8, stride=3)
+    moving = ClipDataset(sites, frames=8, fps=25 / 3)
     clips = [moving[1]["clip"][0, :, 0, 0] for _ in range(300)]
     starts = {pixel(clip[0]) // 4 for clip in clips}
     assert starts == set(range(32 - 22 + 1))  # span 22: every legal start is drawn, none past the end
     assert all([pixel(v) // 4 for v in clip] == list(range(s, s + 22, 3))
                for clip, s in zip(clips, (pixel(c[0]) // 4 for c in clips), strict=True))
-    with pytest.raises(EchoFlowError, match="33 frames"):
-        ClipDataset(sites, frames=17, stride=2)
+    with pytest.raises(EchoFlowError, match="17 frames at 12.5 fps"):
+        ClipDataset(sites, frames=17, fps=12.5)
 
 
 def test_pairs_are_same_patient_from_different_visits(two_sites: list[Path]) -> None:
@@ -143,6 +143,6 @@ def test_latent_sites_yield_channels_first(two_sites: list[Path]) -> None:
     site.videos = latents
     frame = FrameDataset([site])[33]["frame"]  # video 1, frame 1
     torch.testing.assert_close(frame, torch.from_numpy(latents[1][1]))
-    clip = ClipDataset([site], frames=4, stride=2, random_start=False)[0]["clip"]
+    clip = ClipDataset([site], frames=4, fps=12.5, random_start=False)[0]["clip"]
     assert clip.shape == (4, 4, 16, 16)
     torch.testing.assert_close(clip[:, 3], torch.from_numpy(latents[0][6]))
