@@ -5,7 +5,7 @@
    the one-off Ray start.
 3. Peak RSS of the whole simulation (driver + Ray processes) with 10 and 20 simulated sites.
 
-Run from the repository root: ``python -m benchmarks.federation [--quick]``.
+Run from the repository root: ``python benchmarks/federation.py [--quick]``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -58,6 +59,9 @@ class VAETask:
 
 
 VAE_TASK = VAETask()
+# `benchmarks` is shadowed by an installed package: run as a script; Ray workers import this file by its stem
+VAE_TASK_PATH = f"{Path(__file__).stem if __name__ == '__main__' else __name__}:VAE_TASK"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.federation.toy
 
 
 def step_time(stage: Stage, data: Frames, *, dp: bool, steps: int, batch: int) -> float:
@@ -99,7 +103,7 @@ def federated_vs_centralized(sites: int, rounds: int, local_steps: int) -> None:
     centralized = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        state = simulate(run_config(Path(tmp), task="benchmarks.federation:VAE_TASK", rounds=rounds,
+        state = simulate(run_config(Path(tmp), task=VAE_TASK_PATH, rounds=rounds,
                                     local_steps=local_steps), SimulationConfig(sites=sites, num_cpus=2))
         federated = time.perf_counter() - start
     rounds_only = sum(entry["wall_s"] for entry in state.history)

@@ -12,11 +12,16 @@ in one step. Each group clips per-sample gradients to ``C`` and adds Gaussian no
 so the step's joint release has L2 sensitivity ``√k·C`` and noise multiplier σ: ONE subsampled Gaussian
 mechanism per step, which is what the single accountant counts. The discriminator, which sees real data, is
 therefore covered by the same guarantee as the autoencoder.
+
+What a stage must do for DP: a forward through another group's network whose output is detached must run
+under ``torch.no_grad()`` (Opacus counts forwards and backwards per layer), batch statistics are not
+allowed (GroupNorm, not BatchNorm), and no second gradient pass (the VAE's adaptive GAN weight) is used.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,7 +160,7 @@ def batch_size_of(batch: Batch) -> int:
     return next((len(v) for v in batch.values() if isinstance(v, Tensor)), 0)
 
 
-def poisson_batches(dataset: Dataset[Batch], *, sample_rate: float) -> Any:
+def poisson_batches(dataset: Dataset[Batch], *, sample_rate: float) -> Callable[[], Batch]:
     """A ``draw()`` that includes each example independently with probability ``sample_rate`` (current seed)."""
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:

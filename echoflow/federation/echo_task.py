@@ -28,9 +28,16 @@ class EchoTask:
     """`SiteTask` for the five EchoFlow stages; ``config`` is the resolved root config as a dict."""
 
     def build_stage(self, name: str, config: Mapping[str, Any]) -> Stage:
-        """Stage ``name`` built from ``config["model"]`` and ``config["train"][name]["loss"]``."""
+        """Stage ``name`` from ``config["model"]`` and ``config["train"][name]["loss"]``.
+
+        Under DP the VAE uses its fixed adversarial weight: the adaptive one needs a second gradient pass,
+        which Opacus' per-sample hooks cannot follow.
+        """
         cfg = _cfg(config)
-        return build_stage(name, plain(cfg.model), plain(cfg.train[name].loss))
+        loss = plain(cfg.train[name].loss)
+        if name == "vae" and cfg.get("dp", {}).get("enabled", False):
+            loss = {**loss, "adaptive": False}
+        return build_stage(name, plain(cfg.model), loss)
 
     def site_data(self, name: str, site_dir: Path, config: Mapping[str, Any]) -> tuple[Dataset[Batch], Dataset[Batch]]:
         """The site's TRAIN and VAL datasets for stage ``name`` (latents for the latent stages)."""

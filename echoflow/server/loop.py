@@ -19,12 +19,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from echoflow.clients.task import group_arrays, load_task
+from echoflow.errors import EchoFlowError
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
 from echoflow.server.settings import ServerSettings
 from echoflow.server.strategies import load_strategy_state, make_strategy, strategy_state
 from echoflow.server.tracking import RunTracker, round_metrics
 
 log = logging.getLogger(__name__)
+
+#: Run-config keys that identify a federation; a checkpoint resumes only under the same values.
+IDENTITY_KEYS = ("task", "stage", "seed", "local-steps", "batch-size", "lr", "dp-enabled", "dp-epsilon", "dp-delta",
+                 "dp-max-grad-norm", "strategy")
 
 
 def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str, Any]) -> FederationState:
@@ -36,6 +41,7 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
         stage = load_task(settings.task).build_stage(settings.stage, settings.config)
         state = FederationState(round=0, arrays=group_arrays(stage), run_config=dict(run_config))
     else:
+        check_same_federation(state.run_config, run_config, where=str(settings.checkpoint_dir))
         log.info("resuming %s after round %d", settings.checkpoint_dir, state.round)
         load_strategy_state(strategy, state.strategy)
     tracker = _tracker(settings, state)
@@ -87,6 +93,14 @@ def run_round(
     return FederationState(round=server_round, arrays=new_arrays, strategy=strategy_state(strategy), sites=sites,
                            history=[*state.history, entry], run_config=state.run_config,
                            mlflow_run_id=state.mlflow_run_id)
+
+
+def check_same_federation(saved: Mapping[str, Any], current: Mapping[str, Any], *, where: str) -> None:
+    """Refuse to resume a checkpoint written by a different federation (stage, DP, strategy, optimisation)."""
+    for key in IDENTITY_KEYS:
+        if str(saved.get(key)) != str(current.get(key)):
+            raise EchoFlowError(f"{where}: holds a different federation ({key} {saved.get(key)!r}, now "
+                                f"{current.get(key)!r}); use another federation.checkpoint_dir or resume=false")
 
 
 def entry_trained(entry: Mapping[str, Any]) -> bool:

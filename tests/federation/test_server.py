@@ -11,6 +11,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from echoflow.errors import EchoFlowError
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
+from echoflow.server.loop import check_same_federation
 from echoflow.server.settings import ServerSettings, strategy_key
 from echoflow.server.strategies import NAMES, StrategyConfig, load_strategy_state, make_strategy, strategy_state
 from tests.federation.conftest import toy_run_config
@@ -56,3 +57,10 @@ def test_round_checkpoints_keep_the_latest_two(tmp_path: Path) -> None:
     assert torch.equal(latest.arrays["model.w"], torch.full((2,), 3.0))
     assert sorted(p.name for p in tmp_path.glob("round_*")) == ["round_0002", "round_0003"]
     assert load_latest(tmp_path / "nothing") is None
+
+
+def test_a_checkpoint_of_another_federation_is_not_resumed(tmp_path: Path) -> None:
+    saved = toy_run_config(tmp_path, **{"dp-enabled": True, "dp-epsilon": 8.0})
+    check_same_federation(saved, saved | {"rounds": 5, "mlflow-parent-run-id": "abc"}, where="ckpt")
+    with pytest.raises(EchoFlowError, match="dp-epsilon"):
+        check_same_federation(saved, saved | {"dp-epsilon": 2.0}, where="ckpt")
