@@ -102,7 +102,8 @@ def load_network(name: str, cfg: DictConfig) -> nn.Module:
     try:
         net.load_state_dict(load_file(str(path)))
     except RuntimeError as err:
-        raise EchoFlowError(f"{path}: weights do not fit the configured {name} network (changed model config?)") from err
+        raise EchoFlowError(f"{path}: weights do not fit the configured {name} network "
+                            "(was the model config changed?)") from err
     return net.eval()
 
 

@@ -84,7 +84,7 @@ def test_clip_dataset_samples_at_the_clip_fps(two_sites: list[Path]) -> None:
     assert starts == set(range(32 - 22 + 1))  # span 22: every legal start is drawn, none past the end
     assert all([pixel(v) // 4 for v in clip] == list(range(s, s + 22, 3))
                for clip, s in zip(clips, (pixel(c[0]) // 4 for c in clips), strict=True))
-    with pytest.raises(EchoFlowError, match="17 frames at 12.5 fps"):
+    with pytest.raises(EchoFlowError, match=r"17 frames at 12\.5 fps"):
         ClipDataset(sites, frames=17, fps=12.5)
 
 
