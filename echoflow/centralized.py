@@ -93,9 +93,9 @@ def save_network(net: nn.Module, path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path))
 
 
-def load_network(name: str, cfg: DictConfig) -> nn.Module:
-    """Stage ``name``'s trained network from ``<workdir>/<name>/model.safetensors``, in eval mode."""
-    path = Path(cfg.workdir) / name / "model.safetensors"
+def load_network(name: str, cfg: DictConfig, *, path: Path | None = None) -> nn.Module:
+    """Stage ``name``'s trained network from ``path`` (default ``<workdir>/<name>/model.safetensors``), in eval mode."""
+    path = Path(cfg.workdir) / name / "model.safetensors" if path is None else path
     if not path.exists():
         raise EchoFlowError(f"{path}: no trained {name} model; run `echoflow train {name}` first")
     net = build_network(name, plain(cfg.model))
@@ -117,16 +117,18 @@ def log_metrics(prefix: str) -> Any:
     return log
 
 
-def train_stage(name: str, cfg: DictConfig, sites: Sequence[SiteData], *, quiet: bool = False) -> nn.Module:
+def train_stage(name: str, cfg: DictConfig, sites: Sequence[SiteData], *, out: Path | None = None,
+                quiet: bool = False) -> nn.Module:
     """Train stage ``name`` on ``sites`` (pixels or latents as the stage needs), resuming if interrupted.
 
-    Returns the final network (EMA weights when kept), also saved to ``<workdir>/<name>/model.safetensors``.
+    Returns the final network (EMA weights when kept), also saved to ``<out>/model.safetensors`` (default
+    ``out``: ``<workdir>/<name>``, where `load_network` looks).
     For the VAE, the latent scale (1 / std of latent means on the training frames) is measured and stored.
     """
     stage_cfg = cfg.train[name]
     stage = build_stage(name, plain(cfg.model), plain(stage_cfg.loss))
     trainer = Trainer(stage, TrainConfig(**plain(stage_cfg.optim), seed=cfg.seed), device=cfg.device)
-    out = Path(cfg.workdir) / name
+    out = Path(cfg.workdir) / name if out is None else out
     trainer.resume(out)
     dataset = stage_dataset(name, sites, cfg)
     trainer.fit(random_batches(dataset, batch_size=trainer.config.batch_size), checkpoint_dir=out,
