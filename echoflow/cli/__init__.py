@@ -10,6 +10,7 @@ from echoflow.cli.common import limit_threads
 from echoflow.cli.data import data_app
 from echoflow.cli.evaluate import evaluate_app
 from echoflow.cli.sample import sample
+from echoflow.cli.simulate import simulate
 from echoflow.cli.train import train
 from echoflow.errors import EchoFlowError
 
@@ -29,6 +30,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.command()(train)
 app.command()(sample)
+app.command()(simulate)
 app.add_typer(evaluate_app, name="evaluate")
 
 
