@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from echoflow.audit.embed import embed
 from echoflow.data.sites import ClipDataset, SiteData
 from echoflow.generate import animate_frames, decode_clips, sample_latent_frames
 from echoflow.metrics import Regression, frechet_distance, regression
@@ -58,13 +59,6 @@ def vae_ef_gap(vae: AdversarialVAE, regressor: nn.Module, sites: Sequence[SiteDa
         "mae_between": float((on_recon - on_real).abs().mean()),
         "pixel_l1": float((recon - clips).abs().mean()),
     }
-
-
-@torch.no_grad()
-def embed(encoder: nn.Module, latents: Tensor, *, batch_size: int = 256) -> Tensor:
-    """Re-id embeddings (N, D) of latent frames (N, C, h, w)."""
-    encoder.eval()
-    return torch.cat([encoder(chunk) for chunk in latents.split(batch_size)])
 
 
 def frames_of(latent_sites: Sequence[SiteData], *, every: int) -> tuple[Tensor, Tensor]:
