@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from echoflow.cli.audit import audit_app
 from echoflow.cli.common import limit_threads
 from echoflow.cli.data import data_app
 from echoflow.cli.evaluate import evaluate_app
@@ -32,6 +33,7 @@ app.command()(train)
 app.command()(sample)
 app.command()(simulate)
 app.add_typer(evaluate_app, name="evaluate")
+app.add_typer(audit_app, name="audit")
 
 
 def main() -> None:

@@ -1,0 +1,336 @@
+"""One audit end to end: embed -> per-site index -> calibrate -> canaries -> decide -> release -> report.
+
+The unit of decision is a frame: every ``every``-th frame of each generated video is a sample, and a video is
+withheld if ANY of its audited frames reaches τ. Canaries are planted among the frames unknown to the decision
+and never map to a file. A video file reaches ``<out>/released/`` only through `release_videos`, which copies a
+file only when the SHA-256 of its bytes belongs to a video whose audit record passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from torch import nn
+
+from echoflow.audit.calibrate import Calibration, calibrate
+from echoflow.audit.canaries import TRANSFORMS, CanaryPlan, plant_canaries
+from echoflow.audit.decide import AuditResult, audit
+from echoflow.audit.embed import Embedded, embed_pixels, embed_videos, pick_frames, to_unit, video_frames
+from echoflow.audit.federated import (
+    InProcessTransport,
+    RemoteSite,
+    SiteAuditor,
+    Transport,
+    remote_calibration,
+    serve_simulation,
+)
+from echoflow.audit.index import IndexKind, build_index
+from echoflow.audit.neighbours import Similarity, SiteSearcher, threshold_recall
+from echoflow.audit.report import build_report, write_report
+from echoflow.data.echonet import VideoRecord, load_video, read_cohort, write_filelist
+from echoflow.data.sites import SiteData
+from echoflow.errors import EchoFlowError
+from echoflow.models.vae import AdversarialVAE
+
+CHOICES = {"mode": ("local", "federated"), "transport": ("flower", "inprocess"), "real_frames": ("all", "first"),
+           "scope": ("global", "site")}
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The ``audit`` config group (``configs/audit/default.yaml`` documents every key)."""
+
+    mode: Literal["local", "federated"] = "local"
+    transport: Literal["flower", "inprocess"] = "flower"
+    every: int = 1
+    real_frames: Literal["all", "first"] = "all"
+    similarity: Similarity = "cosine"
+    index: IndexKind = "auto"
+    percentile: float = 95.0
+    scope: Literal["global", "site"] = "global"
+    canaries: int = 0
+    transforms: tuple[str, ...] = tuple(TRANSFORMS)
+    timeout_s: float = 600.0
+    pairs: int = 6
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any]) -> AuditSettings:
+        """Check and convert a plain ``audit`` config mapping."""
+        values = dict(node)
+        if unknown := sorted(set(values) - set(cls.__dataclass_fields__)):
+            raise EchoFlowError(f"audit: unknown key(s) {unknown}")
+        for key, allowed in CHOICES.items():
+            if key in values and values[key] not in allowed:
+                raise EchoFlowError(f"audit.{key}: expected one of {allowed}, got {values[key]!r}")
+        if "transforms" in values:
+            values["transforms"] = tuple(values["transforms"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class RealSite:
+    """One site's real data as the audit holds it (at the site in federated mode).
+
+    Attributes:
+        train: embeddings of its TRAIN frames (row = local sample id) and their video/frame.
+        heldout: (H, D) embeddings of its VAL + TEST frames (calibration).
+        videos: its TRAIN pixel videos (T, H, W) uint8, aligned with ``train.refs.videos`` (canaries, thumbnails).
+    """
+
+    train: Embedded
+    heldout: np.ndarray
+    videos: list[np.ndarray]
+
+
+def embed_sites(vae: AdversarialVAE, reid: nn.Module, train: Sequence[SiteData], heldout: Sequence[SiteData],
+                settings: AuditSettings) -> dict[str, RealSite]:
+    """Embed every site's TRAIN frames (all, or first frames) and held-out frames (every ``settings.every``-th)."""
+    by_name = {site.name: site for site in heldout}
+    out = {}
+    for site in train:
+        names = [record.file_name for record in site.records]
+        held = by_name[site.name]
+        out[site.name] = RealSite(
+            train=embed_videos(vae, reid, site.videos, names, first_only=settings.real_frames == "first"),
+            heldout=embed_videos(vae, reid, held.videos, [r.file_name for r in held.records],
+                                 every=settings.every).vectors,
+            videos=site.videos,
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Generated:
+    """The generated videos as audited: FileList records, SHA-256 of each file's bytes, decoded pixels."""
+
+    records: list[VideoRecord]
+    sha256: list[str]
+    videos: list[np.ndarray]
+    problems: list[str]
+
+
+def read_generated(folder: Path, *, size: int) -> Generated:
+    """Read an EchoNet-layout folder of generated videos; undecodable rows become problems (never released)."""
+    cohort = read_cohort(folder, require_ef=False)
+    records, digests, videos, problems = [], [], [], list(cohort.problems)
+    for record in cohort.records:
+        try:
+            digest = hashlib.sha256(record.path.read_bytes()).hexdigest()
+            videos.append(load_video(record.path, size=size))
+        except EchoFlowError as err:
+            problems.append(str(err))
+            continue
+        records.append(record)
+        digests.append(digest)
+    if not records:
+        raise EchoFlowError(f"{folder}: no decodable generated video")
+    return Generated(records, digests, videos, problems)
+
+
+@dataclass(frozen=True)
+class VideoDecision:
+    """The decision for one generated video, from its closest audited frame (largest similarity − τ)."""
+
+    file_name: str
+    sha256: str
+    release: bool
+    site: str
+    real_id: int
+    real_video: str | None
+    real_frame: int | None
+    similarity: float | None
+    threshold: float | None
+    frames: int
+
+
+def _nearest_real(real: Mapping[str, RealSite], site: str, real_id: int) -> tuple[str | None, int | None]:
+    if site not in real or real_id < 0:
+        return None, None
+    return real[site].train.refs.name(real_id)
+
+
+def decide_videos(result: AuditResult, video_of_row: np.ndarray, generated: Generated,
+                  real: Mapping[str, RealSite]) -> list[VideoDecision]:
+    """Per video: released only if every audited frame was (``video_of_row``: (G,) video per generated row)."""
+    margin = np.nan_to_num(result.similarity - result.threshold, nan=-np.inf)
+    decisions = []
+    for v, record in enumerate(generated.records):
+        rows = np.flatnonzero(video_of_row == v)
+        row = int(rows[np.argmax(margin[rows])])
+        site, real_id = str(result.site[row]), int(result.real_id[row])
+        finite = bool(np.isfinite(result.similarity[row]))
+        decisions.append(VideoDecision(
+            record.file_name, generated.sha256[v], bool(result.release[rows].all()) and not result.failed, site,
+            real_id, *_nearest_real(real, site, real_id),
+            float(result.similarity[row]) if finite else None, float(result.threshold[row]) if finite else None,
+            len(rows)))
+    return decisions
+
+
+def release_videos(generated: Generated, decisions: Sequence[VideoDecision], out: Path) -> list[VideoRecord]:
+    """Copy the passing videos' bytes into ``out`` (EchoNet layout). The only way anything is released.
+
+    A file is copied only when the SHA-256 of the bytes read now is that of a video whose audit record passed
+    (a file changed since it was audited is not). Written to a staging folder that becomes ``out`` at the end.
+    """
+    passed = {d.sha256: d.file_name for d in decisions if d.release}
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "Videos").mkdir(parents=True)
+    released = []
+    for record in generated.records:
+        data = record.path.read_bytes()
+        if passed.get(hashlib.sha256(data).hexdigest()) != record.file_name:
+            continue
+        target = out / "Videos" / f"{record.file_name}.avi"
+        (staging / "Videos" / target.name).write_bytes(data)
+        released.append(replace(record, path=target))
+    write_filelist(staging, released)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return released
+
+
+def _failed(g: int, sites: Sequence[str], reason: str) -> AuditResult:
+    """The result of an audit whose calibration failed: nothing is releasable."""
+    return AuditResult(release=np.zeros(g, dtype=bool), site=np.full(g, "", dtype=object), real_id=np.full(g, -1),
+                       similarity=np.full(g, np.nan, np.float32), threshold=np.full(g, np.nan, np.float32),
+                       exact=np.zeros(g, dtype=bool), failures={"calibration": reason}, sites=tuple(sites),
+                       thresholds=dict.fromkeys(sites, 1.0))
+
+
+def ask_sites(sites: Mapping[str, SiteSearcher], calibration: Callable[[], Calibration], queries: np.ndarray,
+              settings: AuditSettings) -> tuple[Calibration, AuditResult]:
+    """Calibrate τ, then decide; a site failing either step fails the audit closed."""
+    try:
+        cal = calibration()
+    except Exception as error:  # whatever a site raised, nothing may be released
+        uncalibrated = Calibration(settings.percentile, dict.fromkeys(sites, 1.0), 1.0, {}, np.zeros(0, np.float32))
+        return uncalibrated, _failed(len(queries), list(sites), f"{type(error).__name__}: {error}")
+    return cal, audit(queries, sites, cal.thresholds(settings.scope), timeout_s=settings.timeout_s)
+
+
+def decide(real: Mapping[str, RealSite], queries: np.ndarray, settings: AuditSettings,
+           index_dir: Path) -> tuple[Calibration, AuditResult, dict[str, dict[str, Any]]]:
+    """Index each site (saved as ``<index_dir>/<site>/``), then calibrate and decide, locally or federated."""
+    folders, auditors = {}, {}
+    for name, site in real.items():
+        index = build_index(site.train.vectors, kind=settings.index, similarity=settings.similarity,
+                            seed=settings.seed)
+        auditors[name] = SiteAuditor(name, index, site.heldout)
+        folders[name] = index_dir / name
+        auditors[name].save(folders[name])
+    info: dict[str, dict[str, Any]] = {n: {"index": a.index.kind, "ntotal": a.index.ntotal}
+                                       for n, a in auditors.items()}
+    if settings.mode == "local":
+        indexes = {n: a.index for n, a in auditors.items()}
+        heldout = {n: a.heldout for n, a in auditors.items()}
+        cal, result = ask_sites(indexes, lambda: calibrate(indexes, heldout, percentile=settings.percentile,
+                                                           timeout_s=settings.timeout_s), queries, settings)
+        if not result.failed:
+            for n, a in auditors.items():
+                info[n]["threshold_recall"] = threshold_recall(a.index, queries, threshold=result.thresholds[n])
+        return cal, result, info
+
+    def job(transport: Transport) -> tuple[Calibration, AuditResult]:
+        remote = {n: RemoteSite(n, transport, settings.timeout_s) for n in folders}
+        return ask_sites(remote, lambda: remote_calibration(list(remote.values()), percentile=settings.percentile),
+                         queries, settings)
+
+    if settings.transport == "flower":
+        cal, result = serve_simulation(folders, job, timeout_s=settings.timeout_s)
+    else:
+        cal, result = job(InProcessTransport.of_folders(folders))
+    return cal, result, info
+
+
+@dataclass(frozen=True)
+class AuditOutcome:
+    """What `run_audit` did: the report (also on disk), the per-video decisions, the released records."""
+
+    report: dict[str, Any]
+    paths: tuple[Path, Path]
+    result: AuditResult
+    plan: CanaryPlan
+    decisions: list[VideoDecision]
+    released: list[VideoRecord]
+
+
+def canary_pool(real: Mapping[str, RealSite], n: int, *, seed: int) -> np.ndarray:
+    """``n`` random indexed real TRAIN frames across all sites, (n, 1, H, W) in [-1, 1]."""
+    rows = [(name, row) for name, site in real.items() for row in range(len(site.train.vectors))]
+    picks = np.random.default_rng(seed + 1).choice(len(rows), size=min(n, len(rows)), replace=False)
+    frames = []
+    for i in picks:
+        name, row = rows[int(i)]
+        refs = real[name].train.refs
+        frames.append(real[name].videos[int(refs.video[row])][int(refs.frame[row])])
+    size = next(iter(real.values())).videos[0].shape[1:]
+    return to_unit(np.stack(frames)) if frames else np.zeros((0, 1, *size), np.float32)
+
+
+def run_audit(*, vae: AdversarialVAE, reid: nn.Module, train: Sequence[SiteData], heldout: Sequence[SiteData],
+              generated_dir: Path, out: Path, index_dir: Path, settings: AuditSettings) -> AuditOutcome:
+    """Audit the videos in ``generated_dir`` against every site; write ``out/{audit.json,audit.html,released/}``.
+
+    Args:
+        vae: trained VAE (generated and real pixels are encoded by it).
+        reid: trained re-id encoder.
+        train: each site's TRAIN pixel videos (the real data a copy would come from).
+        heldout: each site's VAL + TEST pixel videos (calibration), same site names.
+        generated_dir: EchoNet-layout folder of generated videos.
+        out: output folder; a previous ``released/`` there is removed first.
+        index_dir: per-site index folders are saved here (``<index_dir>/<site>/``).
+        settings: the ``audit`` config group.
+    """
+    start = time.perf_counter()
+    shutil.rmtree(out / "released", ignore_errors=True)  # a stale release must never outlive a new audit
+    real = embed_sites(vae, reid, train, heldout, settings)
+    generated = read_generated(generated_dir, size=int(train[0].videos[0].shape[-1]))
+    video, frame = pick_frames([len(v) for v in generated.videos], every=settings.every)
+    frames = video_frames(generated.videos, video, frame)
+    mixed, plan = plant_canaries(frames, canary_pool(real, settings.canaries, seed=settings.seed),
+                                 n=settings.canaries, transforms=settings.transforms, seed=settings.seed)
+    queries = embed_pixels(vae, reid, mixed)
+    calibration, result, info = decide(real, queries, settings, index_dir)
+    genuine = plan.generated_mask()
+    decisions = decide_videos(replace(result, **{k: getattr(result, k)[genuine] for k in
+                                                 ("release", "site", "real_id", "similarity", "threshold")}),
+                              video, generated, real)
+    released = [] if result.failed else release_videos(generated, decisions, out / "released")
+    report = build_report(result, calibration, index_info=info,
+                          canaries=plan.score(~result.release) if settings.canaries else None)
+    row_of = np.cumsum(genuine) - 1
+    for i, sample in enumerate(report["samples"]):
+        real_video, real_frame = _nearest_real(real, sample["site"], sample["real_id"])
+        sample |= {"canary": not genuine[i], "real_video": real_video, "real_frame": real_frame,
+                   "video": generated.records[video[row_of[i]]].file_name if genuine[i] else None,
+                   "frame": int(frame[row_of[i]]) if genuine[i] else None}
+    report["videos"] = [vars(d) for d in decisions]
+    report["run"] = {"mode": settings.mode, "generated_dir": str(generated_dir), "index_dir": str(index_dir),
+                     "every": settings.every, "real_frames": settings.real_frames, "similarity": settings.similarity,
+                     "problems": generated.problems, "seconds": time.perf_counter() - start}
+    pairs = [] if settings.mode != "local" or result.failed else _pairs(result, genuine, mixed, real, settings.pairs)
+    paths = write_report(report, calibration, result, out, pairs=pairs)
+    return AuditOutcome(report, paths, result, plan, decisions, released)
+
+
+def _pairs(result: AuditResult, genuine: np.ndarray, mixed: np.ndarray, real: Mapping[str, RealSite],
+           n: int) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """The ``n`` genuine generated frames closest to τ, each beside its nearest real frame (local mode only)."""
+    margin = np.where(genuine, result.similarity - result.threshold, -np.inf)
+    pairs = []
+    for row in np.argsort(-margin)[: min(n, int(genuine.sum()))]:
+        site, real_id = str(result.site[row]), int(result.real_id[row])
+        refs = real[site].train.refs
+        real_frame = to_unit(real[site].videos[int(refs.video[real_id])][None, int(refs.frame[real_id])])[0]
+        pairs.append((mixed[row], real_frame, f"#{row}: {site} sim {result.similarity[row]:.3f}"))
+    return pairs
