@@ -24,7 +24,7 @@ def test_pick_frames_every_and_first() -> None:
     assert video.tolist() == [0, 0, 0, 1, 1] and frame.tolist() == [0, 2, 4, 0, 2]
     video, frame = pick_frames([5, 3], first_only=True)
     assert video.tolist() == [0, 1] and frame.tolist() == [0, 0]
-    with pytest.raises(EchoFlowError, match="audit.every"):
+    with pytest.raises(EchoFlowError, match=r"audit\.every"):
         pick_frames([5], every=0)
 
 
