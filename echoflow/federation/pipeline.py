@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import mlflow
 from omegaconf import DictConfig
 
+from echoflow.centralized import cohort_roots
 from echoflow.errors import EchoFlowError
 from echoflow.federation.config import run_config, simulation_config
 from echoflow.federation.simulation import simulate
@@ -26,6 +27,7 @@ def federate(cfg: DictConfig, stages: Sequence[str]) -> dict[str, FederationStat
     unknown = [s for s in stages if s not in STAGE_ORDER]
     if unknown:
         raise EchoFlowError(f"stage: unknown {unknown[0]!r}; choose from {', '.join(STAGE_ORDER)} or all")
+    cohort_roots(cfg)  # the phantom cohort is generated here on first use; sites read their own folder
     active = mlflow.active_run()
     parent = active.info.run_id if active is not None else ""
     done: dict[str, str] = {}

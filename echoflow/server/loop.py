@@ -72,8 +72,11 @@ def run_round(
     """One round of training (+ evaluation); returns the next state (not yet saved)."""
     started = time.perf_counter()
     arrays = ArrayRecord(state.arrays)
-    replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-                                    timeout=settings.timeout_s)
+    replies = list(grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+                                         timeout=settings.timeout_s))
+    if replies and not _ok(replies):
+        reason = (replies[0].error.reason or "unknown error").strip().splitlines() or ["unknown error"]
+        raise EchoFlowError(f"round {server_round}: every site failed, e.g. {reason[-1]}")
     per_site = _site_metrics(replies)
     trained = [m for m in _ok(replies) if not m.content["metrics"]["budget-exhausted"]]
     new_arrays = state.arrays
