@@ -25,11 +25,11 @@ from echoflow.models.reid import verification_auc
 from echoflow.models.vae import AdversarialVAE
 
 
-def _clips(sites: Sequence[SiteData], *, frames: int, fps: float) -> tuple[Tensor, Tensor]:
-    """Every video's first clip, (N, C, T, H, W), and its EF (N,)."""
+def first_clips(sites: Sequence[SiteData], *, frames: int, fps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Every video's first clip (N, C, T, H, W), its EF (N,) percent and its site index (N,)."""
     dataset = ClipDataset(sites, frames=frames, fps=fps, random_start=False)
     items = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([item["clip"] for item in items]), torch.stack([item["ef"] for item in items])
+    return tuple(torch.stack([item[key] for item in items]) for key in ("clip", "ef", "site"))  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def measure_ef(regressor: nn.Module, clips: Tensor, *, batch_size: int = 32) -> 
 
 def ef_regression(regressor: nn.Module, sites: Sequence[SiteData], *, frames: int, fps: float) -> Regression:
     """The regressor on real held-out clips."""
-    clips, ef = _clips(sites, frames=frames, fps=fps)
+    clips, ef, _ = first_clips(sites, frames=frames, fps=fps)
     return regression(ef.numpy(), measure_ef(regressor, clips).numpy())
 
 
@@ -49,7 +49,7 @@ def ef_regression(regressor: nn.Module, sites: Sequence[SiteData], *, frames: in
 def vae_ef_gap(vae: AdversarialVAE, regressor: nn.Module, sites: Sequence[SiteData], *, frames: int,
                fps: float) -> dict[str, float]:
     """EF MAE on original clips vs on their VAE reconstructions (and the reconstructions' pixel L1)."""
-    clips, ef = _clips(sites, frames=frames, fps=fps)
+    clips, ef, _ = first_clips(sites, frames=frames, fps=fps)
     vae.eval()
     recon = torch.cat([vae.decode_latent(vae.encode_latent(c)).clamp(-1, 1) for c in clips.split(8)])
     on_real, on_recon = measure_ef(regressor, clips), measure_ef(regressor, recon)
