@@ -23,7 +23,7 @@ from echoflow.errors import EchoFlowError
 from echoflow.models.ef import EFRegressor, augment_clip, ef_loss
 from echoflow.models.flow import Schedule, Target, flow_matching_loss
 from echoflow.models.image_flow import LatentImageFlow
-from echoflow.models.reid import ReidEncoder, info_nce_loss
+from echoflow.models.reid import ReidEncoder, augment_latent, info_nce_loss
 from echoflow.models.vae import (
     AdversarialVAE,
     PatchDiscriminator,
@@ -120,12 +120,16 @@ class FlowStage:
 
 
 class ReidStage:
-    """Latent re-identification: InfoNCE on two latent frames of the same patient per item."""
+    """Latent re-identification: InfoNCE on two latent frames of the same patient per item.
+
+    With ``augment``, each frame is independently mirrored/shifted (`augment_latent`) so the embedding is
+    invariant to those copies-with-a-twist of a real frame.
+    """
 
     name = "reid"
 
-    def __init__(self, encoder: ReidEncoder, *, temperature: float) -> None:
-        self.encoder, self.temperature = encoder, temperature
+    def __init__(self, encoder: ReidEncoder, *, temperature: float, augment: bool = True) -> None:
+        self.encoder, self.temperature, self.augment = encoder, temperature, augment
 
     def groups(self) -> dict[str, nn.Module]:
         """``model``: the re-id encoder."""
@@ -133,7 +137,8 @@ class ReidStage:
 
     def loss(self, group: str, batch: Batch, *, step: int) -> tuple[Tensor, dict[str, float]]:
         """Symmetric InfoNCE; one encoder call per frame of the pair (one per-sample gradient row per item)."""
-        emb_a, emb_b = self.encoder(batch["a"]), self.encoder(batch["b"])
+        a, b = (augment_latent(batch[k]) if self.augment else batch[k] for k in ("a", "b"))
+        emb_a, emb_b = self.encoder(a), self.encoder(b)
         return info_nce_loss(emb_a, emb_b, batch["patient"], temperature=self.temperature), {}
 
 

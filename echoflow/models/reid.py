@@ -116,3 +116,18 @@ def verification_auc(emb: Tensor, patient: Tensor) -> float:
     ends = counts.cumsum(0).double()
     ranks = (ends - (counts.double() - 1) / 2)[inverse]
     return float((ranks[same].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def augment_latent(z: Tensor, *, max_shift: int = 1, flip: bool = True) -> Tensor:
+    """Random per-sample left-right mirror and shift (±``max_shift`` latent pixels, wrapping) of latents (B, C, h, w).
+
+    Trained on pairs augmented this way, the encoder matches a patient's mirrored or shifted frames too — the
+    audit's canaries (a copied frame mirrored, or shifted a few pixels) must still be caught.
+    """
+    if flip:
+        mirror = torch.rand(z.shape[0], device=z.device) < 0.5
+        z = torch.where(mirror[:, None, None, None], z.flip(-1), z)
+    if max_shift > 0:
+        shifts = torch.randint(-max_shift, max_shift + 1, (z.shape[0], 2)).tolist()
+        z = torch.stack([x.roll((dy, dx), dims=(-2, -1)) for x, (dy, dx) in zip(z, shifts, strict=True)])
+    return z

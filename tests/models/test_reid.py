@@ -87,3 +87,15 @@ def test_reid_encoder_is_dp_compatible_with_two_forwards_per_item() -> None:
         return info_nce_loss(m(a), m(b), patient)
 
     assert_dp_compatible(ReidEncoder(channels=16, dim=8), pair_loss, 3)
+
+
+def test_augment_latent_mirrors_and_shifts_only() -> None:
+    from echoflow.models.reid import augment_latent
+
+    z = torch.randn(64, 4, 8, 8)
+    out = augment_latent(z)
+    assert out.shape == z.shape
+    for x, y in zip(z, out, strict=True):
+        assert any(torch.equal(c.roll((dy, dx), dims=(-2, -1)), y)
+                   for c in (x.flip(-1), x) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    assert not torch.equal(out, z)
