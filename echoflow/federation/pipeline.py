@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import mlflow
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from echoflow.centralized import cohort_roots
 from echoflow.errors import EchoFlowError
 from echoflow.federation.config import run_config, simulation_config
 from echoflow.federation.simulation import simulate
-from echoflow.server.checkpoint import FederationState
+from echoflow.server.checkpoint import FederationState, load_latest
 
 #: Pipeline order (as in `echoflow.stages.STAGES`): the VAE first, since the latent stages encode with it.
 STAGE_ORDER = ("vae", "image_flow", "reid", "video_flow", "ef")
 
 
-def federate(cfg: DictConfig, stages: Sequence[str]) -> dict[str, FederationState]:
+def federate(cfg: DictConfig, stages: Sequence[str], *,
+             per_stage: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, FederationState]:
     """Federate ``stages`` in order under ``cfg``; returns each stage's final state.
 
     Each stage gets its own checkpoint folder (``<federation.checkpoint_dir>/<stage>``) and MLflow run,
     nested under the caller's active MLflow run when there is one. A re-run resumes each stage from its
-    latest round and skips stages already complete.
+    latest round; a stage whose rounds are all done is not simulated again.
+
+    Args:
+        cfg: the composed config.
+        stages: stage names (run in pipeline order).
+        per_stage: config values for one stage only, as ``{stage: {"federation.local_steps": 50, ...}}``.
     """
     unknown = [s for s in stages if s not in STAGE_ORDER]
     if unknown:
@@ -33,9 +41,15 @@ def federate(cfg: DictConfig, stages: Sequence[str]) -> dict[str, FederationStat
     done: dict[str, str] = {}
     states: dict[str, FederationState] = {}
     for stage in sorted(stages, key=STAGE_ORDER.index):
-        config = run_config(cfg, stage=stage, stage_checkpoints=done, parent_run_id=parent)
-        states[stage] = simulate(config, simulation_config(cfg))
-        done[stage] = f"{config['checkpoint-dir']}/round_{states[stage].round:04d}"
+        stage_cfg = cfg.copy()
+        for key, value in (per_stage or {}).get(stage, {}).items():
+            OmegaConf.update(stage_cfg, key, value)
+        config = run_config(stage_cfg, stage=stage, stage_checkpoints=done, parent_run_id=parent)
+        finished = load_latest(Path(config["checkpoint-dir"])) if stage_cfg.federation.resume else None
+        if finished is None or finished.round < stage_cfg.federation.rounds:
+            finished = simulate(config, simulation_config(stage_cfg))
+        states[stage] = finished
+        done[stage] = f"{config['checkpoint-dir']}/round_{finished.round:04d}"
     return states
 
 
