@@ -6,9 +6,7 @@ PNG and has no scripts and no links, so it opens anywhere, offline.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -21,6 +19,7 @@ from matplotlib.figure import Figure
 from echoflow.audit.calibrate import Calibration
 from echoflow.audit.canaries import DCRStats
 from echoflow.audit.decide import AuditResult
+from echoflow.figures import png_base64
 
 SCHEMA_PATH = Path(__file__).with_name("audit.schema.json")
 APPROXIMATE_NOTE = (
@@ -96,12 +95,6 @@ def build_report(
     return report
 
 
-def _png(fig: Figure) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _histogram(result: AuditResult, calibration: Calibration) -> str:
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
@@ -114,7 +107,7 @@ def _histogram(result: AuditResult, calibration: Calibration) -> str:
     ax.set_xlim(max(-1.0, lo - 0.05), 1.0)
     ax.set_xlabel("max similarity")
     ax.legend(loc="upper left", fontsize=8)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _pairs_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]]) -> str:
@@ -125,7 +118,7 @@ def _pairs_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]]) -> str:
             ax.imshow(np.squeeze(image), cmap="gray", vmin=-1, vmax=1)
             ax.set_title(title, fontsize=7)
             ax.axis("off")
-    return _png(fig)
+    return png_base64(fig)
 
 
 def write_report(

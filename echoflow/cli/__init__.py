@@ -10,6 +10,7 @@ from echoflow.cli.audit import audit_app
 from echoflow.cli.common import limit_threads
 from echoflow.cli.data import data_app
 from echoflow.cli.evaluate import evaluate_app
+from echoflow.cli.pipeline import pipeline
 from echoflow.cli.sample import sample
 from echoflow.cli.simulate import simulate
 from echoflow.cli.train import train
@@ -32,6 +33,7 @@ app.add_typer(data_app, name="data")
 app.command()(train)
 app.command()(sample)
 app.command()(simulate)
+app.command()(pipeline)
 app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(audit_app, name="audit")
 

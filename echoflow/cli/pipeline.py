@@ -1,0 +1,36 @@
+"""`echoflow pipeline [overrides]`: the main job, end to end, resumable."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from echoflow.cli.common import OVERRIDES, apply_runtime
+from echoflow.config import load_config
+from echoflow.pipeline import run_pipeline
+from echoflow.tracking import start_run
+
+
+def pipeline(overrides: list[str] | None = OVERRIDES) -> None:
+    """Run the whole EchoFlow study: cohort, federated models, screened generation, audit, release, EF parity.
+
+    Sites train the VAE, then (on the global VAE's latents) the image flow, re-id and video flow, federated.
+    New latent frames are screened by re-id, animated at requested EFs, decoded, and audited frame by frame
+    against every site; only what passes is released (<workdir>/audit/released, EchoNet layout). EF regressors
+    trained on real, released-synthetic and both are tested on every site's real TEST split. Results:
+    <workdir>/summary/ and one MLflow run with a nested run per stage. Re-running after a crash resumes.
+    """
+    cfg = load_config(overrides)
+    apply_runtime(cfg)
+    with start_run(cfg, "pipeline"):
+        summary = run_pipeline(cfg)
+    table = Table("trained on", "tested on", "MAE", "RMSE", "R²", title="EF regression on held-out real videos")
+    for row in summary["parity"]:
+        if row["tested on"] == "pooled":
+            table.add_row(row["trained on"], row["tested on"], f"{row['mae']:.2f}", f"{row['rmse']:.2f}",
+                          f"{row['r2']:.3f}")
+    console = Console()
+    console.print(table)
+    for key, value in summary["headline"].items():
+        console.print(f"{key}: {value}")
+    console.print(f"summary: {cfg.workdir}/summary/summary.html; audit: {cfg.workdir}/audit/audit.html")

@@ -1,0 +1,178 @@
+"""The main job: cohort → federated EchoFlow → screened generation → audit → release → EF-regression parity.
+
+Every step writes its outputs under ``<workdir>`` and a marker ``<workdir>/pipeline/<step>.json``; a re-run skips
+marked steps and resumes the unfinished one (federated stages resume from their last round checkpoint, regressors
+from their last training checkpoint). Everything is one MLflow parent run with a nested run per stage.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import mlflow
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from echoflow.audit.decide import AuditFailedError
+from echoflow.audit.embed import embed
+from echoflow.audit.run import AuditSettings, decide, embed_sites, run_audit
+from echoflow.centralized import cohort_roots, encode_sites, load_network, load_split, plain, save_network
+from echoflow.data.sites import SiteData, load_sites
+from echoflow.errors import EchoFlowError
+from echoflow.evaluation import first_clips, measure_ef
+from echoflow.federation.pipeline import federate
+from echoflow.generate import animate_frames, decode_clips, sample_latent_frames, to_uint8, write_synthetic
+from echoflow.metrics import frechet_distance, regression
+from echoflow.models.vae import AdversarialVAE
+from echoflow.parity import compare, train_regressors
+from echoflow.stages import build_network
+from echoflow.summary import write_summary
+from echoflow.training import load_checkpoint, save_checkpoint
+
+FEDERATED = ("vae", "image_flow", "reid", "video_flow")
+
+
+def once(cfg: DictConfig, step: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``work`` unless ``<workdir>/pipeline/<step>.json`` records it as done; return its record."""
+    marker = Path(cfg.workdir) / "pipeline" / f"{step}.json"
+    if marker.exists():
+        return cast(dict[str, Any], json.loads(marker.read_text()))
+    record = work()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def export_global(cfg: DictConfig, stage: str, round_folder: str) -> None:
+    """Write a federated stage's final global ``model`` weights where `load_network` looks."""
+    tensors, _ = load_checkpoint(Path(round_folder))
+    prefix = "global/model."
+    net = build_network(stage, plain(cfg.model))
+    net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    save_network(net, Path(cfg.workdir) / stage / "model.safetensors")
+
+
+@torch.no_grad()
+def agree_latent_scale(cfg: DictConfig, round_folder: str, sites: Sequence[SiteData]) -> float:
+    """Set the federated VAE's latent scale from the sites' pooled latent variance, in its checkpoint.
+
+    Each site encodes its own TRAIN frames and shares three numbers (count, sum, sum of squares of its latent
+    means); the pooled std gives the scale (1 / std), written into the global checkpoint before the latent stages
+    train on it.
+    """
+    tensors, meta = load_checkpoint(Path(round_folder))
+    key = "global/model.latent_scale"
+    tensors[key] = torch.ones(())
+    vae = build_network("vae", plain(cfg.model))
+    vae.load_state_dict({k[len("global/model."):]: v for k, v in tensors.items() if k.startswith("global/model.")})
+    stats = np.zeros(3)
+    for site in encode_sites(cast(AdversarialVAE, vae), sites):
+        z = np.concatenate([video.ravel() for video in site.videos]).astype(np.float64)
+        stats += (z.size, z.sum(), np.square(z).sum())
+    n, total, squares = stats
+    scale = float(1.0 / np.sqrt(squares / n - (total / n) ** 2))
+    tensors[key] = torch.tensor(scale)
+    save_checkpoint(Path(round_folder), tensors, meta)
+    return scale
+
+
+def train_models(cfg: DictConfig) -> dict[str, Any]:
+    """Federate the four EchoFlow stages (VAE first, then the latent stages on the global VAE's latents)."""
+    per_stage = {stage: dict(values) for stage, values in cfg.pipeline.federation.items()}
+    vae_state = federate(cfg, ["vae"], per_stage=per_stage)["vae"]
+    folder = f"{Path(cfg.federation.checkpoint_dir) / 'vae'}/round_{vae_state.round:04d}"
+    scale = once(cfg, "latent_scale", lambda: {"scale": agree_latent_scale(cfg, folder, load_split(cfg, ["TRAIN"]))})
+    states = {"vae": vae_state, **federate(cfg, list(FEDERATED), per_stage=per_stage)}
+    for stage, state in states.items():
+        export_global(cfg, stage, f"{Path(cfg.federation.checkpoint_dir) / stage}/round_{state.round:04d}")
+    return {"latent_scale": scale["scale"], "rounds": {s: st.round for s, st in states.items()},
+            "history": {s: st.history for s, st in states.items()}}
+
+
+def requested_efs(cfg: DictConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    """EFs to animate at: drawn from the real TRAIN EF distribution, or uniform over ``pipeline.ef_range``."""
+    if cfg.pipeline.ef == "real":
+        real = torch.tensor([r.ef for site in load_split(cfg, ["TRAIN"]) for r in site.records])
+        return real[torch.randint(len(real), (n,), generator=generator)]
+    low, high = cfg.pipeline.ef_range
+    return low + (high - low) * torch.rand(n, generator=generator)
+
+
+def generate(cfg: DictConfig) -> dict[str, Any]:
+    """Sample ~``oversample``× the target latent frames, screen them with re-id, animate survivors, decode, write."""
+    vae = cast(AdversarialVAE, load_network("vae", cfg))
+    reid = load_network("reid", cfg)
+    p, s = cfg.pipeline, cfg.train.sampling
+    generator = torch.Generator().manual_seed(cfg.seed)
+    latent = cfg.data.size // vae.downsample
+    drawn = round(p.videos * p.oversample)
+    frames = sample_latent_frames(load_network("image_flow", cfg), drawn, shape=(vae.latent_channels, latent, latent),
+                                  steps=s.steps, method=s.method, target=cfg.train.image_flow.loss.target,
+                                  generator=generator)
+    settings = AuditSettings.from_config(cast(dict, plain(cfg.audit)))
+    real = embed_sites(vae, reid, load_split(cfg, ["TRAIN"]), load_split(cfg, ["VAL", "TEST"]), settings)
+    _, screened, _ = decide(real, embed(reid, frames).numpy(), settings, Path(cfg.workdir) / "audit" / "indexes")
+    if screened.failed:
+        raise AuditFailedError(f"screening: sites failed: {screened.failures}")
+    survivors = frames[torch.from_numpy(screened.release)][: p.videos]
+    ef = requested_efs(cfg, len(survivors), generator)
+    latents = animate_frames(load_network("video_flow", cfg), survivors, ef, frames=p.frames,
+                             window=cfg.data.clip_frames, steps=s.steps, method=s.method,
+                             target=cfg.train.video_flow.loss.target, guidance=s.guidance, generator=generator)
+    write_synthetic(Path(cfg.workdir) / "generated", to_uint8(decode_clips(vae, latents)), ef.numpy(),
+                    fps=cfg.data.clip_fps)
+    return {"drawn": drawn, "screened_out": int((~screened.release).sum()), "animated": len(survivors)}
+
+
+def audit(cfg: DictConfig) -> dict[str, Any]:
+    """The full audit of every generated frame against every site; releases what passes."""
+    outcome = run_audit(vae=cast(AdversarialVAE, load_network("vae", cfg)), reid=load_network("reid", cfg),
+                        train=load_split(cfg, ["TRAIN"]), heldout=load_split(cfg, ["VAL", "TEST"]),
+                        generated_dir=Path(cfg.workdir) / "generated", out=Path(cfg.workdir) / "audit",
+                        index_dir=Path(cfg.workdir) / "audit" / "indexes",
+                        settings=AuditSettings.from_config(cast(dict, plain(cfg.audit))))
+    if outcome.result.failed:
+        raise AuditFailedError(f"{outcome.paths[0]}: audit failed, nothing released ({outcome.result.failures})")
+    return {"released": len(outcome.released), "videos": len(outcome.decisions), "counts": outcome.report["counts"],
+            "report": [str(path) for path in outcome.paths]}
+
+
+def evaluate(cfg: DictConfig, released_count: int) -> dict[str, Any]:
+    """EF regressors on real / synthetic / both; EF consistency and re-id Fréchet distance of the released set."""
+    roots, released = cohort_roots(cfg), Path(cfg.workdir) / "audit" / "released"
+    if released_count < 2:
+        raise EchoFlowError(f"{released}: {released_count} videos released; too few to train an EF regressor")
+    recipe = cfg.copy()
+    OmegaConf.update(recipe, "train.ef.optim.steps", cfg.pipeline.ef_steps)
+    regressors = train_regressors(recipe, roots, released)
+    results = compare(cfg, regressors, roots)
+    synthetic = load_sites([released], size=cfg.data.size)
+    clips, requested, _ = first_clips(synthetic, frames=cfg.data.clip_frames, fps=cfg.data.clip_fps)
+    measured = measure_ef(regressors["real"], clips)
+    consistency = regression(requested.numpy(), measured.numpy())
+    vae, reid = cast(AdversarialVAE, load_network("vae", cfg)), load_network("reid", cfg)
+    first = [encode_sites(vae, sites) for sites in (synthetic, load_split(cfg, ["TEST"]))]
+    gen, real = (embed(reid, torch.stack([torch.from_numpy(v[0]) for s in sites for v in s.videos])).numpy()
+                 for sites in first)
+    results["consistency"] = {"requested": requested.tolist(), "measured": measured.tolist(),
+                              "r2": consistency.r2, "mae": consistency.mae}
+    results["frechet_reid"] = frechet_distance(gen, real)
+    return results
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    """The whole main job under one MLflow parent run (the caller starts it); returns the summary."""
+    once(cfg, "cohort", lambda: {"sites": [str(root) for root in cohort_roots(cfg)]})
+    models = once(cfg, "models", lambda: train_models(cfg))
+    generated = once(cfg, "generate", lambda: generate(cfg))
+    audited = once(cfg, "audit", lambda: audit(cfg))
+    evaluated = once(cfg, "evaluate", lambda: evaluate(cfg, audited["released"]))
+    summary = write_summary(Path(cfg.workdir), models=models, generated=generated, audited=audited,
+                            evaluated=evaluated)
+    mlflow.log_artifacts(str(Path(cfg.workdir) / "summary"), "summary")
+    mlflow.log_artifacts(str(Path(cfg.workdir) / "audit"), "audit")
+    return summary
