@@ -21,10 +21,11 @@ from flwr.clientapp import ClientApp
 
 from echoflow.clients.dp import PrivacyLedger
 from echoflow.clients.settings import ClientSettings
-from echoflow.clients.site import evaluate, train_round
+from echoflow.clients.site import evaluate, latent_moments, train_round
 
 LEDGER_KEY = "privacy-ledger"
 LEDGER_FILE = "privacy_ledger.json"
+LATENT_STATS = "latent_stats"  #: query action: moments of the global VAE's latents on the site's frames
 
 
 def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
@@ -58,6 +59,12 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         settings = settings_of(context)
         metrics = evaluate(settings, msg.content.array_records["arrays"].to_torch_state_dict())
         return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "site": settings.site})}), reply_to=msg)
+
+    @app.query(LATENT_STATS)
+    def latent_stats(msg: Message, context: Context) -> Message:
+        settings = settings_of(context)
+        moments = latent_moments(settings, msg.content.array_records["arrays"].to_torch_state_dict())
+        return Message(content=RecordDict({"metrics": MetricRecord({**moments, "site": settings.site})}), reply_to=msg)
 
     return app
 

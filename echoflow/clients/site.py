@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from echoflow.clients.dp import PrivacyLedger, make_private, poisson_batches
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.task import group_arrays, load_group_arrays, load_task
+from echoflow.errors import EchoFlowError
+from echoflow.models.vae import AdversarialVAE
 from echoflow.training import Batch, Stage, TrainConfig, Trainer, random_batches, set_step_seed
 
 
@@ -85,13 +87,44 @@ def train_round(
 
 
 def evaluate(settings: ClientSettings, arrays: Mapping[str, Tensor]) -> dict[str, float]:
-    """Mean ``"model"`` loss of the global weights on the site's validation split (num-examples, eval-loss)."""
+    """Mean ``"model"`` loss of the global weights on the site's validation split (num-examples, eval-loss).
+
+    A site without validation examples answers ``num-examples`` 0 and no ``eval-loss``: nothing to average.
+    """
+    task = load_task(settings.task)
+    _, val = task.site_data(settings.stage, settings.site_dir, settings.config)
+    n = len(val)  # type: ignore[arg-type]
+    if n == 0:
+        return {"num-examples": 0.0}
+    stage = task.build_stage(settings.stage, settings.config)
+    load_group_arrays(stage, arrays)
+    return {"num-examples": float(n), "eval-loss": mean_loss(stage, val, batch_size=settings.batch_size,
+                                                             seed=settings.seed)}
+
+
+def latent_moments(settings: ClientSettings, arrays: Mapping[str, Tensor]) -> dict[str, float]:
+    """Moments of the global VAE's latent means over the site's TRAIN frames, for the shared ``latent_scale``.
+
+    Only three aggregate scalars leave the site (they are not covered by the DP-SGD ledger).
+
+    Returns:
+        ``count`` (latent elements), ``mean`` and ``var`` (population variance) of the latent means.
+    """
     task = load_task(settings.task)
     stage = task.build_stage(settings.stage, settings.config)
     load_group_arrays(stage, arrays)
-    _, val = task.site_data(settings.stage, settings.site_dir, settings.config)
-    loss = mean_loss(stage, val, batch_size=settings.batch_size, seed=settings.seed)
-    return {"num-examples": float(len(val)), "eval-loss": loss}  # type: ignore[arg-type]
+    vae = stage.groups()["model"]
+    if not isinstance(vae, AdversarialVAE):
+        raise EchoFlowError(f"stage {settings.stage}: latent statistics need an AdversarialVAE as group 'model'")
+    train, _ = task.site_data(settings.stage, settings.site_dir, settings.config)
+    vae.eval()
+    total, total_sq, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for batch in DataLoader(train, batch_size=64):
+            z = vae.encode(batch["frame"]).mode().double()
+            total, total_sq, count = total + z.sum().item(), total_sq + z.square().sum().item(), count + z.numel()
+    mean = total / max(count, 1)
+    return {"count": float(count), "mean": mean, "var": max(total_sq / max(count, 1) - mean**2, 0.0)}
 
 
 def mean_loss(stage: Stage, dataset: Dataset[Batch], *, batch_size: int, seed: int) -> float:

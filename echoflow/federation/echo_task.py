@@ -2,26 +2,30 @@
 
 Latent stages (image_flow, reid, video_flow) encode the site's videos with the GLOBAL VAE of the federated
 ``vae`` stage (``config["stage_checkpoints"]["vae"]``), at the site: latents never leave it. Decoded (and
-encoded) site data is cached per process, since every round asks for the same data again.
+encoded) site data is cached per process, since every round asks for the same data again. A site without
+VAL videos trains as usual and gets an empty validation set, so federated evaluation skips it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from echoflow.centralized import LATENT_STAGES, encode_sites, plain, stage_dataset
-from echoflow.data.sites import load_site
+from echoflow.data.sites import SiteData, load_site
 from echoflow.errors import EchoFlowError
 from echoflow.models.vae import AdversarialVAE
 from echoflow.stages import build_network, build_stage
 from echoflow.training import Batch, Stage, load_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 class EchoTask:
@@ -47,11 +51,18 @@ class EchoTask:
 @lru_cache(maxsize=4)
 def _site_data(name: str, site_dir: str, config_json: str) -> tuple[Dataset[Batch], Dataset[Batch]]:
     cfg = _cfg(json.loads(config_json))
-    train, val = (load_site(Path(site_dir), size=cfg.data.size, splits=[split]) for split in ("TRAIN", "VAL"))
-    if name in LATENT_STAGES:
-        vae = global_vae(cfg)
-        train, val = encode_sites(vae, [train])[0], encode_sites(vae, [val])[0]
-    return stage_dataset(name, [train], cfg), stage_dataset(name, [val], cfg)
+    vae = global_vae(cfg) if name in LATENT_STAGES else None
+
+    def dataset(site: SiteData) -> Dataset[Batch]:
+        return stage_dataset(name, encode_sites(vae, [site]) if vae is not None else [site], cfg)
+
+    train = dataset(load_site(Path(site_dir), size=cfg.data.size, splits=["TRAIN"]))
+    try:
+        val = dataset(load_site(Path(site_dir), size=cfg.data.size, splits=["VAL"]))
+    except EchoFlowError as err:  # no (usable) VAL videos: the site trains but is not evaluated
+        log.warning("%s: no validation set for %s, evaluation skips this site (%s)", site_dir, name, err)
+        val = Subset(train, [])
+    return train, val
 
 
 def global_vae(cfg: DictConfig) -> AdversarialVAE:

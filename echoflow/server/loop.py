@@ -3,7 +3,8 @@
 Flower's ``Strategy.start`` always begins at round 1; ours begins after the latest checkpoint. Each round:
 train on the sampled sites, drop the replies of sites whose privacy budget is spent (they say so and send no
 weights), aggregate the rest, evaluate, checkpoint, log. The federation stops early only when no site can
-train any more.
+train any more. After the last round of the ``vae`` stage the sites pool their latent statistics into the
+global ``latent_scale``, written into the final checkpoint.
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ from flwr.serverapp.strategy import Strategy
 from echoflow.clients.task import group_arrays, load_task
 from echoflow.errors import EchoFlowError
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
+from echoflow.server.latent_scale import federated_latent_scale
 from echoflow.server.settings import ServerSettings
 from echoflow.server.strategies import load_strategy_state, make_strategy, strategy_state
 from echoflow.server.tracking import RunTracker, round_metrics
 
 log = logging.getLogger(__name__)
+
+#: The VAE's latent scale buffer in the exchanged arrays (group ``model``).
+LATENT_SCALE_KEY = "model.latent_scale"
 
 #: Run-config keys that identify a federation; a checkpoint resumes only under the same values.
 IDENTITY_KEYS = ("task", "stage", "seed", "local-steps", "batch-size", "lr", "dp-enabled", "dp-epsilon", "dp-delta",
@@ -56,6 +61,10 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
             if not entry_trained(state.history[-1]):
                 log.warning("round %d: no site could train (budgets spent); stopping", server_round)
                 break
+        if settings.stage == "vae" and state.round > 0:  # the sites agree on one latent scale for the latent stages
+            scale = federated_latent_scale(grid, state.arrays, timeout_s=settings.timeout_s)
+            state.arrays = {**state.arrays, LATENT_SCALE_KEY: torch.tensor(scale, dtype=torch.float32)}
+            save_round(settings.checkpoint_dir, state)
         if tracker is not None:
             tracker.log_artifact(settings.checkpoint_dir / f"round_{state.round:04d}", artifact_path="global")
             tracker.finish()
@@ -89,7 +98,8 @@ def run_round(
             strategy.configure_evaluate(server_round, ArrayRecord(new_arrays), ConfigRecord(), grid),
             timeout=settings.timeout_s)
         for site, values in _site_metrics(evaluated).items():
-            per_site.setdefault(site, {})["eval-loss"] = values["eval-loss"]
+            if "eval-loss" in values:  # a site without validation data is not evaluated
+                per_site.setdefault(site, {})["eval-loss"] = values["eval-loss"]
     sites = dict(state.sites) | {str(s): dict(v) for s, v in per_site.items()}
     entry = {"round": server_round, "wall_s": time.perf_counter() - started, "sites": per_site,
              "aggregate": _aggregate(per_site), "trained": len(trained)}
