@@ -10,6 +10,7 @@ from echoflow.cli.audit import audit_app
 from echoflow.cli.common import limit_threads
 from echoflow.cli.data import data_app
 from echoflow.cli.evaluate import evaluate_app
+from echoflow.cli.export import export_app
 from echoflow.cli.pipeline import pipeline
 from echoflow.cli.sample import sample
 from echoflow.cli.simulate import simulate
@@ -36,6 +37,7 @@ app.command()(simulate)
 app.command()(pipeline)
 app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(audit_app, name="audit")
+app.add_typer(export_app, name="export")
 
 
 def main() -> None:

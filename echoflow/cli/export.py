@@ -1,0 +1,41 @@
+"""`echoflow export echonet|dicom SRC --out DST`: a released folder in formats other tools read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+export_app = typer.Typer(help="Export a released dataset folder (EchoNet layout) for other tools.",
+                         no_args_is_help=True)
+
+SRC = typer.Argument(help="Released folder, EchoNet layout (e.g. <audit out>/released).")
+
+
+@export_app.command("echonet")
+def echonet(
+    src: Annotated[Path, SRC],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for EchoNet-Dynamic's own loader.")],
+) -> None:
+    """EchoNet-Dynamic layout their `echonet.datasets.Echo` loads unchanged (placeholder tracings: EF only)."""
+    from echoflow.export import export_echonet
+
+    result = export_echonet(src, out)
+    for line in result.skipped:
+        typer.echo(line)
+    typer.echo(f"{result.summary('videos')} -> {out}")
+
+
+@export_app.command("dicom")
+def dicom(
+    src: Annotated[Path, SRC],
+    out: Annotated[Path, typer.Option("--out", help="Output folder, one .dcm per video.")],
+) -> None:
+    """Ultrasound Multi-frame DICOM (MONOCHROME2, 8-bit), marked synthetic, fresh UIDs, EF in ImageComments."""
+    from echoflow.export import export_dicom
+
+    result = export_dicom(src, out)
+    for line in result.skipped:
+        typer.echo(line)
+    typer.echo(f"{result.summary('DICOM files')} -> {out}")
