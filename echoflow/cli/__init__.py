@@ -8,6 +8,7 @@ import typer
 
 from echoflow.cli.audit import audit_app
 from echoflow.cli.common import limit_threads
+from echoflow.cli.config import config_app
 from echoflow.cli.data import data_app
 from echoflow.cli.evaluate import evaluate_app
 from echoflow.cli.export import export_app
@@ -38,6 +39,7 @@ app.command()(pipeline)
 app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(audit_app, name="audit")
 app.add_typer(export_app, name="export")
+app.add_typer(config_app, name="config")
 
 
 def main() -> None:
