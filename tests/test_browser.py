@@ -1,0 +1,54 @@
+"""The HTML reports in a real browser: headless Chromium renders them with no console errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from echoflow.audit import audit, build_index, build_report, calibrate, dcr_stats, write_report
+from echoflow.audit.synthetic import PatientSpace
+from echoflow.browser import find_chromium, render
+
+pytestmark = pytest.mark.skipif(find_chromium() is None,
+                                reason="no chromium on PATH (Debian: apt-get install -y chromium)")
+
+
+def small_audit_html(out: Path) -> Path:
+    """An audit.html from the real report code: 2 sites x 40 patients x 10 frames, 5 copies + 40 fresh samples."""
+    rng = np.random.default_rng(0)
+    space = PatientSpace.random(dim=16, factors=4, seed=0)
+    train = {s: space.frames(space.patients(40, rng), 10, rng)[0] for s in ("a", "b")}
+    heldout = {s: space.frames(space.patients(10, rng), 3, rng)[0] for s in ("a", "b")}
+    indexes = {s: build_index(x, kind="exact") for s, x in train.items()}
+    calibration = calibrate(indexes, heldout)
+    generated = np.concatenate([train["a"][:5], space.frames(space.patients(40, rng), 1, rng)[0]])
+    result = audit(generated, indexes, calibration.thresholds())
+    report = build_report(result, calibration, index_info={s: {"index": "exact", "ntotal": 400} for s in indexes},
+                          dcr=dcr_stats(result.similarity, result.similarity - 0.1, n_train=800, n_heldout=60))
+    pairs = [(rng.uniform(-1, 1, (1, 16, 16)), rng.uniform(-1, 1, (16, 16)), f"#{i} sim 0.99") for i in range(3)]
+    return write_report(report, calibration, result, out, pairs=pairs)[1]
+
+
+def test_audit_report_renders_without_errors(tmp_path: Path) -> None:
+    html = small_audit_html(tmp_path / "audit")
+    png = tmp_path / "audit.png"
+    assert render(html, png) == []
+    image = np.asarray(Image.open(png).convert("L"))
+    assert image.shape[1] == 1280 and image.shape[0] >= 2000
+    assert (image < 128).mean() > 0.005  # text and the inlined figures drew (a blank page is all white)
+
+
+def test_render_reports_every_kind_of_error(tmp_path: Path) -> None:
+    page = tmp_path / "broken.html"
+    page.write_text("<html><body><p>x</p><img src='missing.png'><script>console.log('fine');"
+                    "console.error('boom'); setTimeout(() => { throw new Error('late'); }, 0); nope();"
+                    "</script></body></html>")
+    errors = render(page, tmp_path / "broken.png", width=400, height=300)
+    assert any(e == "console.error: boom" for e in errors)
+    assert any("ReferenceError: nope is not defined" in e for e in errors)
+    assert any("Error: late" in e for e in errors)
+    assert any("ERR_FILE_NOT_FOUND" in e and "missing.png" in e for e in errors)
+    assert len(errors) == 4 and Image.open(tmp_path / "broken.png").size == (400, 300)
