@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from echoflow.export import ExportResult
 
 export_app = typer.Typer(help="Export a released dataset folder (EchoNet layout) for other tools.",
                          no_args_is_help=True)
 
 SRC = typer.Argument(help="Released folder, EchoNet layout (e.g. <audit out>/released).")
+
+
+def _print(result: ExportResult, what: str, out: Path) -> None:
+    for line in result.skipped:
+        typer.echo(line)
+    typer.echo(f"{result.summary(what)} -> {out}")
 
 
 @export_app.command("echonet")
@@ -21,10 +30,7 @@ def echonet(
     """EchoNet-Dynamic layout their `echonet.datasets.Echo` loads unchanged (placeholder tracings: EF only)."""
     from echoflow.export import export_echonet
 
-    result = export_echonet(src, out)
-    for line in result.skipped:
-        typer.echo(line)
-    typer.echo(f"{result.summary('videos')} -> {out}")
+    _print(export_echonet(src, out), "videos", out)
 
 
 @export_app.command("dicom")
@@ -35,7 +41,4 @@ def dicom(
     """Ultrasound Multi-frame DICOM (MONOCHROME2, 8-bit), marked synthetic, fresh UIDs, EF in ImageComments."""
     from echoflow.export import export_dicom
 
-    result = export_dicom(src, out)
-    for line in result.skipped:
-        typer.echo(line)
-    typer.echo(f"{result.summary('DICOM files')} -> {out}")
+    _print(export_dicom(src, out), "DICOM files", out)
