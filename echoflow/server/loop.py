@@ -3,8 +3,8 @@
 Flower's ``Strategy.start`` always begins at round 1; ours begins after the latest checkpoint. Each round:
 train on the sampled sites, drop the replies of sites whose privacy budget is spent (they say so and send no
 weights), aggregate the rest, evaluate, checkpoint, log. The federation stops early only when no site can
-train any more. After the last round of the ``vae`` stage the sites pool their latent statistics into the
-global ``latent_scale``, written into the final checkpoint.
+train any more. After the last round of a stage whose weights carry a VAE ``latent_scale``, the sites pool
+their latent statistics into that global scale, written into the final checkpoint.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
             if not entry_trained(state.history[-1]):
                 log.warning("round %d: no site could train (budgets spent); stopping", server_round)
                 break
-        if settings.stage == "vae" and state.round > 0:  # the sites agree on one latent scale for the latent stages
+        if LATENT_SCALE_KEY in state.arrays and state.round > 0:  # the VAE: sites agree on one latent scale
             scale = federated_latent_scale(grid, state.arrays, timeout_s=settings.timeout_s)
             state.arrays = {**state.arrays, LATENT_SCALE_KEY: torch.tensor(scale, dtype=torch.float32)}
             save_round(settings.checkpoint_dir, state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,6 +36,19 @@ def descendants(pid: int) -> list[int]:
     while stack:
         found.append(stack.pop())
         stack.extend(children.get(found[-1], []))
+    return found
+
+
+def ray_processes(driver: int) -> list[int]:
+    """Live processes of the local Ray session started by ``driver`` (session names end in the driver's pid)."""
+    pattern = re.compile(rf"session_[0-9_-]+_{driver}\b".encode())
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and pattern.search(Path(f"/proc/{entry}/cmdline").read_bytes()) and alive(int(entry)):
+                found.append(int(entry))
+        except OSError:
+            continue
     return found
 
 
