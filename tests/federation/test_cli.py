@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import mlflow
 import pytest
 import typer
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from typer.testing import CliRunner
 
 from echoflow.cli.simulate import simulate, sweep
+from echoflow.server.checkpoint import load_latest
+
+ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus' RDP orders, restated
+SITES, ROUNDS = 3, 3
 
 
 def test_sweep_expands_comma_lists() -> None:
@@ -18,18 +24,39 @@ def test_sweep_expands_comma_lists() -> None:
 
 
 @pytest.mark.slow
-def test_multirun_sweep_lands_as_mlflow_runs(tmp_path: Path) -> None:
+def test_multirun_dp_sweep_gives_comparable_mlflow_runs_and_accounted_epsilon(tmp_path: Path) -> None:
     app = typer.Typer()
     app.command()(simulate)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--multirun", "stage=vae", "dp=none,eps8", "federation.task=tests.federation.toy:TASK",
-            "federation.sites=2", "federation.rounds=1", "federation.local_steps=3", "federation.num_cpus=1",
+            f"federation.sites={SITES}", f"federation.rounds={ROUNDS}", "federation.local_steps=3",
+            "federation.num_cpus=1", "data.sites=1", "data.patients_per_site=1", "data.size=32", "data.frames=16",
             f"workdir={tmp_path}", f"mlflow.tracking_uri={uri}"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+
+    # MLflow: two sweep runs with their configs, each with a nested federation whose metrics compare side by side
     mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["echoflow"], output_format="list")
-    parents = [r for r in runs if r.info.run_name == "simulate-vae"]
-    children = [r for r in runs if r.info.run_name == "federate-vae"]
-    assert sorted(r.data.params["dp.enabled"] for r in parents) == ["False", "True"]
-    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {r.info.run_id for r in parents}
+    runs = mlflow.search_runs(experiment_names=["echoflow"])
+    parents = runs[runs["tags.mlflow.runName"] == "simulate-vae"]
+    children = runs[runs["tags.mlflow.runName"] == "federate-vae"].set_index("params.dp-enabled")
+    assert sorted(parents["params.dp.enabled"]) == ["False", "True"]
+    assert set(children["tags.mlflow.parentRunId"]) == set(parents["run_id"])
+    assert children.loc["False", "metrics.epsilon_max"] == 0.0 < children.loc["True", "metrics.epsilon_max"] <= 8.0
+    assert children["metrics.train_loss"].notna().all() and children["metrics.eval_loss"].notna().all()
+
+    # dp=eps8: every site's cumulative ε grows each round, ends <= 8 and equals a recomputation from its
+    # logged (noise multiplier, sample rate, steps)
+    state = load_latest(tmp_path / "federation" / "sweep_001" / "vae")
+    assert state is not None and state.round == ROUNDS
+    client = mlflow.MlflowClient(uri)
+    for site in map(str, range(SITES)):
+        logged = [entry["sites"][site] for entry in state.history]
+        epsilons = [m["epsilon"] for m in logged]
+        assert all(b > a for a, b in itertools.pairwise(epsilons)) and epsilons[-1] <= 8.0, epsilons
+        for m in logged:
+            rdp = compute_rdp(q=m["dp-sample-rate"], noise_multiplier=m["dp-noise-multiplier"],
+                              steps=int(m["dp-steps"]), orders=ORDERS)
+            assert get_privacy_spent(orders=ORDERS, rdp=rdp, delta=m["dp-delta"])[0] == pytest.approx(m["epsilon"])
+        history = client.get_metric_history(str(state.mlflow_run_id), f"site_{int(site):02d}/epsilon")
+        assert [h.value for h in sorted(history, key=lambda h: h.step)] == pytest.approx(epsilons)
