@@ -8,12 +8,11 @@ from their last training checkpoint). Everything is one MLflow parent run with a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import mlflow
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,7 +20,7 @@ from echoflow.audit.decide import AuditFailedError
 from echoflow.audit.embed import embed
 from echoflow.audit.run import AuditSettings, decide, embed_sites, run_audit
 from echoflow.centralized import cohort_roots, encode_sites, load_network, load_split, plain, save_network
-from echoflow.data.sites import SiteData, load_sites
+from echoflow.data.sites import load_sites
 from echoflow.errors import EchoFlowError
 from echoflow.evaluation import first_clips, measure_ef
 from echoflow.federation.pipeline import federate
@@ -31,7 +30,7 @@ from echoflow.models.vae import AdversarialVAE
 from echoflow.parity import compare, train_regressors
 from echoflow.stages import build_network
 from echoflow.summary import write_summary
-from echoflow.training import load_checkpoint, save_checkpoint
+from echoflow.training import load_checkpoint
 
 FEDERATED = ("vae", "image_flow", "reid", "video_flow")
 
@@ -56,40 +55,18 @@ def export_global(cfg: DictConfig, stage: str, round_folder: str) -> None:
     save_network(net, Path(cfg.workdir) / stage / "model.safetensors")
 
 
-@torch.no_grad()
-def agree_latent_scale(cfg: DictConfig, round_folder: str, sites: Sequence[SiteData]) -> float:
-    """Set the federated VAE's latent scale from the sites' pooled latent variance, in its checkpoint.
-
-    Each site encodes its own TRAIN frames and shares three numbers (count, sum, sum of squares of its latent
-    means); the pooled std gives the scale (1 / std), written into the global checkpoint before the latent stages
-    train on it.
-    """
-    tensors, meta = load_checkpoint(Path(round_folder))
-    key = "global/model.latent_scale"
-    tensors[key] = torch.ones(())
-    vae = build_network("vae", plain(cfg.model))
-    vae.load_state_dict({k[len("global/model."):]: v for k, v in tensors.items() if k.startswith("global/model.")})
-    stats = np.zeros(3)
-    for site in encode_sites(cast(AdversarialVAE, vae), sites):
-        z = np.concatenate([video.ravel() for video in site.videos]).astype(np.float64)
-        stats += (z.size, z.sum(), np.square(z).sum())
-    n, total, squares = stats
-    scale = float(1.0 / np.sqrt(squares / n - (total / n) ** 2))
-    tensors[key] = torch.tensor(scale)
-    save_checkpoint(Path(round_folder), tensors, meta)
-    return scale
-
-
 def train_models(cfg: DictConfig) -> dict[str, Any]:
-    """Federate the four EchoFlow stages (VAE first, then the latent stages on the global VAE's latents)."""
+    """Federate the four EchoFlow stages in order; returns rounds, latent scale and per-site loss history.
+
+    The VAE comes first (the federation pools the sites' latent moments into its latent scale); the latent
+    stages then train on the global VAE's latents, encoded at each site.
+    """
     per_stage = {stage: dict(values) for stage, values in cfg.pipeline.federation.items()}
-    vae_state = federate(cfg, ["vae"], per_stage=per_stage)["vae"]
-    folder = f"{Path(cfg.federation.checkpoint_dir) / 'vae'}/round_{vae_state.round:04d}"
-    scale = once(cfg, "latent_scale", lambda: {"scale": agree_latent_scale(cfg, folder, load_split(cfg, ["TRAIN"]))})
-    states = {"vae": vae_state, **federate(cfg, list(FEDERATED), per_stage=per_stage)}
+    states = federate(cfg, list(FEDERATED), per_stage=per_stage)
     for stage, state in states.items():
         export_global(cfg, stage, f"{Path(cfg.federation.checkpoint_dir) / stage}/round_{state.round:04d}")
-    return {"latent_scale": scale["scale"], "rounds": {s: st.round for s, st in states.items()},
+    return {"latent_scale": float(states["vae"].arrays["model.latent_scale"]),
+            "rounds": {s: st.round for s, st in states.items()},
             "history": {s: st.history for s, st in states.items()}}
 
 
