@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import typer
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -10,21 +11,28 @@ from omegaconf import OmegaConf
 
 from echoflow.cli.common import OVERRIDES
 from echoflow.config import load_config
-from echoflow.federation import federate, stages_of
+from echoflow.errors import EchoFlowError
+from echoflow.federation import federate, run_config, run_config_toml, stages_of
 from echoflow.tracking import start_run
 
 
 def simulate(
     overrides: list[str] | None = OVERRIDES,
     multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep comma lists, e.g. `dp=none,eps8`."),
+    export_run_config: Path | None = typer.Option(
+        None, "--export-run-config", help="Write the stage's Flower run config (TOML) for `flwr run deploy` and exit."),
 ) -> None:
     """Federate a stage (default vae; `stage=all` runs every stage in order) on Flower's Ray simulation.
 
     Sites are `federation.sites` simulated hospitals; `dp=eps8` gives each site DP-SGD with ε=8 over the
     whole run; `strategy=fedprox|fedadam|fedmedian|krum…` picks the aggregation. A re-run resumes from the
     last round checkpoint. Each sweep point is one MLflow run (full config as params) with a nested run per
-    stage, per-site metrics per round and the final global weights as an artifact.
+    stage, per-site metrics per round and the final global weights as an artifact. With `--export-run-config`,
+    nothing is simulated: the run config of one stage is written for a real deployment (docs/deployment.md).
     """
+    if export_run_config is not None:
+        export(list(overrides or []), export_run_config)
+        return
     points = sweep(list(overrides or [])) if multirun else [list(overrides or [])]
     for number, point in enumerate(points):
         stage = next((o.split("=", 1)[1] for o in point if o.startswith("stage=")), "vae")
@@ -38,6 +46,18 @@ def simulate(
             eps = max((site.get("epsilon", 0.0) for site in state.sites.values()), default=0.0)
             typer.echo(f"{name}: {state.round} rounds, max site ε {eps:.2f}, checkpoints in "
                        f"{cfg.federation.checkpoint_dir}/{name}  [{' '.join(point)}]")
+
+
+def export(overrides: list[str], path: Path) -> None:
+    """Write the run config of the one stage named by ``stage=...`` (default vae) under ``overrides`` to ``path``."""
+    stage = next((o.split("=", 1)[1] for o in overrides if o.startswith("stage=")), "vae")
+    if stage not in stages_of("all"):
+        raise EchoFlowError(f"stage: --export-run-config needs one stage, got {stage!r}")
+    cfg = load_config([o for o in overrides if not o.startswith("stage=")])
+    latest = Path(cfg.federation.checkpoint_dir) / "vae" / "LATEST"  # the latent stages encode with the global VAE
+    done = {"vae": str(latest.parent / latest.read_text().strip())} if latest.exists() and stage != "vae" else {}
+    path.write_text(run_config_toml(run_config(cfg, stage=stage, stage_checkpoints=done)))
+    typer.echo(f"{path}: run config of stage {stage}")
 
 
 def sweep(overrides: list[str]) -> list[list[str]]:

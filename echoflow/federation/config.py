@@ -47,6 +47,20 @@ def run_config(
     return config
 
 
+def run_config_toml(config: Mapping[str, Any]) -> str:
+    """A flat run config as TOML (``key = value`` lines) for ``flwr run <app> <link> --run-config FILE``."""
+    lines = []
+    for key, value in config.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(float(value)) if isinstance(value, float) else str(value)
+        else:
+            text = json.dumps(str(value))  # a JSON string literal is a valid TOML basic string
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
 def simulation_config(cfg: DictConfig) -> SimulationConfig:
     """The Ray simulation settings of ``cfg.federation``."""
     fed = cfg.federation

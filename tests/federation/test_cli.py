@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import tomllib
 from pathlib import Path
 
 import mlflow
@@ -21,6 +23,22 @@ SITES, ROUNDS = 3, 3
 def test_sweep_expands_comma_lists() -> None:
     assert sweep(["dp=none,eps8", "federation.sites=2"]) == [["dp=none", "federation.sites=2"],
                                                              ["dp=eps8", "federation.sites=2"]]
+
+
+def test_exported_run_config_fits_the_deployed_app(tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.command()(simulate)
+    out = tmp_path / "run.toml"
+    result = CliRunner().invoke(app, ["--export-run-config", str(out), "stage=vae", "dp=eps8", "strategy=fedprox",
+                                      f"workdir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    exported = tomllib.loads(out.read_text())
+    declared = tomllib.loads((Path(__file__).parents[2] / "deploy" / "pyproject.toml").read_text())
+    defaults = declared["tool"]["flwr"]["app"]["config"]
+    assert set(exported) <= set(defaults)  # `flwr run --run-config` only overrides declared keys
+    assert all(type(exported[k]) is type(defaults[k]) for k in exported), "TOML types differ from the app's"
+    assert exported["dp-enabled"] is True and exported["dp-epsilon"] == 8.0 and exported["strategy"] == "fedprox"
+    assert json.loads(exported["config-json"])["dp"]["epsilon"] == 8.0
 
 
 @pytest.mark.slow
