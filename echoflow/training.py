@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset, default_collate
 
 from echoflow.errors import EchoFlowError
 from echoflow.progress import progress_bar
 
 Batch = dict[str, Tensor]
+TensorList = tuple[Tensor, ...] | list[Tensor]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,21 @@ class Stage(Protocol):
         ...
 
 
+def ema_with_warmup(decay: float) -> Callable[[TensorList, TensorList, Tensor | int], None]:
+    """EMA update whose decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates.
+
+    A fixed decay of 0.999 would keep 0.999**1200 = 30 % of the random initial weights after a 1,200-step demo
+    run; the ramp forgets them within the first few hundred steps.
+    """
+
+    def update(averaged: TensorList, current: TensorList, num_averaged: Tensor | int) -> None:
+        n = int(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        torch._foreach_lerp_(averaged, current, weight)
+
+    return update
+
+
 def set_step_seed(seed: int, step: int) -> None:
     """Seed torch and numpy from ``(seed, step)`` so every step's randomness is reproducible on resume."""
     mixed = (seed * 1_000_003 + step) % (2**31)
@@ -109,7 +125,7 @@ class Trainer:
         }
         self.ema: AveragedModel | None = None
         if config.ema_decay > 0:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+            self.ema = AveragedModel(self.model, multi_avg_fn=ema_with_warmup(config.ema_decay))
 
     @property
     def model(self) -> nn.Module:

@@ -76,3 +76,18 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path: Path) -> None:
     assert torch.equal(trainer.model(x), other.model(x))
     assert other.optimizers["model"].state_dict()["state"][0]["exp_avg"].equal(
         trainer.optimizers["model"].state_dict()["state"][0]["exp_avg"])
+
+
+def test_ema_forgets_the_initial_weights() -> None:
+    from torch.optim.swa_utils import AveragedModel
+
+    from echoflow.training import ema_with_warmup
+
+    net = nn.Linear(1, 1, bias=False)
+    ema = AveragedModel(net, multi_avg_fn=ema_with_warmup(0.999))
+    with torch.no_grad():
+        for step in range(1200):
+            net.weight.fill_(float(step))
+            ema.update_parameters(net)
+    # a fixed 0.999 decay would still hold 30 % of the first weights (about 850 here)
+    assert float(ema.module.weight) > 1000
