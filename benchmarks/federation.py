@@ -3,9 +3,12 @@
 1. DP-SGD step time / plain step time, per network (goal <= 1.5x).
 2. Federated wall time / centralized wall time at equal total local steps (goal <= 1.2x), with and without
    the one-off Ray start.
-3. Peak RSS of the whole simulation (driver + Ray processes) with 10 and 20 simulated sites.
+3. Peak RSS of the whole simulation (driver + Ray processes): 10 sites train the demo VAE for 2 rounds (goal
+   <= 24 GiB), and 20 sites of the toy stage.
+4. Federated VAE over the 4 non-IID phantom sites / centralized VAE at the same total optimiser steps: pooled
+   VAL reconstruction loss ratio (goal <= 1.10), and the federated latent scale next to the centralized one.
 
-Run from the repository root: ``python benchmarks/federation.py [--quick]``.
+Run from the repository root: ``python benchmarks/federation.py [--quick] [--only dp,speed,memory,quality]``.
 """
 
 from __future__ import annotations
@@ -25,9 +28,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from echoflow.centralized import load_split, stage_dataset, train_stage
 from echoflow.clients.dp import PrivacyLedger, make_private, poisson_batches
+from echoflow.clients.site import mean_loss
+from echoflow.clients.task import load_group_arrays
 from echoflow.config import load_config
+from echoflow.federation import federate
 from echoflow.federation.simulation import SimulationConfig, simulate
+from echoflow.models.vae import measure_latent_scale
 from echoflow.stages import build_stage
 from echoflow.training import Stage, TrainConfig, Trainer, random_batches, set_step_seed
 
@@ -133,7 +141,7 @@ def tree_rss_mib(root: int) -> float:
     return total / 1024
 
 
-def peak_rss(sites: int) -> None:
+def peak_rss(sites: int, *, task: str, rounds: int) -> None:
     peak, done = [0.0], threading.Event()
 
     def sample() -> None:
@@ -143,24 +151,69 @@ def peak_rss(sites: int) -> None:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            simulate(run_config(Path(tmp), task=task, rounds=rounds, local_steps=5, n=64),
+                     SimulationConfig(sites=sites, num_cpus=2))
+    finally:
+        done.set()
+        sampler.join()
+    stage = "demo VAE" if task == VAE_TASK_PATH else "toy stage"
+    print(f"{sites} simulated sites ({stage}, {rounds} rounds, 2 Ray CPUs): peak RSS of driver + Ray "
+          f"{peak[0] / 1024:.2f} GiB (goal <= 24 GiB), {time.perf_counter() - start:.1f} s")
+
+
+def federated_vs_centralized_vae(rounds: int, local_steps: int, lr: float) -> None:
+    sites = 4
+    total = sites * rounds * local_steps
     with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config([f"workdir={tmp}", "mlflow.tracking_uri=", "data.sites=4", "data.patients_per_site=8",
+                           "data.size=32", "data.frames=16", "model.vae.base_channels=8",
+                           "model.discriminator.base_channels=8", f"federation.sites={sites}",
+                           f"federation.rounds={rounds}", f"federation.local_steps={local_steps}",
+                           "federation.evaluate=false", f"federation.lr={lr}", f"train.vae.optim.steps={total}",
+                           "train.vae.optim.batch_size=${federation.batch_size}", "train.vae.optim.lr=${federation.lr}",
+                           "train.vae.optim.ema_decay=0.0"])
         start = time.perf_counter()
-        simulate(run_config(Path(tmp), task="tests.federation.toy:TASK", rounds=1, local_steps=5),
-                 SimulationConfig(sites=sites, num_cpus=2))
-    done.set()
-    sampler.join()
-    print(f"{sites} simulated sites (toy stage, 1 round, 2 Ray CPUs): peak RSS of driver + Ray {peak[0]:.0f} MiB, "
-          f"{time.perf_counter() - start:.1f} s")
+        state = federate(cfg, ["vae"])["vae"]
+        federated_s = time.perf_counter() - start
+        train_sites = load_split(cfg, ["TRAIN"])
+        start = time.perf_counter()
+        central = train_stage("vae", cfg, train_sites, out=Path(tmp) / "central", quiet=True)
+        central_s = time.perf_counter() - start
+        val = stage_dataset("vae", load_split(cfg, ["VAL"]), cfg)
+        frames = torch.cat([torch.from_numpy(v) for site in train_sites for v in site.videos]).float() / 127.5 - 1
+        losses, scales = {}, {}
+        for name, load in (("federated", lambda st: load_group_arrays(st, state.arrays)),
+                           ("centralized", lambda st: st.groups()["model"].load_state_dict(central.state_dict()))):
+            stage = build_stage("vae", dict(cfg.model), dict(cfg.train.vae.loss))
+            load(stage)
+            losses[name] = mean_loss(stage, val, batch_size=64, seed=0)
+            scales[name] = measure_latent_scale(stage.groups()["model"], frames.unsqueeze(1))  # type: ignore[arg-type]
+    ratio = losses["federated"] / losses["centralized"]
+    print(f"VAE on 4 non-IID phantom sites, {total} total steps (federated {sites} sites x {rounds} rounds x "
+          f"{local_steps} steps, FedAvg): VAL loss federated {losses['federated']:.4f} / centralized "
+          f"{losses['centralized']:.4f} = {ratio:.3f} (goal <= 1.10), lr {lr}; federated latent scale pooled from "
+          f"site moments {float(state.arrays['model.latent_scale']):.4f} vs measured on all frames "
+          f"{scales['federated']:.4f} (wall {federated_s:.0f} s vs {central_s:.0f} s)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer steps")
-    quick = parser.parse_args().quick
-    dp_overhead(steps=5 if quick else 20)
-    federated_vs_centralized(sites=2, rounds=2, local_steps=5 if quick else 20)
-    for sites in (10, 20):
-        peak_rss(sites)
+    parser.add_argument("--only", default="dp,speed,memory,quality", help="comma list of benchmarks to run")
+    args = parser.parse_args()
+    only, quick = set(args.only.split(",")), args.quick
+    if "dp" in only:
+        dp_overhead(steps=5 if quick else 20)
+    if "speed" in only:
+        federated_vs_centralized(sites=2, rounds=2, local_steps=5 if quick else 20)
+    if "memory" in only:
+        peak_rss(10, task=VAE_TASK_PATH, rounds=2)
+        peak_rss(20, task="tests.federation.toy:TASK", rounds=1)
+    if "quality" in only:
+        federated_vs_centralized_vae(rounds=4 if quick else 10, local_steps=10, lr=1e-3)
 
 
 if __name__ == "__main__":
