@@ -107,8 +107,9 @@ class FlowStage:
         """Flow-matching loss on latent frames or clips."""
         cond: dict[str, Any] = {}
         if "clip" in batch:
-            x1 = batch["clip"]
-            cond = {"first_frame": x1[:, :, 0], "ef": batch["ef"]}
+            first = batch["clip"][:, :, 0]
+            x1 = cast(LatentVideoFlow, self.net).to_motion(batch["clip"], first)
+            cond = {"first_frame": first, "ef": batch["ef"]}
         else:
             x1 = batch["frame"]
             if self.condition_on_site:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from echoflow.errors import EchoFlowError
 from echoflow.models.blocks import ScalarEmbedding
-from echoflow.models.flow import FlowModel, Method, Target, sample
+from echoflow.models.flow import Method, Target, sample
 from echoflow.models.unet import UNet
 
 
@@ -29,6 +29,7 @@ class LatentVideoFlow(nn.Module):
         blocks: int = 1,
         heads: int = 4,
         patch: int = 2,
+        motion_scale: float = 1.0,
     ) -> None:
         """Build the network.
 
@@ -38,9 +39,12 @@ class LatentVideoFlow(nn.Module):
             blocks: residual blocks per level.
             heads: temporal attention heads.
             patch: spatial patch size folded into channels first (1 = none); h, w must divide by it.
+            motion_scale: std of a latent clip's motion (clip minus its first frame); the flow runs on motion
+                divided by it, so the whole loss is on how the heart moves, not on re-drawing the anatomy.
         """
         super().__init__()
         emb_dim = 4 * channels[0]
+        self.register_buffer("motion_scale", torch.tensor(float(motion_scale)))
         self.time = ScalarEmbedding(emb_dim)
         self.ef = ScalarEmbedding(emb_dim)
         self.null_ef = nn.Embedding(1, emb_dim)
@@ -55,6 +59,16 @@ class LatentVideoFlow(nn.Module):
             video=True,
             patch=patch,
         )
+
+    motion_scale: Tensor
+
+    def to_motion(self, clip: Tensor, first_frame: Tensor) -> Tensor:
+        """Latent clip (B, C, T, h, w) -> unit-scale motion relative to ``first_frame`` (B, C, h, w)."""
+        return (clip - first_frame.unsqueeze(2)) / self.motion_scale
+
+    def from_motion(self, motion: Tensor, first_frame: Tensor) -> Tensor:
+        """Inverse of `to_motion`."""
+        return first_frame.unsqueeze(2) + motion * self.motion_scale
 
     def forward(
         self,
@@ -96,7 +110,7 @@ class LatentVideoFlow(nn.Module):
 
 @torch.no_grad()
 def animate(
-    model: FlowModel,
+    model: LatentVideoFlow,
     first_frame: Tensor,
     ef: Tensor,
     *,
@@ -145,8 +159,9 @@ def animate(
     condition, start = first_frame, 0
     while True:
         noise = torch.randn(shape, generator=generator, dtype=first_frame.dtype).to(first_frame.device)
-        new = sample(model, noise, steps=steps, method=method, target=target, guidance=guidance,
-                     first_frame=condition, ef=ef)
+        motion = sample(model, noise, steps=steps, method=method, target=target, guidance=guidance,
+                        first_frame=condition, ef=ef)
+        new = model.from_motion(motion, condition)
         if start:
             blended = (1 - fade) * clip[:, :, start:] + fade * new[:, :, :overlap]
             new = torch.cat([blended, new[:, :, overlap:]], dim=2)

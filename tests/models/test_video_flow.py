@@ -57,13 +57,19 @@ def test_opacus_per_sample_gradients() -> None:
 def test_animate_chains_windows_on_the_frame_at_each_start_and_crossfades_the_overlap() -> None:
     windows = 0
 
-    def ramp(x: Tensor, t: Tensor, *, first_frame: Tensor, ef: Tensor) -> Tensor:
-        """x1 prediction: frame j = conditioning frame + j, plus 100 in every window after the first."""
-        nonlocal windows
-        windows += 1
-        j = torch.arange(x.shape[2], dtype=x.dtype).view(1, 1, -1, 1, 1)
-        return first_frame.unsqueeze(2) + j + 100.0 * (windows > 1)
+    class Ramp:
+        """Motion (x1) prediction: frame j = conditioning frame + j, plus 100 in every window after the first."""
 
+        motion_scale = 1.0
+        from_motion = LatentVideoFlow.from_motion
+
+        def __call__(self, x: Tensor, t: Tensor, *, first_frame: Tensor, ef: Tensor) -> Tensor:
+            nonlocal windows
+            windows += 1
+            j = torch.arange(x.shape[2], dtype=x.dtype).view(1, 1, -1, 1, 1)
+            return (j + 100.0 * (windows > 1)).expand_as(x)
+
+    ramp = Ramp()
     first = torch.randn(2, 4, 3, 3)
     clip = animate(ramp, first, torch.tensor([40.0, 55.0]), frames=14, steps=1, target="x1", window=8, overlap=3)
     assert clip.shape == (2, 4, 14, 3, 3) and windows == 3
