@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from echoflow.data.echonet import VideoRecord, write_avi, write_filelist
+from echoflow.errors import EchoFlowError
 from echoflow.models.flow import Method, Target, sample
 from echoflow.models.vae import AdversarialVAE
-from echoflow.models.video_flow import animate
+from echoflow.models.video_flow import LatentVideoFlow, animate
 
 
 @torch.no_grad()
@@ -34,6 +35,8 @@ def animate_frames(video_flow: nn.Module, first: Tensor, ef: Tensor, *, frames: 
                    method: Method, target: Target, guidance: float, batch_size: int = 16,
                    generator: torch.Generator | None = None) -> Tensor:
     """Latent clips (N, C, frames, h, w) starting from latent frames ``first`` (N, C, h, w) at ``ef`` (N,) percent."""
+    if not isinstance(video_flow, LatentVideoFlow):
+        raise EchoFlowError(f"video_flow: expected a LatentVideoFlow, got {type(video_flow).__name__}")
     video_flow.eval()
     return torch.cat([
         animate(video_flow, f, e, frames=frames, window=window, steps=steps, method=method, target=target,
