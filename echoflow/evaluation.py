@@ -87,7 +87,7 @@ def image_flow_fd(flow: nn.Module, encoder: nn.Module, train: Sequence[SiteData]
     reference = embed(encoder, real).numpy()
     fd = {
         "generated": frechet_distance(embed(encoder, generated).numpy(), reference),
-        "real_floor": frechet_distance(embed(encoder, floor[: max(n, 2)]).numpy(), reference),
+        "real_floor": frechet_distance(embed(encoder, floor[torch.randperm(len(floor))[:n]]).numpy(), reference),
         "gaussian_baseline": frechet_distance(embed(encoder, torch.randn(n, *real.shape[1:])).numpy(), reference),
     }
     fd["baseline_over_generated"] = fd["gaussian_baseline"] / max(fd["generated"], 1e-12)

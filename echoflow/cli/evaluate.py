@@ -24,7 +24,8 @@ evaluate_app = typer.Typer(help="Measure trained models on held-out real data.",
 @evaluate_app.command("models")
 def models(
     overrides: list[str] | None = OVERRIDES,
-    samples: int = typer.Option(128, help="Generated latent frames / clips to measure."),
+    samples: int = typer.Option(128, help="Generated clips to measure EF on."),
+    fd_samples: int = typer.Option(1024, help="Latent frames per Fréchet distance (fewer inflate it: 128-d)."),
 ) -> None:
     """Measure every trained stage of <workdir> on the VAL+TEST patients (never seen in training).
 
@@ -50,7 +51,7 @@ def models(
             "vae_ef": vae_ef_gap(vae, ef_model, held_out, **clip),
             "reid_auc_unseen_patients": reid_auc(load_network("reid", cfg), latent_held_out),
             "image_flow_fd": image_flow_fd(load_network("image_flow", cfg), load_network("reid", cfg), latent_train,
-                                           latent_held_out, n=samples, target=cfg.train.image_flow.loss.target,
+                                           latent_held_out, n=fd_samples, target=cfg.train.image_flow.loss.target,
                                            **sampling),
             "video_flow_ef": {"r2": video.r2, "mae": video.mae, "n": video.n},
         }
