@@ -20,7 +20,7 @@ def pipeline(overrides: list[str] | None = OVERRIDES) -> None:
     trained on real, released-synthetic and both are tested on every site's real TEST split. Results:
     <workdir>/summary/ and one MLflow run with a nested run per stage. Re-running after a crash resumes.
     """
-    cfg = load_config(overrides)
+    cfg = load_config(with_pipeline(list(overrides or [])))
     apply_runtime(cfg)
     with start_run(cfg, "pipeline"):
         summary = run_pipeline(cfg)
@@ -34,3 +34,13 @@ def pipeline(overrides: list[str] | None = OVERRIDES) -> None:
     for key, value in summary["headline"].items():
         console.print(f"{key}: {value}")
     console.print(f"summary: {cfg.workdir}/summary/summary.html; audit: {cfg.workdir}/audit/audit.html")
+
+
+def with_pipeline(overrides: list[str]) -> list[str]:
+    """Add the ``pipeline`` config group (default ``demo``), which other commands do not compose.
+
+    A pipeline config may set values of other groups too (``# @package _global_``), e.g. the cohort size.
+    """
+    chosen = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("pipeline=")]
+    rest = [o for o in overrides if not o.lstrip("+").startswith("pipeline=")]
+    return [f"+pipeline={chosen[-1] if chosen else 'demo'}", *rest]
