@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from echoflow.audit.canaries import TRANSFORMS
 from echoflow.data.phantom import generate_cohort
 from echoflow.data.sites import ClipDataset, FrameDataset, PatientPairDataset, SiteData, load_sites
 from echoflow.errors import EchoFlowError
@@ -75,6 +76,38 @@ def encode_sites(vae: AdversarialVAE, sites: Sequence[SiteData], *, batch_size: 
             latents.append(torch.cat(chunks).numpy().astype(np.float32))
         encoded.append(replace(site, videos=latents))
     return encoded
+
+
+REID_TWINS = ("mirror", "shift", "gain", "speckle")
+"""Transforms whose copies of a video count as the same patient when training re-id (the audit's canaries)."""
+
+
+def with_twins(sites: Sequence[SiteData], *, seed: int) -> list[SiteData]:
+    """Each site's pixel videos plus one transformed copy per `REID_TWINS` entry, as more visits of the patient.
+
+    Trained on these, the re-id model matches a mirrored, shifted, re-gained or re-speckled copy of a real frame
+    to its patient, so the audit withholds such copies too.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for site in sites:
+        videos, records = list(site.videos), list(site.records)
+        for name in REID_TWINS:
+            for record, video in zip(site.records, site.videos, strict=True):
+                twin = TRANSFORMS[name](video.astype(np.float32) / 127.5 - 1.0, rng)
+                videos.append(((twin + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8))
+                records.append(record)
+        out.append(replace(site, videos=videos, records=records))
+    return out
+
+
+def stage_sites(name: str, sites: Sequence[SiteData], vae: AdversarialVAE | None, *, seed: int) -> list[SiteData]:
+    """What stage ``name`` trains on: the pixel sites (vae, ef), or their latents under ``vae`` (re-id: with twins)."""
+    if name not in LATENT_STAGES:
+        return list(sites)
+    if vae is None:
+        raise EchoFlowError(f"{name}: the latent stages need the trained VAE")
+    return encode_sites(vae, with_twins(sites, seed=seed) if name == "reid" else sites)
 
 
 def stage_dataset(name: str, sites: Sequence[SiteData], cfg: DictConfig) -> Dataset[Batch]:

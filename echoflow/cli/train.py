@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import typer
 
-from echoflow.centralized import LATENT_STAGES, encode_sites, load_network, load_split, train_stage
+from echoflow.centralized import LATENT_STAGES, load_network, load_split, stage_sites, train_stage
 from echoflow.cli.common import OVERRIDES, QUIET, apply_runtime
 from echoflow.config import load_config
 from echoflow.models.vae import AdversarialVAE
@@ -29,11 +31,9 @@ def train(
     apply_runtime(cfg)
     with start_run(cfg, f"train-{stage}"):
         pixels = load_split(cfg, ["TRAIN"])
-        latents = None
+        vae = None
         for name in names:
-            if name in LATENT_STAGES and latents is None:
-                vae = load_network("vae", cfg)
-                assert isinstance(vae, AdversarialVAE)
-                latents = encode_sites(vae, pixels)
-            train_stage(name, cfg, latents if name in LATENT_STAGES and latents else pixels, quiet=quiet)
+            if name in LATENT_STAGES and vae is None:
+                vae = cast(AdversarialVAE, load_network("vae", cfg))
+            train_stage(name, cfg, stage_sites(name, pixels, vae, seed=cfg.seed), quiet=quiet)
             typer.echo(f"{name}: trained; weights in {cfg.workdir}/{name}/model.safetensors")

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
-from echoflow.centralized import LATENT_STAGES, encode_sites, plain, stage_dataset
+from echoflow.centralized import LATENT_STAGES, encode_sites, plain, stage_dataset, stage_sites
 from echoflow.data.sites import SiteData, load_site
 from echoflow.errors import EchoFlowError
 from echoflow.models.vae import AdversarialVAE
@@ -53,12 +53,14 @@ def _site_data(name: str, site_dir: str, config_json: str) -> tuple[Dataset[Batc
     cfg = _cfg(json.loads(config_json))
     vae = global_vae(cfg) if name in LATENT_STAGES else None
 
-    def dataset(site: SiteData) -> Dataset[Batch]:
+    def dataset(site: SiteData, *, training: bool) -> Dataset[Batch]:
+        if training:  # re-id trains on the site's videos plus their transformed twins
+            return stage_dataset(name, stage_sites(name, [site], vae, seed=cfg.seed), cfg)
         return stage_dataset(name, encode_sites(vae, [site]) if vae is not None else [site], cfg)
 
-    train = dataset(load_site(Path(site_dir), size=cfg.data.size, splits=["TRAIN"]))
+    train = dataset(load_site(Path(site_dir), size=cfg.data.size, splits=["TRAIN"]), training=True)
     try:
-        val = dataset(load_site(Path(site_dir), size=cfg.data.size, splits=["VAL"]))
+        val = dataset(load_site(Path(site_dir), size=cfg.data.size, splits=["VAL"]), training=False)
     except EchoFlowError as err:  # no (usable) VAL videos: the site trains but is not evaluated
         log.warning("%s: no validation set for %s, evaluation skips this site (%s)", site_dir, name, err)
         val = Subset(train, [])
