@@ -150,7 +150,7 @@ def read_cohort(root: Path, *, require_ef: bool = True) -> Cohort:
     seen: set[str] = set()
     for row in table.to_dict("records"):
         try:
-            record = _parse_row(row, root, require_ef=require_ef)
+            record = _parse_row({str(key): value for key, value in row.items()}, root, require_ef=require_ef)
             if record.file_name in seen:
                 raise EchoFlowError(f"{record.path}: duplicate FileName row")
         except EchoFlowError as err:
