@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlflow
 import typer
@@ -37,8 +37,7 @@ def models(
     apply_runtime(cfg)
     clip = {"frames": cfg.data.clip_frames, "fps": cfg.data.clip_fps}
     sampling = {"steps": cfg.train.sampling.steps, "method": cfg.train.sampling.method}
-    vae, ef_model = load_network("vae", cfg), load_network("ef", cfg)
-    assert isinstance(vae, AdversarialVAE)
+    vae, ef_model = cast(AdversarialVAE, load_network("vae", cfg)), load_network("ef", cfg)
     with start_run(cfg, "evaluate-models"):
         held_out, train = load_split(cfg, ["VAL", "TEST"]), load_split(cfg, ["TRAIN"])
         latent_held_out, latent_train = encode_sites(vae, held_out), encode_sites(vae, train)

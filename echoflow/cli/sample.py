@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -30,8 +31,7 @@ def sample(
     """
     cfg = load_config(overrides)
     apply_runtime(cfg)
-    vae = load_network("vae", cfg)
-    assert isinstance(vae, AdversarialVAE)
+    vae = cast(AdversarialVAE, load_network("vae", cfg))
     s = cfg.train.sampling
     generator = torch.Generator().manual_seed(cfg.seed)
     latent_size = cfg.data.size // (vae.downsample)
