@@ -13,6 +13,7 @@ from echoflow.cli.common import OVERRIDES
 from echoflow.config import load_config
 from echoflow.errors import EchoFlowError
 from echoflow.federation import federate, run_config, run_config_toml, stages_of
+from echoflow.federation.pipeline import stage_folders
 from echoflow.tracking import start_run
 
 
@@ -54,9 +55,8 @@ def export(overrides: list[str], path: Path) -> None:
     if stage not in stages_of("all"):
         raise EchoFlowError(f"stage: --export-run-config needs one stage, got {stage!r}")
     cfg = load_config([o for o in overrides if not o.startswith("stage=")])
-    latest = Path(cfg.federation.checkpoint_dir) / "vae" / "LATEST"  # the latent stages encode with the global VAE
-    done = {"vae": str(latest.parent / latest.read_text().strip())} if latest.exists() and stage != "vae" else {}
-    path.write_text(run_config_toml(run_config(cfg, stage=stage, stage_checkpoints=done)))
+    config = run_config(cfg, stage=stage, stage_checkpoints=stage_folders(cfg, before=stage))
+    path.write_text(run_config_toml(config))
     typer.echo(f"{path}: run config of stage {stage}")
 
 

@@ -2,7 +2,8 @@
 
 Deployment: ``flower-supernode ... --node-config 'site-dir="/data/echo" state-dir="/var/echoflow"'`` runs
 `app` unchanged; the run config comes from the app's ``pyproject.toml`` / ``flwr run --run-config``.
-Simulation: `make_client_app(defaults)` fills the run config that the simulation engine does not pass.
+Every message from our ServerApp also carries the server's run config for the stage it federates
+(`run_config_record`), which wins: one run — one simulation, one Ray start — can federate several stages in turn.
 
 The site's privacy ledger lives in the node's ``context.state`` (which Flower keeps between rounds) and, when
 a ``state-dir`` is known, in ``<state-dir>/site_XX/privacy_ledger.json`` too — the file wins, because it
@@ -26,6 +27,20 @@ from echoflow.clients.site import evaluate, latent_moments, train_round
 LEDGER_KEY = "privacy-ledger"
 LEDGER_FILE = "privacy_ledger.json"
 LATENT_STATS = "latent_stats"  #: query action: moments of the global VAE's latents on the site's frames
+RUN_CONFIG = "run-config"  #: key of the server's run config (JSON) in a message's ``config`` record
+
+
+def run_config_record(run_config: Mapping[str, Any]) -> ConfigRecord:
+    """The ``config`` record our ServerApp sends with every message: the stage's whole run config, as JSON."""
+    return ConfigRecord({RUN_CONFIG: json.dumps(dict(run_config))})
+
+
+def message_run_config(msg: Message) -> dict[str, Any]:
+    """The run config a message carries (empty when its sender sent none)."""
+    records = msg.content.config_records
+    if "config" not in records or RUN_CONFIG not in records["config"]:
+        return {}
+    return dict(json.loads(str(records["config"][RUN_CONFIG])))
 
 
 def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
@@ -33,13 +48,14 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     app = ClientApp()
     base = dict(defaults or {})
 
-    def settings_of(context: Context) -> ClientSettings:
+    def settings_of(msg: Message, context: Context) -> ClientSettings:
         torch.set_num_threads(1)  # one core per simulated site; sites run side by side
-        return ClientSettings.from_context({**base, **context.run_config}, context.node_config)
+        run_config = {**base, **context.run_config, **message_run_config(msg)}
+        return ClientSettings.from_context(run_config, context.node_config)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        settings = settings_of(context)
+        settings = settings_of(msg, context)
         arrays = msg.content.array_records["arrays"].to_torch_state_dict()
         config = msg.content.config_records["config"]
         result, ledger = train_round(
@@ -56,13 +72,13 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate_global(msg: Message, context: Context) -> Message:
-        settings = settings_of(context)
+        settings = settings_of(msg, context)
         metrics = evaluate(settings, msg.content.array_records["arrays"].to_torch_state_dict())
         return Message(content=RecordDict({"metrics": MetricRecord({**metrics, "site": settings.site})}), reply_to=msg)
 
     @app.query(LATENT_STATS)
     def latent_stats(msg: Message, context: Context) -> Message:
-        settings = settings_of(context)
+        settings = settings_of(msg, context)
         moments = latent_moments(settings, msg.content.array_records["arrays"].to_torch_state_dict())
         return Message(content=RecordDict({"metrics": MetricRecord({**moments, "site": settings.site})}), reply_to=msg)
 

@@ -23,8 +23,8 @@ def run_config(
     Args:
         cfg: the composed EchoFlow config (groups ``federation``, ``dp``, ``strategy``, ``data``, ``model``…).
         stage: the stage to train.
-        stage_checkpoints: final round folders of stages already federated (``{"vae": ".../round_0005"}``),
-            passed to the task as ``config["stage_checkpoints"]`` (the latent stages encode with the global VAE).
+        stage_checkpoints: checkpoint folders of earlier stages (``{"vae": "<checkpoint_dir>/vae"}``), passed to
+            the task as ``config["stage_checkpoints"]`` (the latent stages encode with the latest global VAE).
         parent_run_id: MLflow run to nest under ('' = top level).
     """
     fed, dp, strategy = cfg.federation, cfg.dp, cfg.strategy

@@ -22,6 +22,7 @@ from echoflow.centralized import LATENT_STAGES, encode_sites, plain, stage_datas
 from echoflow.data.sites import SiteData, load_site
 from echoflow.errors import EchoFlowError
 from echoflow.models.vae import AdversarialVAE
+from echoflow.server.checkpoint import latest_round
 from echoflow.stages import build_network, build_stage
 from echoflow.training import Batch, Stage, load_checkpoint
 
@@ -45,7 +46,10 @@ class EchoTask:
 
     def site_data(self, name: str, site_dir: Path, config: Mapping[str, Any]) -> tuple[Dataset[Batch], Dataset[Batch]]:
         """The site's TRAIN and VAL datasets for stage ``name`` (latents for the latent stages)."""
-        return _site_data(name, str(site_dir), json.dumps(config, sort_keys=True))
+        folders = dict(config.get("stage_checkpoints") or {})
+        if name in LATENT_STAGES:  # the cache key names the VAE round: a newer round means new latents
+            folders["vae"] = str(vae_round(folders.get("vae")))
+        return _site_data(name, str(site_dir), json.dumps({**config, "stage_checkpoints": folders}, sort_keys=True))
 
 
 @lru_cache(maxsize=4)
@@ -68,17 +72,22 @@ def _site_data(name: str, site_dir: str, config_json: str) -> tuple[Dataset[Batc
 
 
 def global_vae(cfg: DictConfig) -> AdversarialVAE:
-    """The federated VAE's final global weights (the ``model`` group of its last round checkpoint)."""
-    folder = (cfg.get("stage_checkpoints") or {}).get("vae")
-    if not folder:
-        raise EchoFlowError("stage_checkpoints.vae: the latent stages need the federated VAE; federate `vae` first")
-    tensors, _ = load_checkpoint(Path(folder))
+    """The federated VAE's global weights (the ``model`` group of the round folder ``stage_checkpoints.vae``)."""
+    tensors, _ = load_checkpoint(Path(cfg.stage_checkpoints.vae))
     prefix = "global/model."
     vae = build_network("vae", plain(cfg.model))
     vae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     if not isinstance(vae, AdversarialVAE):
         raise EchoFlowError("model.vae: not an AdversarialVAE")
     return vae.eval()
+
+
+def vae_round(folder: str | None) -> Path:
+    """The latest round folder of the federated VAE's checkpoint folder."""
+    latest = latest_round(Path(folder)) if folder else None
+    if latest is None:
+        raise EchoFlowError(f"stage_checkpoints.vae: no federated VAE in {folder!r}; federate `vae` first")
+    return latest
 
 
 def _cfg(config: Mapping[str, Any]) -> DictConfig:

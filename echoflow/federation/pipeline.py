@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from echoflow.centralized import cohort_roots
 from echoflow.errors import EchoFlowError
 from echoflow.federation.config import run_config, simulation_config
-from echoflow.federation.simulation import simulate
+from echoflow.federation.simulation import final_state, simulate_stages
 from echoflow.server.checkpoint import FederationState, load_latest
 
 #: Pipeline order (as in `echoflow.stages.STAGES`): the VAE first, since the latent stages encode with it.
@@ -24,8 +24,9 @@ def federate(cfg: DictConfig, stages: Sequence[str], *,
     """Federate ``stages`` in order under ``cfg``; returns each stage's final state.
 
     Each stage gets its own checkpoint folder (``<federation.checkpoint_dir>/<stage>``) and MLflow run,
-    nested under the caller's active MLflow run when there is one. A re-run resumes each stage from its
-    latest round; a stage whose rounds are all done is not simulated again.
+    nested under the caller's active MLflow run when there is one; later stages read earlier stages' latest
+    round there. A re-run resumes each stage from its latest round; a stage whose rounds are all done is not
+    simulated again. The stages still to run share one simulation (``cfg.federation``'s sites and Ray settings).
 
     Args:
         cfg: the composed config.
@@ -38,19 +39,25 @@ def federate(cfg: DictConfig, stages: Sequence[str], *,
     cohort_roots(cfg)  # the phantom cohort is generated here on first use; sites read their own folder
     active = mlflow.active_run()
     parent = active.info.run_id if active is not None else ""
-    done: dict[str, str] = {}
-    states: dict[str, FederationState] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    todo = []
     for stage in sorted(stages, key=STAGE_ORDER.index):
         stage_cfg = cfg.copy()
         for key, value in (per_stage or {}).get(stage, {}).items():
             OmegaConf.update(stage_cfg, key, value)
-        config = run_config(stage_cfg, stage=stage, stage_checkpoints=done, parent_run_id=parent)
-        finished = load_latest(Path(config["checkpoint-dir"])) if stage_cfg.federation.resume else None
+        configs[stage] = run_config(stage_cfg, stage=stage, stage_checkpoints=stage_folders(cfg, before=stage),
+                                    parent_run_id=parent)
+        finished = load_latest(Path(configs[stage]["checkpoint-dir"])) if stage_cfg.federation.resume else None
         if finished is None or finished.round < stage_cfg.federation.rounds:
-            finished = simulate(config, simulation_config(stage_cfg))
-        states[stage] = finished
-        done[stage] = f"{config['checkpoint-dir']}/round_{finished.round:04d}"
-    return states
+            todo.append(configs[stage])
+    if todo:  # one simulation (one Ray start) for every stage still to federate
+        simulate_stages(todo, simulation_config(cfg))
+    return {stage: final_state(Path(config["checkpoint-dir"])) for stage, config in configs.items()}
+
+
+def stage_folders(cfg: DictConfig, *, before: str) -> dict[str, str]:
+    """Checkpoint folders of the stages federated before stage ``before`` (each holds its rounds and ``LATEST``)."""
+    return {s: str(Path(cfg.federation.checkpoint_dir) / s) for s in STAGE_ORDER[: STAGE_ORDER.index(before)]}
 
 
 def stages_of(name: str) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,13 +49,23 @@ def simulate(run_config: Mapping[str, Any], sim: SimulationConfig) -> Federation
     Raises:
         EchoFlowError: when the run config is incomplete or the federation wrote no checkpoint.
     """
+    return simulate_stages([run_config], sim)[0]
+
+
+def simulate_stages(run_configs: Sequence[Mapping[str, Any]], sim: SimulationConfig) -> list[FederationState]:
+    """Run (or resume) one federation per run config, in order, in one simulation; returns their final states.
+
+    Raises:
+        EchoFlowError: when a run config is incomplete or a federation wrote no checkpoint.
+    """
     import ray
     from flwr.simulation import run_simulation
 
     if sim.sites < 1:
         raise EchoFlowError(f"federation.sites: need at least one site, got {sim.sites}")
-    if "checkpoint-dir" not in run_config:
-        raise EchoFlowError("run_config: missing key 'checkpoint-dir'")
+    for run_config in run_configs:
+        if "checkpoint-dir" not in run_config:
+            raise EchoFlowError("run_config: missing key 'checkpoint-dir'")
     init_args: dict[str, Any] = {"address": sim.ray_address} if sim.ray_address else {
         "num_cpus": sim.num_cpus or os.cpu_count() or 1,
         "object_store_memory": sim.object_store_mb * 2**20,
@@ -65,16 +75,32 @@ def simulate(run_config: Mapping[str, Any], sim: SimulationConfig) -> Federation
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.INFO if sim.verbose else logging.WARNING)
+    flwr_logger.addFilter(_no_deprecation_notice)
     try:
         run_simulation(
-            server_app=make_server_app(run_config), client_app=make_client_app(run_config),
+            server_app=make_server_app(run_configs), client_app=make_client_app(),
             num_supernodes=sim.sites, backend_config=backend_config,
         )
     finally:
+        flwr_logger.removeFilter(_no_deprecation_notice)
         flwr_logger.setLevel(level)
         if ray.is_initialized():
             ray.shutdown()
-    state = load_latest(Path(str(run_config["checkpoint-dir"])))
+    return [final_state(Path(str(run_config["checkpoint-dir"]))) for run_config in run_configs]
+
+
+def _no_deprecation_notice(record: logging.LogRecord) -> bool:
+    """Drop flwr 1.42's notice that `run_simulation` is deprecated: it is still the one scriptable engine entry."""
+    return "DEPRECATED FEATURE" not in str(record.msg)
+
+
+def final_state(checkpoint_dir: Path) -> FederationState:
+    """The latest round checkpoint of a federation that has run.
+
+    Raises:
+        EchoFlowError: when the federation wrote no checkpoint.
+    """
+    state = load_latest(checkpoint_dir)
     if state is None:
-        raise EchoFlowError(f"{run_config['checkpoint-dir']}: the federation wrote no checkpoint")
+        raise EchoFlowError(f"{checkpoint_dir}: the federation wrote no checkpoint")
     return state

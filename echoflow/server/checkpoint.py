@@ -72,13 +72,21 @@ def save_round(directory: Path, state: FederationState) -> Path:
     return folder
 
 
-def load_latest(directory: Path) -> FederationState | None:
-    """The newest complete round in ``directory``, or None when there is none."""
+def latest_round(directory: Path) -> Path | None:
+    """The folder of the newest complete round in ``directory``, or None when there is none."""
     pointer = directory / LATEST
     if not pointer.exists():
         return None
     folder = directory / pointer.read_text().strip()
     if not folder.is_dir():
         raise EchoFlowError(f"{pointer}: points at missing {folder.name}")
+    return folder
+
+
+def load_latest(directory: Path) -> FederationState | None:
+    """The newest complete round in ``directory``, or None when there is none."""
+    folder = latest_round(directory)
+    if folder is None:
+        return None
     tensors, meta = load_checkpoint(folder)
     return FederationState.from_state_dict(tensors, meta)

@@ -11,7 +11,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from torch import Tensor
 
@@ -34,14 +34,18 @@ def pooled_std(moments: Sequence[Mapping[str, float]]) -> float:
     return std
 
 
-def federated_latent_scale(grid: Grid, arrays: Mapping[str, Tensor], *, timeout_s: float) -> float:
+def federated_latent_scale(
+    grid: Grid, arrays: Mapping[str, Tensor], config: ConfigRecord, *, timeout_s: float
+) -> float:
     """Ask every connected site for its latent moments under ``arrays``; returns 1 / pooled std.
+
+    ``config`` is the stage's run config record (`echoflow.clients.app.run_config_record`).
 
     Raises:
         EchoFlowError: when no site answers.
     """
-    record = ArrayRecord(dict(arrays))
-    messages = [Message(content=RecordDict({"arrays": record}), dst_node_id=node, message_type=f"query.{LATENT_STATS}")
+    content = RecordDict({"arrays": ArrayRecord(dict(arrays)), "config": config})
+    messages = [Message(content=content, dst_node_id=node, message_type=f"query.{LATENT_STATS}")
                 for node in grid.get_node_ids()]
     moments = []
     for reply in grid.send_and_receive(messages, timeout=timeout_s):

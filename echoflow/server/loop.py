@@ -15,10 +15,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from echoflow.clients.app import run_config_record
 from echoflow.clients.task import group_arrays, load_task
 from echoflow.errors import EchoFlowError
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
@@ -62,7 +63,8 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
                 log.warning("round %d: no site could train (budgets spent); stopping", server_round)
                 break
         if LATENT_SCALE_KEY in state.arrays and state.round > 0:  # the VAE: sites agree on one latent scale
-            scale = federated_latent_scale(grid, state.arrays, timeout_s=settings.timeout_s)
+            scale = federated_latent_scale(grid, state.arrays, run_config_record(settings.run_config),
+                                            timeout_s=settings.timeout_s)
             state.arrays = {**state.arrays, LATENT_SCALE_KEY: torch.tensor(scale, dtype=torch.float32)}
             save_round(settings.checkpoint_dir, state)
         if tracker is not None:
@@ -80,9 +82,9 @@ def run_round(
 ) -> FederationState:
     """One round of training (+ evaluation); returns the next state (not yet saved)."""
     started = time.perf_counter()
-    arrays = ArrayRecord(state.arrays)
-    replies = list(grid.send_and_receive(strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-                                         timeout=settings.timeout_s))
+    config = run_config_record(settings.run_config)
+    messages = strategy.configure_train(server_round, ArrayRecord(state.arrays), config, grid)
+    replies = list(grid.send_and_receive(messages, timeout=settings.timeout_s))
     if replies and not _ok(replies):
         reason = (replies[0].error.reason or "unknown error").strip().splitlines() or ["unknown error"]
         raise EchoFlowError(f"round {server_round}: every site failed, e.g. {reason[-1]}")
@@ -95,7 +97,7 @@ def run_round(
             new_arrays = dict(aggregated.to_torch_state_dict())
     if settings.evaluate:
         evaluated = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, ArrayRecord(new_arrays), ConfigRecord(), grid),
+            strategy.configure_evaluate(server_round, ArrayRecord(new_arrays), config, grid),
             timeout=settings.timeout_s)
         for site, values in _site_metrics(evaluated).items():
             if "eval-loss" in values:  # a site without validation data is not evaluated

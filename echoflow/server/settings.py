@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,8 @@ class ServerSettings:
         rounds: total rounds. strategy: aggregation. checkpoint_dir: round checkpoints. resume: continue from
         the latest checkpoint there. timeout_s: seconds to wait for replies per round. evaluate: federated
         evaluation after each round. mlflow_uri: tracking URI ('' = no MLflow). mlflow_experiment,
-        mlflow_parent_run_id, run_name: where and how the run is logged.
+        mlflow_parent_run_id, run_name: where and how the run is logged. run_config: the whole run config,
+        sent to the sites with every message (so one run can federate several stages in turn).
     """
 
     task: str
@@ -38,6 +39,7 @@ class ServerSettings:
     mlflow_experiment: str = "echoflow"
     mlflow_parent_run_id: str = ""
     run_name: str = "federation"
+    run_config: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerSettings:
@@ -63,6 +65,7 @@ class ServerSettings:
                 mlflow_experiment=str(run_config.get("mlflow-experiment", "echoflow")),
                 mlflow_parent_run_id=str(run_config.get("mlflow-parent-run-id", "")),
                 run_name=str(run_config.get("run-name", "federation")),
+                run_config=dict(run_config),
             )
         except KeyError as err:
             raise EchoFlowError(f"run_config: missing key {err}") from err
