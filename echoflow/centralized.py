@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlflow
 import numpy as np
@@ -148,6 +148,18 @@ def log_metrics(prefix: str) -> Any:
             mlflow.log_metrics({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
 
     return log
+
+
+def train_stages(cfg: DictConfig, names: Sequence[str], *, quiet: bool = False) -> dict[str, nn.Module]:
+    """Train ``names`` in order on the pooled TRAIN split; the latent stages encode with the trained VAE."""
+    pixels = load_split(cfg, ["TRAIN"])
+    vae: AdversarialVAE | None = None
+    trained = {}
+    for name in names:
+        if name in LATENT_STAGES and vae is None:
+            vae = cast(AdversarialVAE, load_network("vae", cfg))
+        trained[name] = train_stage(name, cfg, stage_sites(name, pixels, vae, seed=cfg.seed), quiet=quiet)
+    return trained
 
 
 def train_stage(name: str, cfg: DictConfig, sites: Sequence[SiteData], *, out: Path | None = None,

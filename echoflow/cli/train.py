@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import cast
-
 import typer
 
-from echoflow.centralized import LATENT_STAGES, load_network, load_split, stage_sites, train_stage
+from echoflow.centralized import train_stages
 from echoflow.cli.common import OVERRIDES, QUIET, apply_runtime
 from echoflow.config import load_config
-from echoflow.models.vae import AdversarialVAE
 from echoflow.stages import STAGES
 from echoflow.tracking import start_run
 
@@ -30,10 +27,5 @@ def train(
     cfg = load_config(overrides)
     apply_runtime(cfg)
     with start_run(cfg, f"train-{stage}"):
-        pixels = load_split(cfg, ["TRAIN"])
-        vae = None
-        for name in names:
-            if name in LATENT_STAGES and vae is None:
-                vae = cast(AdversarialVAE, load_network("vae", cfg))
-            train_stage(name, cfg, stage_sites(name, pixels, vae, seed=cfg.seed), quiet=quiet)
+        for name in train_stages(cfg, names, quiet=quiet):
             typer.echo(f"{name}: trained; weights in {cfg.workdir}/{name}/model.safetensors")
