@@ -10,6 +10,7 @@ import torch
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -21,9 +22,12 @@ from torch import Tensor
 
 from echoflow.errors import EchoFlowError
 
-#: Attributes holding a strategy's state between rounds (FedAdam/FedYogi: server moments and last weights).
+#: Attributes holding a strategy's state between rounds: FedAdam/FedYogi's server moments and last weights
+#: (dicts of arrays); FedAvgM's server momentum (a list, in the order of the weights' keys) — its last weights
+#: are the global weights the loop hands it anyway.
 STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t")
-NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+MOMENTUM = "momentum_vector"
+NAMES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class StrategyConfig:
         name: one of `NAMES`. fraction_train / fraction_evaluate: share of sites asked each round.
         min_nodes: sites that must be connected before a round starts.
         proximal_mu: FedProx μ. eta, eta_l, beta_1, beta_2, tau: FedAdam/FedYogi server optimiser.
+        server_lr, server_momentum: FedAvgM's server SGD on the averaged update (lr 1, momentum 0 = FedAvg).
         trim_beta: FedTrimmedAvg's cut fraction per side. num_malicious: Krum's assumed Byzantine sites.
     """
 
@@ -42,6 +47,8 @@ class StrategyConfig:
     fraction_evaluate: float = 1.0
     min_nodes: int = 2
     proximal_mu: float = 0.01
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
     eta: float = 1e-2
     eta_l: float = 1e-2
     beta_1: float = 0.9
@@ -64,6 +71,8 @@ def make_strategy(config: StrategyConfig) -> Strategy:
            "tau": config.tau}
     if config.name == "fedavg":
         return FedAvg(**common)
+    if config.name == "fedavgm":
+        return FedAvgM(**common, server_learning_rate=config.server_lr, server_momentum=config.server_momentum)
     if config.name == "fedprox":
         return FedProx(**common, proximal_mu=config.proximal_mu)
     if config.name == "fedadam":
@@ -82,6 +91,9 @@ def make_strategy(config: StrategyConfig) -> Strategy:
 def strategy_state(strategy: Strategy) -> dict[str, Tensor]:
     """The strategy's state as tensors ``"<attr>/<key>"`` (empty for stateless strategies)."""
     state: dict[str, Tensor] = {}
+    if isinstance(strategy, FedAvgM):
+        values = dict(enumerate(strategy.momentum_vector or []))
+        return {f"{MOMENTUM}/{i:05d}": torch.from_numpy(np.ascontiguousarray(v)) for i, v in values.items()}
     for attr in STATE_ATTRIBUTES:
         for key, value in (getattr(strategy, attr, None) or {}).items():
             state[f"{attr}/{key}"] = torch.from_numpy(np.ascontiguousarray(value))
@@ -90,6 +102,11 @@ def strategy_state(strategy: Strategy) -> dict[str, Tensor]:
 
 def load_strategy_state(strategy: Strategy, state: dict[str, Tensor]) -> None:
     """Restore `strategy_state` into a freshly made strategy of the same kind."""
+    momentum = [v.numpy() for k, v in sorted(state.items()) if k.startswith(f"{MOMENTUM}/")]
+    if momentum:
+        if not isinstance(strategy, FedAvgM):
+            raise EchoFlowError(f"checkpoint: strategy state {MOMENTUM!r} does not fit {type(strategy).__name__}")
+        strategy.momentum_vector = momentum
     for attr in STATE_ATTRIBUTES:
         prefix = f"{attr}/"
         values = {k[len(prefix):]: v.numpy() for k, v in state.items() if k.startswith(prefix)}

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 
 from echoflow.errors import EchoFlowError
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
@@ -16,7 +16,7 @@ from echoflow.server.settings import ServerSettings, strategy_key
 from echoflow.server.strategies import NAMES, StrategyConfig, load_strategy_state, make_strategy, strategy_state
 from tests.federation.conftest import toy_run_config
 
-KINDS = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "fedmedian": FedMedian,
+KINDS = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "fedmedian": FedMedian,
          "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
 
 
@@ -45,6 +45,17 @@ def test_adaptive_strategy_state_survives_a_restart() -> None:
     load_strategy_state(fresh, strategy_state(strategy))
     np.testing.assert_array_equal(fresh.v_t["w"], strategy.v_t["w"])  # type: ignore[attr-defined]
     assert strategy_state(make_strategy(StrategyConfig(name="fedavg"))) == {}
+
+
+def test_server_momentum_survives_a_restart_in_weight_order() -> None:
+    strategy = make_strategy(StrategyConfig(name="fedavgm", server_momentum=0.5))
+    strategy.momentum_vector = [np.full(2, float(i), dtype=np.float32) for i in range(12)]  # type: ignore[attr-defined]
+    fresh = make_strategy(StrategyConfig(name="fedavgm", server_momentum=0.5))
+    load_strategy_state(fresh, strategy_state(strategy))
+    restored = fresh.momentum_vector  # type: ignore[attr-defined]
+    assert [float(v[0]) for v in restored] == [float(i) for i in range(12)]  # order kept past 10 entries
+    with pytest.raises(EchoFlowError, match="momentum_vector"):
+        load_strategy_state(make_strategy(StrategyConfig(name="fedadam")), strategy_state(strategy))
 
 
 def test_round_checkpoints_keep_the_latest_two(tmp_path: Path) -> None:
