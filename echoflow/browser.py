@@ -2,8 +2,9 @@
 
 Talks to Chromium over the DevTools protocol on a pipe (``--remote-debugging-pipe``: JSON messages ending in
 NUL, commands on the child's fd 3, replies on its fd 4), so no port, no websocket library and no network are
-involved. An error is a ``console.error``/``console.assert`` call, an uncaught exception, or a browser log entry
-of level error (a missing image, a blocked resource). Used to check ``audit.html`` and the pipeline summary.
+involved. An error is a ``console.error``/``console.assert`` call, an uncaught exception, a browser log entry
+of level error (a missing image, a blocked resource), or an ``<img>`` that did not decode (``naturalWidth`` 0,
+e.g. a corrupt inline GIF, which logs nothing). Used to check ``audit.html`` and the pipeline summary.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ FLAGS = (
     "--remote-debugging-pipe",
 )
 MAX_HEIGHT = 16384  # px; Chromium's largest screenshot side
+UNDECODED_IMAGES = ("Promise.all(Array.from(document.images, i => i.decode().catch(() => null)))"
+                    ".then(() => Array.from(document.images).filter(i => i.naturalWidth === 0)"
+                    ".map(i => i.alt || i.src.slice(0, 80)))")
 
 
 def find_chromium() -> str | None:
@@ -49,7 +53,8 @@ def render(html_path: Path, png_path: Path, *, width: int = 1280, height: int = 
         timeout_s: for the whole render.
 
     Returns:
-        One line per console error, uncaught exception or error log entry; empty when the page is clean.
+        One line per console error, uncaught exception, error log entry or undecoded image; empty when the page
+        is clean.
 
     Raises:
         EchoFlowError: no Chromium on PATH, the page is missing or does not load, or Chromium stops answering.
@@ -99,13 +104,16 @@ class _Browser:
         self.wait_for("Page.loadEventFired", session)
         settle = "new Promise(done => requestAnimationFrame(() => setTimeout(done, 50)))"  # late errors surface
         self.call("Runtime.evaluate", {"expression": settle, "awaitPromise": True}, session=session)
+        undecoded = self.call("Runtime.evaluate", {"expression": UNDECODED_IMAGES, "awaitPromise": True,
+                                                   "returnByValue": True}, session=session)["result"]["value"]
         size = self.call("Page.getLayoutMetrics", session=session)["cssContentSize"]
         clip = {"x": 0, "y": 0, "width": width, "height": min(max(height, size["height"]), MAX_HEIGHT), "scale": 1}
         shot = self.call("Page.captureScreenshot", {"format": "png", "clip": clip, "captureBeyondViewport": True},
                          session=session)
         png_path.parent.mkdir(parents=True, exist_ok=True)
         png_path.write_bytes(base64.b64decode(shot["data"]))
-        return [line for event in self.events if (line := _error_line(event))]
+        return [line for event in self.events if (line := _error_line(event))] + [
+            f"img did not decode: {name}" for name in undecoded]
 
     def call(self, method: str, params: dict[str, Any] | None = None, *, session: str = "") -> dict[str, Any]:
         """Send one command and return its result, keeping the events that arrive meanwhile."""

@@ -149,7 +149,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     audited = once(cfg, "audit", lambda: audit(cfg))
     evaluated = once(cfg, "evaluate", lambda: evaluate(cfg, audited["released"]))
     summary = write_summary(Path(cfg.workdir), models=models, generated=generated, audited=audited,
-                            evaluated=evaluated)
+                            evaluated=evaluated, released=Path(cfg.workdir) / "audit" / "released",
+                            real_roots=cohort_roots(cfg))
     mlflow.log_artifacts(str(Path(cfg.workdir) / "summary"), "summary")
     mlflow.log_artifacts(str(Path(cfg.workdir) / "audit"), "audit")
     return summary

@@ -1,17 +1,22 @@
-"""The pipeline's summary: the EF-parity table, EF scatter, per-site loss curves — JSON, Markdown, HTML, MLflow."""
+"""The pipeline's summary: EF-parity table, EF scatter, per-site loss curves, generated vs real videos per EF range.
+
+Written as JSON, Markdown, a self-contained HTML page and MLflow metrics. The page and its ``previews/`` GIFs show
+real videos (site data): they stay in the operator's working directory and never go under ``released/``.
+"""
 
 from __future__ import annotations
 
 import html
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import mlflow
 
-from echoflow.figures import png_base64
+from echoflow.data.echonet import VideoRecord, read_cohort
+from echoflow.figures import ef_previews, png_base64
 
 
 def parity_rows(evaluated: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -66,9 +71,18 @@ def _losses(history: Mapping[str, list[dict[str, Any]]]) -> Any:
     return fig
 
 
+def _train_records(roots: Sequence[Path]) -> list[VideoRecord]:
+    return [record for root in roots for record in read_cohort(root).records if record.split == "TRAIN"]
+
+
 def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mapping[str, Any],
-                  audited: Mapping[str, Any], evaluated: Mapping[str, Any]) -> dict[str, Any]:
-    """Write ``<workdir>/summary/{summary.json,summary.md,summary.html,*.png}`` and log the headline metrics."""
+                  audited: Mapping[str, Any], evaluated: Mapping[str, Any], released: Path | None = None,
+                  real_roots: Sequence[Path] = ()) -> dict[str, Any]:
+    """Write ``<workdir>/summary/{summary.json,summary.md,summary.html,*.png,previews/*.gif}``; log the headline.
+
+    ``released`` (the audit's ``released/`` cohort folder) and ``real_roots`` (the sites' cohort folders, whose
+    TRAIN videos are used) feed the generated-vs-real previews (`ef_previews`); without them there are none.
+    """
     out = workdir / "summary"
     out.mkdir(parents=True, exist_ok=True)
     rows = parity_rows(evaluated)
@@ -91,6 +105,8 @@ def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mappin
     summary = {"headline": headline, "parity": rows, "generated": dict(generated), "audit": dict(audited),
                "rounds": models["rounds"], "latent_scale": models["latent_scale"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    videos = ef_previews(read_cohort(released).records if released else [], _train_records(real_roots),
+                         out / "previews") if released or real_roots else ""
     body = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in headline.items())
     table = "".join(f"<tr><td>{r['trained on']}</td><td>{r['tested on']}</td><td>{r['mae']:.2f}</td>"
                     f"<td>{r['rmse']:.2f}</td><td>{r['r2']:.3f}</td><td>{r['n']}</td></tr>" for r in rows)
@@ -101,7 +117,7 @@ def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mappin
         f"</tr>{table}</table>"
         + "".join(f"<h2>{name.replace('_', ' ')}</h2><img alt='{name}' src='data:image/png;base64,{data}'>"
                   for name, data in images.items())
-        + "</body></html>")
+        + videos + "</body></html>")
     if mlflow.active_run() is not None:
         mlflow.log_metrics({f"parity.{r['trained on'].replace('+', '_and_')}.{r['tested on']}.{k}": float(r[k])
                             for r in rows for k in ("mae", "rmse", "r2")}

@@ -1,7 +1,9 @@
 """The audit's record: ``audit.json``, a self-contained ``audit.html``, and MLflow logging.
 
 ``audit.json`` follows ``audit.schema.json`` (beside this file); ``audit.html`` inlines its figures as base64
-PNG and has no scripts and no links, so it opens anywhere, offline.
+PNG (GIF for the animated previews) and has no scripts and no links, so it opens anywhere, offline. The page
+and its ``previews/`` GIFs show real frames (closest pairs, real videos per EF range): they stay in the
+operator's working directory and never go under ``released/`` (see `echoflow.figures`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from matplotlib.figure import Figure
 from echoflow.audit.calibrate import Calibration
 from echoflow.audit.canaries import DCRStats
 from echoflow.audit.decide import AuditResult
-from echoflow.figures import png_base64
+from echoflow.data.echonet import VideoRecord
+from echoflow.figures import ef_previews, png_base64
 
 SCHEMA_PATH = Path(__file__).with_name("audit.schema.json")
 APPROXIMATE_NOTE = (
@@ -128,8 +131,13 @@ def write_report(
     out_dir: Path,
     *,
     pairs: Sequence[tuple[np.ndarray, np.ndarray, str]] = (),
+    generated_videos: Sequence[VideoRecord] = (),
+    real_videos: Sequence[VideoRecord] = (),
 ) -> tuple[Path, Path]:
     """Write ``audit.json`` and ``audit.html`` into ``out_dir``; return both paths.
+
+    With videos given, the page also shows a generated and a real video per EF range (`ef_previews`), whose
+    GIFs are written to ``out_dir/previews/``.
 
     Args:
         report: `build_report` output.
@@ -137,6 +145,8 @@ def write_report(
         result: for the generated→real histogram.
         out_dir: created if missing.
         pairs: optional closest (generated, real) thumbnails, each (H, W) or (1, H, W) in [-1, 1], with a caption.
+        generated_videos: the audited videos' FileList records (EF = requested EF).
+        real_videos: real videos' records (site data, shown on this page only).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out_dir / "audit.json", out_dir / "audit.html"
@@ -151,6 +161,7 @@ def write_report(
     canaries = "".join(f"<li>{html.escape(t)}: {c['caught']}/{c['planted']} caught</li>"
                        for t, c in report.get("canaries", {}).items())
     counts, approx = report["counts"], report["approximate"]
+    videos = ef_previews(generated_videos, real_videos, out_dir / "previews") if generated_videos or real_videos else ""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>EchoFlow audit</title></head><body>",
         f"<h1>EchoFlow privacy audit: {report['status']}</h1>",
@@ -164,6 +175,7 @@ def write_report(
         f"<h2>Similarities</h2><img alt='histogram' src='data:image/png;base64,{_histogram(result, calibration)}'>"
         if not result.failed else "",
         f"<h2>Closest pairs</h2><img alt='pairs' src='data:image/png;base64,{_pairs_figure(pairs)}'>" if pairs else "",
+        videos,
         "</body></html>",
     ]
     html_path.write_text("".join(parts))
@@ -171,7 +183,7 @@ def write_report(
 
 
 def log_to_mlflow(report: Mapping[str, Any], paths: Sequence[Path]) -> bool:
-    """Log counts and timing as metrics and the report files as artifacts to the active MLflow run.
+    """Log counts and timing as metrics, the report files and their ``previews/`` GIFs as artifacts (MLflow).
 
     Returns False (and logs nothing) when no run is active.
     """
@@ -187,4 +199,7 @@ def log_to_mlflow(report: Mapping[str, Any], paths: Sequence[Path]) -> bool:
     })
     for path in paths:
         mlflow.log_artifact(str(path), artifact_path="audit")
+    previews = paths[0].parent / "previews"
+    if previews.is_dir():
+        mlflow.log_artifacts(str(previews), artifact_path="audit/previews")
     return True

@@ -318,8 +318,10 @@ def run_audit(*, vae: AdversarialVAE, reid: nn.Module, train: Sequence[SiteData]
     report["run"] = {"mode": settings.mode, "generated_dir": str(generated_dir), "index_dir": str(index_dir),
                      "every": settings.every, "real_frames": settings.real_frames, "similarity": settings.similarity,
                      "problems": generated.problems, "seconds": time.perf_counter() - start}
-    pairs = [] if settings.mode != "local" or result.failed else _pairs(result, genuine, mixed, real, settings.pairs)
-    paths = write_report(report, calibration, result, out, pairs=pairs)
+    local = settings.mode == "local"  # a federated audit's real frames stay at their sites: none on the page
+    pairs = _pairs(result, genuine, mixed, real, settings.pairs) if local and not result.failed else []
+    paths = write_report(report, calibration, result, out, pairs=pairs, generated_videos=generated.records,
+                         real_videos=[r for site in train for r in site.records if local])
     return AuditOutcome(report, paths, result, plan, decisions, released)
 
 
@@ -332,5 +334,6 @@ def _pairs(result: AuditResult, genuine: np.ndarray, mixed: np.ndarray, real: Ma
         site, real_id = str(result.site[row]), int(result.real_id[row])
         refs = real[site].train.refs
         real_frame = to_unit(real[site].videos[int(refs.video[real_id])][None, int(refs.frame[real_id])])[0]
-        pairs.append((mixed[row], real_frame, f"#{row}: {site} sim {result.similarity[row]:.3f}"))
+        verdict = "released" if result.release[row] else "withheld"
+        pairs.append((mixed[row], real_frame, f"#{row} {verdict}: {site} sim {result.similarity[row]:.3f}"))
     return pairs

@@ -6,6 +6,7 @@ import numpy as np
 
 from echoflow.audit import audit, build_report, dcr_stats, write_report
 from echoflow.audit.report import SCHEMA_PATH
+from tests.ef_videos import write_ef_videos
 
 
 def test_json_validates_and_html_is_self_contained(cohort: dict, tmp_path) -> None:
@@ -19,13 +20,21 @@ def test_json_validates_and_html_is_self_contained(cohort: dict, tmp_path) -> No
         dcr=dcr_stats(result.similarity, result.similarity - 0.1, n_train=3000, n_heldout=150),
     )
     pairs = [(np.zeros((1, 8, 8)), np.ones((8, 8)), "#0 sim 1.000")]
-    json_path, html_path = write_report(report, cohort["calibration"], result, tmp_path, pairs=pairs)
+    generated = write_ef_videos(tmp_path / "generated", [38.0, 41.0, 80.0], site="synthetic", frames=20)
+    real = write_ef_videos(tmp_path / "site_a", [60.0], site="site_a", frames=20, seed=1)
+    out = tmp_path / "audit"
+    json_path, html_path = write_report(report, cohort["calibration"], result, out, pairs=pairs,
+                                        generated_videos=generated, real_videos=real)
     schema = json.loads(SCHEMA_PATH.read_text())
     jsonschema.validate(json.loads(json_path.read_text()), schema)
     assert report["counts"]["withheld"] >= 5
     page = html_path.read_text()
     assert "http" not in page.lower() and "<script" not in page.lower()
-    assert len(re.findall(r"data:image/png;base64,", page)) == 2
+    assert len(re.findall(r"data:image/png;base64,", page)) == 2 + 4  # histogram, pairs, 4 first frames
+    assert len(re.findall(r"data:image/gif;base64,", page)) == 4 and page.count("no video in this range") == 2
+    assert sorted(p.name for p in (out / "previews").iterdir()) == [
+        "ef_40_to_55_generated.gif", "ef_55_and_above_generated.gif", "ef_55_and_above_real.gif",
+        "ef_below_40_generated.gif"]
 
 
 def test_failed_audit_report_validates(cohort: dict, tmp_path) -> None:
