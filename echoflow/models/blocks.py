@@ -64,30 +64,34 @@ def conv(in_channels: int, out_channels: int, *, video: bool, kernel: int = 3) -
 
 
 class ResBlock(nn.Module):
-    """Pre-activation residual block conditioned by FiLM: the embedding scales and shifts the second norm.
+    """Pre-activation residual block, (GroupNorm, SiLU, conv) x 2, optionally conditioned by FiLM.
 
-    Scale-shift after the norm (as in ADM), not a bias before it: with one channel per group GroupNorm
-    would erase a per-channel bias, and with it all conditioning.
+    With ``emb_dim`` the embedding scales and shifts the second norm — after the norm (as in ADM), not a bias
+    before it: with one channel per group GroupNorm would erase a per-channel bias, and with it all conditioning.
+    Without it (the VAE, the re-id encoder) the block is unconditioned.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, emb_dim: int, video: bool) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, emb_dim: int | None = None, video: bool = False) -> None:
         super().__init__()
         self.norm1 = group_norm(in_channels)
         self.conv1 = conv(in_channels, out_channels, video=video)
-        self.emb = nn.Linear(emb_dim, 2 * out_channels)
+        self.emb = nn.Linear(emb_dim, 2 * out_channels) if emb_dim is not None else None
         self.norm2 = group_norm(out_channels)
         self.conv2 = conv(out_channels, out_channels, video=video)
         self.skip = (
             nn.Identity() if in_channels == out_channels else conv(in_channels, out_channels, video=video, kernel=1)
         )
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """x: (B, C_in, [T,] H, W), emb: (B, emb_dim) -> (B, C_out, [T,] H, W)."""
-        h = self.conv1(F.silu(self.norm1(x)))
-        film = self.emb(F.silu(emb))
-        scale, shift = film.view(*film.shape, *([1] * (x.dim() - 2))).chunk(2, dim=1)
-        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
-        return self.skip(x) + h
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        """x: (B, C_in, [T,] H, W), emb: (B, emb_dim) when conditioned -> (B, C_out, [T,] H, W)."""
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
+        if self.emb is not None:
+            if emb is None:
+                raise ValueError("ResBlock: built with emb_dim, called without an embedding")
+            film = self.emb(F.silu(emb))
+            scale, shift = film.view(*film.shape, *([1] * (x.dim() - 2))).chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        return self.skip(x) + self.conv2(F.silu(h))
 
 
 class Attention(nn.Module):

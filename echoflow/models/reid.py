@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from echoflow.errors import EchoFlowError
-from echoflow.models.blocks import group_norm
-from echoflow.models.vae import ResBlock
+from echoflow.models.blocks import ResBlock, group_norm
 
 
 class ReidEncoder(nn.Module):

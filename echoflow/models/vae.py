@@ -35,27 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from echoflow.errors import EchoFlowError
-from echoflow.models.blocks import group_norm
-
-
-class ResBlock(nn.Module):
-    """Pre-activation residual block: (GroupNorm, SiLU, 3x3 conv) x 2 plus a 1x1 skip when channels change."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            group_norm(in_channels),
-            nn.SiLU(),
-            nn.Conv2d(in_channels, out_channels, 3, padding=1),
-            group_norm(out_channels),
-            nn.SiLU(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
-        )
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, in_channels, H, W) -> (B, out_channels, H, W)."""
-        return self.skip(x) + self.body(x)
+from echoflow.models.blocks import ResBlock, group_norm
 
 
 @dataclass(frozen=True)
