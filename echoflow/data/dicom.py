@@ -1,15 +1,31 @@
 """Ultrasound DICOM -> grayscale clips in the EchoNet layout, de-identified.
 
 Reads Ultrasound (Multi-frame) Image Storage files: MONOCHROME1/2, RGB, YBR_FULL(_422), uncompressed or
-compressed (JPEG baseline decodes through pylibjpeg or Pillow). Each clip is cropped to the ultrasound region
-(the largest 2D region of SequenceOfUltrasoundRegions, else the fan's bounding box found from the pixels), so
-burned-in text and ECG traces are cut away, then made grayscale and resized to ``size`` x ``size``.
+compressed (JPEG baseline decodes through pylibjpeg or Pillow). Other SOP classes are refused, Secondary Capture
+included: such screen grabs carry the scanner's whole screen, patient banner and all.
 
-De-identification: nothing read from a DICOM header reaches an output file or log line except pixel data
-(cropped), the frame rate and the frame count. PatientID becomes ``sha256(salt + PatientID)[:16]`` so one
-patient's studies stay linked (keep the salt secret and reuse it across ingests); the video name derives
-from a salted hash of SOPInstanceUID. Skipped inputs are named by their position in the sorted file list
-(``input #3``), never by path, because hospital paths and file names often carry names or UIDs.
+De-identification follows the DICOM PS3.15 Basic Application Level Confidentiality Profile (Annex E) with its
+Clean Pixel Data Option, by allow-list: outputs (``Videos/*.avi``, ``FileList.csv``, ``ingest_log.txt``) are
+built from scratch, so no header element reaches them unless listed here. The elements we read and their fate:
+
+* PatientID (0010,0020), profile action Z: replaced by the dummy ``sha256(salt + PatientID)[:16]``, so one
+  patient's studies stay linked (keep the salt secret and reuse it across ingests).
+* SOPInstanceUID (0008,0018), action U: replaced by a salted hash, consistently (it names the video).
+* Pixel Data (7FE0,0010), Clean Pixel Data Option: cropped to the ultrasound region and, in a cine, every pixel
+  that never changes is blanked (see `clean_pixels`); Burned In Annotation (0028,0301) ``YES`` with nothing to
+  clean by (no ultrasound region and no motion) refuses the file.
+* Kept, as the profile keeps them (no identifying content): Modality (0008,0060), SOPClassUID (0008,0016),
+  TransferSyntaxUID (0002,0010), Rows/Columns (0028,0010/0011), NumberOfFrames (0028,0008), SamplesPerPixel
+  (0028,0002), PhotometricInterpretation (0028,0004), BitsStored (0028,0101), FrameTime (0018,1063), CineRate
+  (0018,0040), RecommendedDisplayFrameRate (0008,2144), SequenceOfUltrasoundRegions (0018,6011) geometry. Only
+  the frame rate and frame count reach the outputs; modality and SOP class name may appear in a skip line.
+* Everything else (PatientName, PatientBirthDate, InstitutionName, physicians, AccessionNumber, dates, times,
+  Study/Series UIDs, device serials, ...; profile actions X/Z/D/U) is never read, hence never written.
+
+Skipped inputs are named by their position in the sorted file list (``input #3``), never by path, because
+hospital paths and file names often carry names or UIDs. Inputs must be regular, non-empty files inside the
+DICOM folder (a link out of it is refused), and a header declaring more pixels than ``echonet.MAX_*`` allow is
+refused before any pixel is decoded.
 
 EF comes from an optional CSV with an ``EF`` column keyed by ``SOPInstanceUID`` or ``FileName`` (path
 relative to the DICOM folder, base name, or stem). Clips without EF get a blank EF cell; read such folders
@@ -19,8 +35,12 @@ with ``read_cohort(..., require_ef=False)`` for EF-free uses (VAE, image flow, r
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,16 +48,32 @@ import numpy as np
 import pandas as pd
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 
-from echoflow.data.echonet import VideoRecord, read_cohort, resize_frames, write_avi, write_filelist
+from echoflow.data.echonet import (
+    VideoRecord,
+    file_problem,
+    read_cohort,
+    resize_frames,
+    size_problem,
+    write_avi,
+    write_filelist,
+)
 from echoflow.errors import EchoFlowError
 
 HASH_CHARS = 16
+US_IMAGE_STORAGE = frozenset({
+    "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image Storage
+    "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image Storage
+    "1.2.840.10008.5.1.4.1.1.6",  # Ultrasound Image Storage (retired, still written by old scanners)
+    "1.2.840.10008.5.1.4.1.1.3",  # Ultrasound Multi-frame Image Storage (retired)
+})
+STILL_RANGE = 4  # grey levels: a pixel varying less over a cine is an overlay (text, calipers), not echo signal
+MIN_MOVING = 0.2  # blank still pixels only when at least this share of the crop moves (else it is a still cine)
 
 
 class UnusableDicom(EchoFlowError):
-    """A file that cannot become a clip; ``reason`` is worded without any header value."""
+    """A file that cannot become a clip; ``reason`` is worded without any identifying header value."""
 
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
@@ -49,7 +85,7 @@ class UltrasoundClip:
     """One decoded ultrasound file (holds identifiers: keep in memory only).
 
     Attributes:
-        frames: (T, H, W) uint8 grayscale, cropped to the ultrasound region, not resized.
+        frames: (T, H, W) uint8 grayscale, cleaned by `clean_pixels`, not resized.
         fps: frames per second (1.0 for a single frame without timing).
         patient_id: the raw PatientID ("" if absent). instance_uid: the raw SOPInstanceUID.
     """
@@ -65,21 +101,48 @@ def pseudonym(salt: str, value: str) -> str:
     return hashlib.sha256((salt + value).encode()).hexdigest()[:HASH_CHARS]
 
 
-def read_ultrasound(path: Path) -> UltrasoundClip:
-    """Decode an ultrasound DICOM to a cropped grayscale clip.
+def read_ultrasound(path: Path, *, root: Path | None = None) -> UltrasoundClip:
+    """Decode an ultrasound DICOM to a cleaned grayscale clip.
+
+    Args:
+        path: the DICOM file.
+        root: when given, ``path`` must lie inside it once links are resolved.
 
     Raises:
-        UnusableDicom: not DICOM, not US, no pixel data, undecodable pixels, unknown frame rate.
+        UnusableDicom: not a regular non-empty file (inside ``root``), not DICOM, not US image storage, no or
+            undecodable pixel data, too large, malformed header, unknown frame rate, uncleanable burned-in text.
     """
+    problem = file_problem(path, root)
+    if problem is not None:
+        raise UnusableDicom(path, problem)
+    with _pydicom_silenced():
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as err:  # a parser fed hostile bytes raises anything from EOFError to struct.error
+            raise UnusableDicom(path, "not DICOM") from err
+        try:
+            return _clip(ds, path)
+        except UnusableDicom:
+            raise
+        except Exception as err:  # pydicom parses elements lazily: a hostile value fails on first access
+            raise UnusableDicom(path, f"malformed header ({type(err).__name__})") from err
+
+
+@contextmanager
+def _pydicom_silenced() -> Iterator[None]:
+    """Mute pydicom's warnings and log records: they quote header values (``Invalid value for VR DA: '...'``)."""
+    logger = logging.getLogger("pydicom")
+    was_disabled, logger.disabled = logger.disabled, True
     try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as err:
-        raise UnusableDicom(path, "not DICOM") from err
-    modality = str(ds.get("Modality", "") or "")
-    if modality != "US":
-        raise UnusableDicom(path, f"modality {modality if modality.isalnum() else 'missing'}, not US")
-    if "PixelData" not in ds:
-        raise UnusableDicom(path, "no pixel data")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled = was_disabled
+
+
+def _clip(ds: Dataset, path: Path) -> UltrasoundClip:
+    _check_image(ds, path)
     try:
         pixels = np.asarray(ds.pixel_array)
     except Exception as err:  # decoders raise anything from ValueError to NotImplementedError
@@ -92,9 +155,29 @@ def read_ultrasound(path: Path) -> UltrasoundClip:
         if len(gray) > 1:
             raise UnusableDicom(path, "no frame timing (FrameTime, CineRate, RecommendedDisplayFrameRate)")
         fps = 1.0
-    y0, y1, x0, x1 = ultrasound_box(ds, gray, coloured)
-    return UltrasoundClip(gray[:, y0:y1, x0:x1].copy(), round(fps, 2), str(ds.get("PatientID", "") or ""),
+    return UltrasoundClip(clean_pixels(ds, gray, coloured, path), round(fps, 2), str(ds.get("PatientID", "") or ""),
                           str(ds.get("SOPInstanceUID", "") or ""))
+
+
+def _check_image(ds: Dataset, path: Path) -> None:
+    """Refuse what is not an ultrasound image we may decode: modality, SOP class, pixel data, declared size."""
+    modality = str(ds.get("Modality", "") or "")
+    if modality != "US":
+        raise UnusableDicom(path, f"modality {modality if modality.isalnum() else 'missing'}, not US")
+    sop_class = UID(str(ds.get("SOPClassUID", "") or ""))
+    if sop_class not in US_IMAGE_STORAGE:
+        known = sop_class.is_valid and sop_class.name != str(sop_class)  # a private UID could name its maker
+        raise UnusableDicom(path, f"SOP class {sop_class.name if known else 'unknown'} is not ultrasound image "
+                                  "storage")
+    if "PixelData" not in ds:
+        raise UnusableDicom(path, "no pixel data")
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows < 1 or columns < 1:
+        raise UnusableDicom(path, "no image size (Rows, Columns)")
+    problem = size_problem(int(ds.get("NumberOfFrames", 1) or 1), rows, columns,
+                           samples=int(ds.get("SamplesPerPixel", 1) or 1))
+    if problem is not None:
+        raise UnusableDicom(path, problem)
 
 
 def _grayscale(ds: Dataset, pixels: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -135,21 +218,50 @@ def frame_rate(ds: Dataset) -> float | None:
     return None
 
 
-def ultrasound_box(ds: Dataset, gray: np.ndarray, coloured: np.ndarray) -> tuple[int, int, int, int]:
-    """Crop box ``(y0, y1, x0, x1)`` (end-exclusive) of the ultrasound image in (T, H, W) ``gray``.
+def clean_pixels(ds: Dataset, gray: np.ndarray, coloured: np.ndarray, path: Path) -> np.ndarray:
+    """Burned-in text removed from (T, H, W) ``gray``: the Clean Pixel Data step of de-identification.
 
-    The largest 2D region of SequenceOfUltrasoundRegions when it lies inside the image (files resized after
-    acquisition keep the original coordinates; those fall back), else the fan's bounding box: pixels that
-    change over time (any bright pixel for a single frame), colour excluded, reduced to the longest run of
-    columns, then rows, holding at least 5 % of the peak activity, so static text and thin ECG bands drop out.
+    1. Crop to the ultrasound region (`ultrasound_region`), else to the fan found from the pixels (`fan_box`);
+       text, patient banner, ECG trace and toolbar around the image are cut away.
+    2. In a cine where at least ``MIN_MOVING`` of the crop moves, blank (set to 0) every pixel whose grey level
+       varies by at most ``STILL_RANGE`` over the clip: echo speckle always changes, overlays drawn inside the
+       crop (text in the corners of the fan's box, depth marks, calipers) do not.
+
+    Raises:
+        UnusableDicom: BurnedInAnnotation is ``YES`` but neither step applies (a single frame or a still cine
+            without ultrasound region): the text could not be told from the image.
     """
-    height, width = gray.shape[1:]
+    region = ultrasound_region(ds, *gray.shape[1:])
+    y0, y1, x0, x1 = region if region is not None else fan_box(gray, coloured)
+    frames = gray[:, y0:y1, x0:x1].copy()
+    still = (frames.max(0) - frames.min(0)) <= STILL_RANGE
+    if len(frames) > 1 and still.mean() <= 1.0 - MIN_MOVING:
+        frames[:, still] = 0
+    elif region is None and str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+        raise UnusableDicom(path, "burned-in annotation cannot be removed (no ultrasound region, no motion)")
+    return frames
+
+
+def ultrasound_region(ds: Dataset, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """Crop box ``(y0, y1, x0, x1)`` (end-exclusive) of the largest 2D SequenceOfUltrasoundRegions entry.
+
+    None when there is none inside the ``height`` x ``width`` image (files resized after acquisition keep the
+    original coordinates).
+    """
     regions = [r for r in ds.get("SequenceOfUltrasoundRegions", []) if r.get("RegionSpatialFormat", 0) == 1]
     boxes = [(int(r.RegionLocationMinY0), int(r.RegionLocationMaxY1) + 1, int(r.RegionLocationMinX0),
               int(r.RegionLocationMaxX1) + 1) for r in regions if "RegionLocationMaxY1" in r]
     inside = [b for b in boxes if 0 <= b[0] < b[1] <= height and 0 <= b[2] < b[3] <= width]
-    if inside:
-        return max(inside, key=lambda b: (b[1] - b[0]) * (b[3] - b[2]))
+    return max(inside, key=lambda b: (b[1] - b[0]) * (b[3] - b[2])) if inside else None
+
+
+def fan_box(gray: np.ndarray, coloured: np.ndarray) -> tuple[int, int, int, int]:
+    """Crop box ``(y0, y1, x0, x1)`` (end-exclusive) of the fan in (T, H, W) ``gray``, found from the pixels.
+
+    Pixels that change over time (any bright pixel for a single frame), colour excluded, reduced to the longest
+    run of columns, then rows, holding at least 5 % of the peak activity, so static text and thin ECG bands drop
+    out.
+    """
     signal = np.where(coloured, 0, gray).astype(np.float32)
     active = signal.std(0) > 2.0 if len(gray) > 1 else signal[0] > 16.0
     if active.mean() < 0.01:  # a nearly still cine: fall back to brightness
@@ -195,7 +307,8 @@ def ingest_dicom(dicom_dir: Path, out: Path, *, salt: str, size: int = 112,
     the summary also go to ``out/ingest_log.txt``.
 
     Args:
-        dicom_dir: folder searched recursively; every regular, non-hidden file is tried.
+        dicom_dir: folder searched recursively (links to folders are not followed); every non-hidden entry
+            but a folder is tried, and one that is no regular file inside ``dicom_dir`` gets a skip line.
         out: output site folder (its name is the site name).
         salt: secret prefix of every hash.
         size: output frame height = width, pixels.
@@ -207,12 +320,13 @@ def ingest_dicom(dicom_dir: Path, out: Path, *, salt: str, size: int = 112,
     if not dicom_dir.is_dir():
         raise EchoFlowError(f"{dicom_dir}: not a folder")
     ef_table = _read_ef_table(ef_csv) if ef_csv is not None else {}
-    inputs = sorted(p for p in dicom_dir.rglob("*")
-                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(dicom_dir).parts))
+    inputs = sorted(p for p in dicom_dir.rglob("*")  # every entry but real folders: links and FIFOs get a line
+                    if not (p.is_dir() and not p.is_symlink())
+                    and not any(part.startswith(".") for part in p.relative_to(dicom_dir).parts))
     report, names = IngestReport(), set()
     for number, path in enumerate(inputs, start=1):
         try:
-            clip = read_ultrasound(path)
+            clip = read_ultrasound(path, root=dicom_dir)
         except UnusableDicom as err:
             report.skipped.append(f"input #{number}: {err.reason}")
             report.reasons[err.reason.split(" (")[0]] += 1

@@ -7,6 +7,11 @@ byte-identical; we read anything FFmpeg decodes (EchoNet's own MJPEG/XVID files 
 NumberOfFrames, Split``) and optionally ``PatientID`` and ``Site`` (our cohorts write both; real EchoNet has
 neither, so each video is its own patient and the folder name is the site). A blank ``EF`` means "unknown"
 (ingested DICOM without an EF table): it is a problem row unless the reader is told ``require_ef=False``.
+
+Hostile folders: a data folder never reads outside itself (a FileName with a path in it, or a link leading out of
+the folder, is a problem row), only regular non-empty files are opened (a FIFO named like a video would block),
+and a video is measured from its header before decoding: one declaring more than ``MAX_FRAMES`` frames,
+``MAX_SIDE`` pixels a side or ``MAX_VOXELS`` pixels in all is refused before any frame is allocated.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ import torch.nn.functional as F
 from echoflow.errors import EchoFlowError
 
 SPLITS = ("TRAIN", "VAL", "TEST")
+MAX_SIDE = 4096  # pixels a side: a 4K ultrasound screen; a larger header lies or is hostile
+MAX_FRAMES = 10_000  # 6.7 min at 25 fps, far beyond any echo loop
+MAX_VOXELS = 2**30  # frames x height x width (x samples) of one video: 1 GiB as 8-bit gray
 FILELIST_COLUMNS = (
     "FileName", "EF", "ESV", "EDV", "FrameHeight", "FrameWidth", "FPS", "NumberOfFrames", "Split",
 )
@@ -85,18 +93,52 @@ def write_avi(path: Path, frames: np.ndarray, fps: float) -> None:
         container.mux(stream.encode(None))
 
 
-def read_avi(path: Path) -> np.ndarray:
-    """Decode a video to (T, H, W) uint8 grayscale; raise ``EchoFlowError`` naming the file if unreadable."""
+def size_problem(frames: int, height: int, width: int, *, samples: int = 1) -> str | None:
+    """Why a video of this (declared or decoded) size must not be decoded; None when it may."""
+    if frames > MAX_FRAMES or height > MAX_SIDE or width > MAX_SIDE or frames * height * width * samples > MAX_VOXELS:
+        channels = f"x{samples}" if samples > 1 else ""
+        return (f"too large: {frames} frames of {height}x{width}{channels} (limits: {MAX_FRAMES} frames, "
+                f"{MAX_SIDE} pixels a side, 2^{MAX_VOXELS.bit_length() - 1} values)")
+    return None
+
+
+def file_problem(path: Path, root: Path | None = None) -> str | None:
+    """Why ``path`` must not be opened: outside ``root`` (links resolved), missing, not a regular file, empty."""
+    if root is not None and not path.resolve().is_relative_to(root.resolve()):
+        return "link points outside the data folder"
+    if not path.exists():
+        return "file is missing"
     if not path.is_file():
-        raise EchoFlowError(f"{path}: video file is missing")
+        return "not a regular file"
+    if path.stat().st_size == 0:
+        return "empty file"
+    return None
+
+
+def read_avi(path: Path) -> np.ndarray:
+    """Decode a video to (T, H, W) uint8 grayscale; raise ``EchoFlowError`` naming the file if unreadable.
+
+    The header's frame count and size are checked against the limits before decoding (`size_problem`), and
+    again as frames arrive, since a header may also understate them.
+    """
+    problem = file_problem(path)
+    if problem is not None:
+        raise EchoFlowError(f"{path}: {problem}")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise EchoFlowError(f"{path}: no video stream")
             stream = container.streams.video[0]
             stream.thread_count = 1
-            declared = stream.frames
-            frames = [frame.to_ndarray(format="gray") for frame in container.decode(stream)]
+            declared, height, width = stream.frames, stream.codec_context.height, stream.codec_context.width
+            if height < 1 or width < 1:  # FFmpeg zeroes a size it refuses (e.g. 65535 x 65535)
+                raise EchoFlowError(f"{path}: no valid frame size in the header")
+            _refuse_oversize(path, declared, height, width)
+            stream.codec_context.options = {"max_pixels": str(MAX_SIDE * MAX_SIDE)}  # per-frame headers lie too
+            frames: list[np.ndarray] = []
+            for frame in container.decode(stream):
+                _refuse_oversize(path, len(frames) + 1, frame.height, frame.width)
+                frames.append(frame.to_ndarray(format="gray"))
     except EchoFlowError:
         raise
     except (av.FFmpegError, ValueError, OSError) as err:
@@ -106,6 +148,12 @@ def read_avi(path: Path) -> np.ndarray:
     if len(frames) < declared:  # FFmpeg may stop quietly at a cut that falls between two frames
         raise EchoFlowError(f"{path}: truncated video ({len(frames)} of {declared} frames decoded)")
     return np.stack(frames)
+
+
+def _refuse_oversize(path: Path, frames: int, height: int, width: int) -> None:
+    problem = size_problem(frames, height, width)
+    if problem is not None:
+        raise EchoFlowError(f"{path}: {problem}")
 
 
 def resize_frames(frames: np.ndarray, *, size: int) -> np.ndarray:
@@ -139,6 +187,9 @@ def read_cohort(root: Path, *, require_ef: bool = True) -> Cohort:
     filelist = root / "FileList.csv"
     if not filelist.is_file() or not (root / "Videos").is_dir():
         raise EchoFlowError(f"{root}: not an EchoNet-style dataset (needs FileList.csv and Videos/)")
+    problem = file_problem(filelist, root)
+    if problem is not None:
+        raise EchoFlowError(f"{filelist}: {problem}")
     try:
         table = pd.read_csv(filelist, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -164,9 +215,11 @@ def read_cohort(root: Path, *, require_ef: bool = True) -> Cohort:
 def _parse_row(row: dict[str, str], root: Path, *, require_ef: bool) -> VideoRecord:
     name = row["FileName"].strip()
     stem = name[:-4] if name.lower().endswith(".avi") else name
-    path = root / "Videos" / f"{stem}.avi"
     if not stem:
         raise EchoFlowError(f"{root / 'FileList.csv'}: row with blank FileName")
+    if any(c in stem for c in "/\\\0") or stem in (".", ".."):
+        raise EchoFlowError(f"{root / 'FileList.csv'}: FileName {name!r} is not a plain file name")
+    path = root / "Videos" / f"{stem}.avi"
 
     def number(column: str, *, positive: bool = True) -> float:
         text = row[column].strip()
@@ -174,6 +227,8 @@ def _parse_row(row: dict[str, str], root: Path, *, require_ef: bool) -> VideoRec
             value = float(text) if text else math.nan
         except ValueError:
             raise EchoFlowError(f"{path}: {column} {text!r} is not a number") from None
+        if text and not math.isfinite(value):
+            raise EchoFlowError(f"{path}: {column} {text!r} is not a finite number")
         if positive and not value > 0:
             raise EchoFlowError(f"{path}: {column} {text!r} must be a positive number")
         return value
@@ -184,8 +239,9 @@ def _parse_row(row: dict[str, str], root: Path, *, require_ef: bool) -> VideoRec
     split = row["Split"].strip().upper()
     if split not in SPLITS:
         raise EchoFlowError(f"{path}: Split {row['Split']!r} is not one of {'/'.join(SPLITS)}")
-    if not path.is_file():
-        raise EchoFlowError(f"{path}: video file is missing")
+    problem = file_problem(path, root)
+    if problem is not None:
+        raise EchoFlowError(f"{path}: {problem}")
     return VideoRecord(
         file_name=stem, path=path, ef=ef, esv=number("ESV", positive=False),
         edv=number("EDV", positive=False), fps=number("FPS"), num_frames=int(number("NumberOfFrames")),
