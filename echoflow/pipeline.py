@@ -19,7 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 from echoflow.audit.decide import AuditFailedError
 from echoflow.audit.embed import embed
 from echoflow.audit.run import AuditSettings, decide, embed_sites, run_audit
-from echoflow.centralized import cohort_roots, encode_sites, load_network, load_split, plain, save_network
+from echoflow.centralized import (
+    cohort_roots,
+    encode_sites,
+    load_network,
+    load_split,
+    plain,
+    save_network,
+    train_stages,
+)
 from echoflow.data.sites import load_sites
 from echoflow.errors import EchoFlowError
 from echoflow.evaluation import first_clips, measure_ef
@@ -36,14 +44,16 @@ FEDERATED = ("vae", "image_flow", "reid", "video_flow")
 
 
 def once(cfg: DictConfig, step: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``work`` unless ``<workdir>/pipeline/<step>.json`` records it as done; return its record."""
+    """Run ``work`` unless ``<workdir>/pipeline/<step>.json`` records it as done; return its record.
+
+    The record is always the one read back from the marker, so a fresh and a resumed run see the same values.
+    """
     marker = Path(cfg.workdir) / "pipeline" / f"{step}.json"
-    if marker.exists():
-        return cast(dict[str, Any], json.loads(marker.read_text()))
-    record = work()
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(record, indent=1))
-    return record
+    if not marker.exists():
+        record = work()
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(record, indent=1))
+    return cast(dict[str, Any], json.loads(marker.read_text()))
 
 
 def export_global(cfg: DictConfig, stage: str, round_folder: str) -> None:
@@ -56,11 +66,16 @@ def export_global(cfg: DictConfig, stage: str, round_folder: str) -> None:
 
 
 def train_models(cfg: DictConfig) -> dict[str, Any]:
-    """Federate the four EchoFlow stages in order; returns rounds, latent scale and per-site loss history.
+    """Train the four EchoFlow stages; returns rounds, latent scale and per-site loss history.
 
-    The VAE comes first (the federation pools the sites' latent moments into its latent scale); the latent
-    stages then train on the global VAE's latents, encoded at each site.
+    ``pipeline.training=federated`` (default): the sites federate the stages in order — the VAE first (the
+    federation pools the sites' latent moments into its latent scale), then the latent stages on the global
+    VAE's latents, encoded at each site. ``centralized``: the baseline on the pooled TRAIN split (resuming, or
+    reusing finished, models in ``<workdir>/<stage>/``); it has no rounds.
     """
+    if cfg.pipeline.training == "centralized":
+        vae = train_stages(cfg, FEDERATED)["vae"]
+        return {"latent_scale": float(cast(AdversarialVAE, vae).latent_scale), "rounds": {}, "history": {}}
     per_stage = {stage: dict(values) for stage, values in cfg.pipeline.federation.items()}
     states = federate(cfg, list(FEDERATED), per_stage=per_stage)
     for stage, state in states.items():

@@ -94,7 +94,9 @@ def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mappin
         "EF consistency of released videos (R²)": round(evaluated["consistency"]["r2"], 3),
         "Fréchet distance in re-id space (released vs real TEST first frames)": round(evaluated["frechet_reid"], 3),
     }
-    figures = {"ef_scatter": _scatter(evaluated), "loss_curves": _losses(models["history"])}
+    figures = {"ef_scatter": _scatter(evaluated)}
+    if models["history"]:  # federated rounds (centralized training has none)
+        figures["loss_curves"] = _losses(models["history"])
     images = {}
     for name, fig in figures.items():
         fig.savefig(out / f"{name}.png", dpi=90, bbox_inches="tight")
