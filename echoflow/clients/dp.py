@@ -34,6 +34,7 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
+from echoflow.clients.dp_engine import FastDPOptimizer, FastGradSampleModule
 from echoflow.errors import EchoFlowError
 from echoflow.training import Batch, Stage, Trainer
 
@@ -131,15 +132,18 @@ class PrivacyLedger:
         return ledger
 
 
-class NoiseOnlyOnEmpty:
-    """Wraps a stage so that an empty Poisson batch still makes a (noise-only) DP step.
+class PrivateStage:
+    """Wraps a stage for DP-SGD: per-sample hooks only on the group being trained, noise-only empty steps.
 
-    Poisson sampling draws no example with probability (1-q)^n. Skipping that step would reveal the draw;
-    instead every group gets zero per-sample gradients and its DPOptimizer adds noise as usual.
+    A group's loss may call another group's network (the VAE's generator loss runs the discriminator on the
+    reconstruction); that network's per-sample gradients would be thrown away by its own optimiser's
+    ``zero_grad``, so its hooks are off then. Poisson sampling draws no example with probability (1-q)^n.
+    Skipping that step would reveal the draw; instead every group gets zero per-sample gradients and its
+    DPOptimizer adds noise as usual.
     """
 
-    def __init__(self, stage: Stage) -> None:
-        self.stage, self.name = stage, stage.name
+    def __init__(self, stage: Stage, hooks: dict[str, GradSampleModule]) -> None:
+        self.stage, self.name, self.hooks = stage, stage.name, hooks
 
     def groups(self) -> dict[str, nn.Module]:
         """The wrapped stage's groups."""
@@ -147,6 +151,8 @@ class NoiseOnlyOnEmpty:
 
     def loss(self, group: str, batch: Batch, *, step: int) -> tuple[Tensor, dict[str, float]]:
         """The stage's loss, or a zero loss with empty per-sample gradients when the batch is empty."""
+        for name, hooks in self.hooks.items():
+            hooks.hooks_enabled = name == group
         if batch_size_of(batch) > 0:
             return self.stage.loss(group, batch, step=step)
         params = [p for p in self.groups()[group].parameters() if p.requires_grad]
@@ -186,18 +192,20 @@ def make_private(trainer: Trainer, ledger: PrivacyLedger, *, max_grad_norm: floa
         batch_size: expected Poisson batch size (the mean-loss denominator).
     """
     groups = trainer.stage.groups()
+    hooks: dict[str, GradSampleModule] = {}
     for name, net in groups.items():
         problems = ModuleValidator.validate(net, strict=False)
         if problems:
             raise EchoFlowError(f"dp: group {name!r} cannot be trained with DP-SGD: {problems[0]}")
-        GradSampleModule(net, loss_reduction="mean")  # hooks live on net's layers; the stage calls net itself
+        # hooks live on net's layers; the stage calls net itself
+        hooks[name] = FastGradSampleModule(net, loss_reduction="mean")
     sigma = ledger.noise_multiplier * math.sqrt(len(groups))
     for name in list(trainer.optimizers):
-        dp_optimizer = DPOptimizer(
+        dp_optimizer = FastDPOptimizer(
             trainer.optimizers[name], noise_multiplier=sigma, max_grad_norm=max_grad_norm,
             expected_batch_size=batch_size,
         )
         if name == "model":
             dp_optimizer.attach_step_hook(ledger.count_step)
         trainer.optimizers[name] = dp_optimizer
-    trainer.stage = NoiseOnlyOnEmpty(trainer.stage)
+    trainer.stage = PrivateStage(trainer.stage, hooks)

@@ -1,4 +1,5 @@
-"""Per-site DP-SGD: calibration, the cumulative ledger, empty Poisson batches, budget exhaustion (no Flower)."""
+"""Per-site DP-SGD: calibration, the cumulative ledger, empty Poisson batches, budget exhaustion, and the faster
+Opacus engine (per-sample gradients, the clipping bound, the noise) — no Flower."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from torch import nn
 
 from echoflow.clients.dp import DPConfig, PrivacyLedger, make_private, poisson_batches
+from echoflow.clients.dp_engine import FastDPOptimizer, FastGradSampleModule, conv_grad_sample
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import train_round
 from echoflow.clients.task import group_arrays
@@ -74,3 +78,79 @@ def test_site_stops_when_the_next_round_would_exceed_its_budget(tmp_path: Path) 
         arrays = result.arrays or arrays
     assert result.arrays is None and result.metrics["budget-exhausted"] == 1.0
     assert epsilons[0] < epsilons[1] == epsilons[2] <= 2.0
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv1d(3, 4, 3, padding=1),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1),
+        nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False),
+        nn.Conv3d(2, 4, (1, 3, 3), padding=(0, 1, 1)),
+        nn.Conv3d(2, 4, (3, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0)),
+    ],
+)
+def test_grouped_conv_grad_sample_equals_opacus(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
+    x = torch.randn(5, layer.in_channels, *[9] * (layer.weight.dim() - 2))
+    backprops = torch.randn_like(layer(x))
+    fast, reference = conv_grad_sample(layer, [x], backprops), compute_conv_grad_sample(layer, [x], backprops)
+    assert fast.keys() == reference.keys()
+    for p, grad in reference.items():
+        assert fast[p].shape == (5, *p.shape)
+        assert torch.allclose(fast[p], grad, atol=1e-5, rtol=1e-4)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU(),
+                                  nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(4 * 16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_fast_module_gives_each_samples_own_gradient_and_restores_trainable_weights() -> None:
+    torch.manual_seed(0)
+    net, x = ConvNet(), torch.randn(4, 2, 8, 8)
+    alone = [torch.autograd.grad(net(x[i:i + 1]).square().sum(), list(net.parameters())) for i in range(4)]
+    FastGradSampleModule(net, loss_reduction="sum")
+    net(x).square().sum().backward()
+    assert all(p.requires_grad for p in net.parameters())
+    assert net.body[3].weight.grad is None and net.body[0].weight.grad is not None  # summed grad skipped after input
+    for j, p in enumerate(net.parameters()):
+        for i in range(4):
+            assert torch.allclose(p.grad_sample[i], alone[i][j], atol=1e-5, rtol=1e-4)
+
+
+def test_dp_step_clips_every_sample_to_the_bound_before_summing() -> None:
+    torch.manual_seed(0)
+    net, x, bound = ConvNet(), torch.randn(6, 2, 8, 8), 0.5
+    x[0] *= 100  # one sample far above the bound, so an unclipped or batch-level clip would differ
+    alone = [torch.autograd.grad(net(x[i:i + 1]).square().sum(), list(net.parameters())) for i in range(6)]
+    norms = [torch.sqrt(sum(g.square().sum() for g in grads)) for grads in alone]
+    assert min(norms) > bound  # every sample is clipped: the expected sum is exactly known
+    expected = [sum(grads[j] * bound / (n + 1e-6) for grads, n in zip(alone, norms, strict=True))
+                for j in range(len(alone[0]))]
+    FastGradSampleModule(net, loss_reduction="sum")
+    optimizer = FastDPOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), noise_multiplier=0.0,
+                                max_grad_norm=bound, expected_batch_size=6, loss_reduction="sum")
+    net(x).square().sum().backward()
+    optimizer.step()
+    for p, want in zip(net.parameters(), expected, strict=True):
+        assert torch.allclose(p.grad, want, atol=1e-5, rtol=1e-4)
+    assert torch.sqrt(sum(p.grad.square().sum() for p in net.parameters())) <= 6 * bound + 1e-4
+
+
+def test_fast_optimizer_noise_has_the_mechanisms_std_and_mean_scaling() -> None:
+    torch.manual_seed(0)
+    net = nn.Linear(300, 200)
+    FastGradSampleModule(net, loss_reduction="mean")
+    sigma, bound, batch = 1.7, 0.3, 4
+    optimizer = FastDPOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), noise_multiplier=sigma,
+                                max_grad_norm=bound, expected_batch_size=batch)
+    (net(torch.zeros(2, 300)) * 0).sum().backward()  # zero per-sample gradients: p.grad is noise / batch
+    optimizer.step()
+    noise = torch.cat([p.grad.flatten() for p in net.parameters()]) * batch
+    assert noise.mean().abs() < 0.01 * sigma * bound
+    assert noise.std().item() == pytest.approx(sigma * bound, rel=0.01)
