@@ -21,12 +21,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from echoflow.clients.dp import PrivacyLedger
+from echoflow.clients.faults import inject_faults
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import evaluate, latent_moments, train_round
 
 LEDGER_KEY = "privacy-ledger"
 LEDGER_FILE = "privacy_ledger.json"
 LATENT_STATS = "latent_stats"  #: query action: moments of the global VAE's latents on the site's frames
+ROLL_CALL = "roll_call"  #: query action: the site names its index (the server maps node ids to sites)
 RUN_CONFIG = "run-config"  #: key of the server's run config (JSON) in a message's ``config`` record
 
 
@@ -45,13 +47,16 @@ def message_run_config(msg: Message) -> dict[str, Any]:
 
 def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose run config is ``defaults`` overridden by ``context.run_config``."""
-    app = ClientApp()
     base = dict(defaults or {})
+
+    def run_config_of(msg: Message, context: Context) -> dict[str, Any]:
+        return {**base, **context.run_config, **message_run_config(msg)}
+
+    app = ClientApp(mods=[inject_faults(run_config_of)])  # inert unless the run config plans faults (tests)
 
     def settings_of(msg: Message, context: Context) -> ClientSettings:
         torch.set_num_threads(1)  # one core per simulated site; sites run side by side
-        run_config = {**base, **context.run_config, **message_run_config(msg)}
-        return ClientSettings.from_context(run_config, context.node_config)
+        return ClientSettings.from_context(run_config_of(msg, context), context.node_config)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -81,6 +86,11 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         settings = settings_of(msg, context)
         moments = latent_moments(settings, msg.content.array_records["arrays"].to_torch_state_dict())
         return Message(content=RecordDict({"metrics": MetricRecord({**moments, "site": settings.site})}), reply_to=msg)
+
+    @app.query(ROLL_CALL)
+    def roll_call(msg: Message, context: Context) -> Message:
+        site = settings_of(msg, context).site
+        return Message(content=RecordDict({"metrics": MetricRecord({"site": site})}), reply_to=msg)
 
     return app
 

@@ -2,7 +2,8 @@
 
 Flower's ``Strategy.start`` always begins at round 1; ours begins after the latest checkpoint. Each round:
 train on the sampled sites, drop the replies of sites whose privacy budget is spent (they say so and send no
-weights), aggregate the rest, evaluate, checkpoint, log. The federation stops early only when no site can
+weights), leave out sites that fail and updates that fail screening (`echoflow.server.gather`), aggregate the
+rest in site order, evaluate, checkpoint, log. The federation stops early only when no site can
 train any more. After the last round of a stage whose weights carry a VAE ``latent_scale``, the sites pool
 their latent statistics into that global scale, written into the final checkpoint.
 """
@@ -15,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -23,7 +24,9 @@ from echoflow.clients.app import run_config_record
 from echoflow.clients.task import group_arrays, load_task
 from echoflow.errors import EchoFlowError
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
+from echoflow.server.gather import gather_evaluation, gather_training
 from echoflow.server.latent_scale import federated_latent_scale
+from echoflow.server.roster import Roster, merge_missing, roll_call
 from echoflow.server.settings import ServerSettings
 from echoflow.server.strategies import load_strategy_state, make_strategy, strategy_state
 from echoflow.server.tracking import RunTracker, round_metrics
@@ -51,14 +54,16 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
         log.info("resuming %s after round %d", settings.checkpoint_dir, state.round)
         load_strategy_state(strategy, state.strategy)
     tracker = _tracker(settings, state)
+    roster = roll_call(grid, run_config_record(settings.run_config), timeout_s=settings.timeout_s)
     try:
         for server_round in range(state.round + 1, settings.rounds + 1):
-            state = run_round(grid, strategy, state, server_round=server_round, settings=settings)
+            state = run_round(grid, strategy, state, server_round=server_round, settings=settings, roster=roster)
             save_round(settings.checkpoint_dir, state)
             if tracker is not None:
                 entry = state.history[-1]
                 tracker.log_round(server_round, round_metrics(entry["sites"], entry["aggregate"],
                                                               wall_s=entry["wall_s"]))
+                tracker.log_faults(server_round, missing=entry["missing"], rejected=entry["rejected"])
             if not entry_trained(state.history[-1]):
                 log.warning("round %d: no site could train (budgets spent); stopping", server_round)
                 break
@@ -78,33 +83,38 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
 
 
 def run_round(
-    grid: Grid, strategy: Strategy, state: FederationState, *, server_round: int, settings: ServerSettings
+    grid: Grid, strategy: Strategy, state: FederationState, *, server_round: int, settings: ServerSettings,
+    roster: Roster | None = None,
 ) -> FederationState:
-    """One round of training (+ evaluation); returns the next state (not yet saved)."""
+    """One round of training (+ evaluation); returns the next state (not yet saved).
+
+    Sites that crash, hang or drop out are left out and named in the round's ``missing``; updates that fail
+    screening in its ``rejected`` (`echoflow.server.gather`). ``roster`` maps node ids to sites.
+    """
     started = time.perf_counter()
     config = run_config_record(settings.run_config)
-    messages = strategy.configure_train(server_round, ArrayRecord(state.arrays), config, grid)
-    replies = list(grid.send_and_receive(messages, timeout=settings.timeout_s))
-    if replies and not _ok(replies):
-        reason = (replies[0].error.reason or "unknown error").strip().splitlines() or ["unknown error"]
-        raise EchoFlowError(f"round {server_round}: every site failed, e.g. {reason[-1]}")
-    per_site = _site_metrics(replies)
-    trained = [m for m in _ok(replies) if not m.content["metrics"]["budget-exhausted"]]
+    roster = Roster() if roster is None else roster
+    train = gather_training(grid, strategy, state.arrays, config, roster, server_round=server_round,
+                            settings=settings)
+    per_site = _site_metrics(train.replies)
     new_arrays = state.arrays
-    if trained:
-        aggregated, _ = strategy.aggregate_train(server_round, trained)
+    if train.updates:
+        aggregated, _ = strategy.aggregate_train(server_round, train.updates)
         if aggregated is not None:
             new_arrays = dict(aggregated.to_torch_state_dict())
+    missing = [train.missing]
     if settings.evaluate:
-        evaluated = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, ArrayRecord(new_arrays), config, grid),
-            timeout=settings.timeout_s)
-        for site, values in _site_metrics(evaluated).items():
+        evaluated = gather_evaluation(grid, strategy, new_arrays, config, roster, server_round=server_round,
+                                      settings=settings)
+        missing.append(evaluated.missing)
+        for site, values in _site_metrics(evaluated.replies).items():
             if "eval-loss" in values:  # a site without validation data is not evaluated
                 per_site.setdefault(site, {})["eval-loss"] = values["eval-loss"]
     sites = dict(state.sites) | {str(s): dict(v) for s, v in per_site.items()}
+    faults = {"sites-missing": float(len(train.missing)), "sites-rejected": float(len(train.rejected))}
     entry = {"round": server_round, "wall_s": time.perf_counter() - started, "sites": per_site,
-             "aggregate": _aggregate(per_site), "trained": len(trained)}
+             "aggregate": _aggregate(per_site) | faults, "trained": len(train.updates),
+             "missing": merge_missing(*missing), "rejected": train.rejected}
     return FederationState(round=server_round, arrays=new_arrays, strategy=strategy_state(strategy), sites=sites,
                            history=[*state.history, entry], run_config=state.run_config,
                            mlflow_run_id=state.mlflow_run_id)

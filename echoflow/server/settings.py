@@ -23,6 +23,9 @@ class ServerSettings:
         evaluation after each round. mlflow_uri: tracking URI ('' = no MLflow). mlflow_experiment,
         mlflow_parent_run_id, run_name: where and how the run is logged. run_config: the whole run config,
         sent to the sites with every message (so one run can federate several stages in turn).
+        min_sites: usable training replies a round needs, or it fails (`echoflow.server.roster`).
+        max_update_ratio: reject an update whose delta norm exceeds this multiple of the round's median
+        (0 = off; `echoflow.server.screening`).
     """
 
     task: str
@@ -40,6 +43,8 @@ class ServerSettings:
     mlflow_parent_run_id: str = ""
     run_name: str = "federation"
     run_config: dict[str, Any] = field(default_factory=dict)
+    min_sites: int = 1
+    max_update_ratio: float = 10.0
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerSettings:
@@ -66,6 +71,8 @@ class ServerSettings:
                 mlflow_parent_run_id=str(run_config.get("mlflow-parent-run-id", "")),
                 run_name=str(run_config.get("run-name", "federation")),
                 run_config=dict(run_config),
+                min_sites=int(run_config.get("min-sites", 1)),
+                max_update_ratio=float(run_config.get("max-update-ratio", 10.0)),
             )
         except KeyError as err:
             raise EchoFlowError(f"run_config: missing key {err}") from err

@@ -1,0 +1,68 @@
+"""Gather one round's replies despite faulty sites: attendance, update screening, quorum.
+
+Training: wait (at most the round timeout) until the strategy's ``min_nodes`` sites are connected, send the
+round, and keep the valid replies; `echoflow.server.roster` names the missing sites and
+`echoflow.server.screening` the rejected updates. The round goes on with the rest when at least
+``federation.min_sites`` sites sent a usable reply (an accepted update, or word that their privacy budget is
+spent); otherwise it raises, before anything is aggregated or checkpointed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from torch import Tensor
+
+from echoflow.server.roster import Attendance, Roster, require_quorum, take_attendance, wait_for_sites
+from echoflow.server.screening import screen_replies
+from echoflow.server.settings import ServerSettings
+
+
+@dataclass(frozen=True)
+class Training:
+    """What a round's training phase brought back.
+
+    Attributes:
+        replies: every valid reply (also those of sites whose budget is spent). updates: the accepted updates,
+        by site, for the strategy. missing: site label -> why it is absent. rejected: label -> why its update
+        was not aggregated.
+    """
+
+    replies: list[Message]
+    updates: list[Message]
+    missing: dict[str, str]
+    rejected: dict[str, str]
+
+
+def gather_training(
+    grid: Grid, strategy: Strategy, arrays: Mapping[str, Tensor], config: ConfigRecord, roster: Roster, *,
+    server_round: int, settings: ServerSettings,
+) -> Training:
+    """Run the training phase of ``server_round`` from the global ``arrays``; raise when too few sites answer."""
+    connected = wait_for_sites(grid, int(getattr(strategy, "min_available_nodes", 1)), timeout_s=settings.timeout_s,
+                               server_round=server_round)
+    sent = list(strategy.configure_train(server_round, ArrayRecord(dict(arrays)), config, grid))
+    attendance = take_attendance(sent, grid.send_and_receive(sent, timeout=settings.timeout_s), roster,
+                                 connected=connected, phase="train", timeout_s=settings.timeout_s)
+    trained = [(reply, label) for reply, label in zip(attendance.replies, attendance.labels, strict=True)
+               if not reply.content["metrics"].get("budget-exhausted", 0.0)]
+    updates, rejected = screen_replies([r for r, _ in trained], [label for _, label in trained], arrays,
+                                       max_ratio=settings.max_update_ratio, server_round=server_round)
+    exhausted = len(attendance.replies) - len(trained)
+    require_quorum(server_round, usable=len(updates) + exhausted, sampled=len(sent), min_sites=settings.min_sites,
+                   missing=attendance.missing, rejected=rejected)
+    return Training(replies=attendance.replies, updates=updates, missing=attendance.missing, rejected=rejected)
+
+
+def gather_evaluation(
+    grid: Grid, strategy: Strategy, arrays: Mapping[str, Tensor], config: ConfigRecord, roster: Roster, *,
+    server_round: int, settings: ServerSettings,
+) -> Attendance:
+    """Run the evaluation phase of ``server_round`` on the new global ``arrays`` (no quorum: it only measures)."""
+    sent = list(strategy.configure_evaluate(server_round, ArrayRecord(dict(arrays)), config, grid))
+    return take_attendance(sent, grid.send_and_receive(sent, timeout=settings.timeout_s), roster,
+                           connected=grid.get_node_ids(), phase="evaluate", timeout_s=settings.timeout_s)
