@@ -14,6 +14,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 import echoflow.server.loop as loop
 from echoflow.clients.dp import PrivacyLedger
+from echoflow.clients.faults import fault_at, random_fault_plan
 from echoflow.clients.task import group_arrays
 from echoflow.federation.simulation import SimulationConfig, simulate
 from echoflow.server.checkpoint import FederationState
@@ -98,3 +99,30 @@ def test_crashed_server_resumes_from_last_round(
 
     assert state.round == 2 and [e["round"] for e in state.history] == [1, 2]
     assert not torch.equal(flat(state.arrays), flat(first.arrays))
+
+
+def test_a_third_of_the_sites_failing_at_random_rounds_does_not_stop_the_federation(
+    tmp_path: Path, run_config: dict[str, Any]
+) -> None:
+    """2 of 6 sites crash, drop out or send NaN weights in seeded random rounds; every round completes."""
+    rounds = 4
+    plan = random_fault_plan(sites=6, rounds=rounds, faulty=2, rate=0.5, kinds=("crash", "drop", "nan"), seed=4)
+    config = run_config | {"rounds": rounds, "min-sites": 3, "fault-plan": json.dumps(plan)}
+
+    state = simulate(config, SimulationConfig(sites=6, client_cpus=1.0, num_cpus=1))
+
+    assert state.round == rounds and [e["round"] for e in state.history] == list(range(1, rounds + 1))
+    faults = 0
+    for entry in state.history:
+        planned = {site: fault_at(plan, int(site), entry["round"]) for site in plan}
+        crashed = {site for site, kind in planned.items() if kind in ("crash", "drop")}
+        assert set(entry["missing"]) == crashed, entry["missing"]
+        for site, why in entry["missing"].items():
+            assert f"site {site}: injected {planned[site]} in round {entry['round']}" in why
+        nan = "model.0.weight holds NaN or Inf"
+        assert entry["rejected"] == {site: nan for site, kind in planned.items() if kind == "nan"}
+        assert entry["trained"] == 6 - len(crashed) - len(entry["rejected"])
+        assert entry["aggregate"]["sites-missing"] == len(crashed)
+        faults += len(crashed) + len(entry["rejected"])
+    assert faults >= rounds  # the seeded plan hits every round
+    assert torch.isfinite(flat(state.arrays)).all()
