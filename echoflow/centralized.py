@@ -27,6 +27,7 @@ from echoflow.data.phantom import generate_cohort
 from echoflow.data.sites import ClipDataset, FrameDataset, PatientPairDataset, SiteData, load_sites
 from echoflow.errors import EchoFlowError
 from echoflow.models.vae import AdversarialVAE, measure_latent_scale
+from echoflow.progress import progress_bar
 from echoflow.stages import build_network, build_stage
 from echoflow.training import Batch, TrainConfig, Trainer, random_batches
 
@@ -68,13 +69,15 @@ def encode_sites(vae: AdversarialVAE, sites: Sequence[SiteData], *, batch_size: 
     """
     vae.eval()
     encoded = []
-    for site in sites:
-        latents = []
-        for video in site.videos:
-            frames = torch.from_numpy(video).float().div(127.5).sub(1.0).unsqueeze(1)
-            chunks = [vae.encode_latent(chunk) for chunk in frames.split(batch_size)]
-            latents.append(torch.cat(chunks).numpy().astype(np.float32))
-        encoded.append(replace(site, videos=latents))
+    with progress_bar("encode videos to latents", total=sum(len(site.videos) for site in sites)) as advance:
+        for site in sites:
+            latents = []
+            for video in site.videos:
+                frames = torch.from_numpy(video).float().div(127.5).sub(1.0).unsqueeze(1)
+                chunks = [vae.encode_latent(chunk) for chunk in frames.split(batch_size)]
+                latents.append(torch.cat(chunks).numpy().astype(np.float32))
+                advance(1)
+            encoded.append(replace(site, videos=latents))
     return encoded
 
 

@@ -18,15 +18,18 @@ from echoflow.errors import EchoFlowError
 from echoflow.models.flow import Method, Target, sample
 from echoflow.models.vae import AdversarialVAE
 from echoflow.models.video_flow import LatentVideoFlow, animate
+from echoflow.progress import progress_bar
 
 
 @torch.no_grad()
 def sample_latent_frames(flow: nn.Module, n: int, *, shape: Sequence[int], steps: int, method: Method,
                          target: Target, batch_size: int = 64, generator: torch.Generator | None = None) -> Tensor:
-    """``n`` latent frames (n, C, h, w) from the latent image flow."""
+    """``n`` latent frames (n, C, h, w) from the latent image flow (progress: ODE steps of all batches)."""
     flow.eval()
-    chunks = [sample(flow, torch.randn(min(batch_size, n - i), *shape, generator=generator), steps=steps,
-                     method=method, target=target) for i in range(0, n, batch_size)]
+    starts = range(0, n, batch_size)
+    with progress_bar(f"sample {n} latent frames (ODE steps)", total=len(starts) * steps) as advance:
+        chunks = [sample(flow, torch.randn(min(batch_size, n - i), *shape, generator=generator), steps=steps,
+                         method=method, target=target, advance=advance) for i in starts]
     return torch.cat(chunks)
 
 
@@ -34,22 +37,31 @@ def sample_latent_frames(flow: nn.Module, n: int, *, shape: Sequence[int], steps
 def animate_frames(video_flow: nn.Module, first: Tensor, ef: Tensor, *, frames: int, window: int, steps: int,
                    method: Method, target: Target, guidance: float, batch_size: int = 16,
                    generator: torch.Generator | None = None) -> Tensor:
-    """Latent clips (N, C, frames, h, w) starting from latent frames ``first`` (N, C, h, w) at ``ef`` (N,) percent."""
+    """Latent clips (N, C, frames, h, w) starting from latent frames ``first`` (N, C, h, w) at ``ef`` (N,) percent.
+
+    Progress counts clip frames, advanced window by window.
+    """
     if not isinstance(video_flow, LatentVideoFlow):
         raise EchoFlowError(f"video_flow: expected a LatentVideoFlow, got {type(video_flow).__name__}")
     video_flow.eval()
-    return torch.cat([
-        animate(video_flow, f, e, frames=frames, window=window, steps=steps, method=method, target=target,
-                guidance=guidance, generator=generator)
-        for f, e in zip(first.split(batch_size), ef.split(batch_size), strict=True)
-    ])
+    with progress_bar(f"animate {len(first)} clips (frames)", total=len(first) * frames) as advance:
+        return torch.cat([
+            animate(video_flow, f, e, frames=frames, window=window, steps=steps, method=method, target=target,
+                    guidance=guidance, generator=generator, advance=advance)
+            for f, e in zip(first.split(batch_size), ef.split(batch_size), strict=True)
+        ])
 
 
 @torch.no_grad()
 def decode_clips(vae: AdversarialVAE, latents: Tensor, *, batch_size: int = 8) -> Tensor:
     """Scaled latent clips (N, C, T, h, w) -> pixel clips (N, 1, T, H, W) clamped to [-1, 1]."""
     vae.eval()
-    return torch.cat([vae.decode_latent(chunk).clamp(-1, 1) for chunk in latents.split(batch_size)])
+    decoded = []
+    with progress_bar(f"decode {len(latents)} clips", total=len(latents)) as advance:
+        for chunk in latents.split(batch_size):
+            decoded.append(vae.decode_latent(chunk).clamp(-1, 1))
+            advance(len(chunk))
+    return torch.cat(decoded)
 
 
 def to_uint8(clips: Tensor) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 
 from echoflow.audit.neighbours import Neighbours, Similarity, SiteIndex, prepare
 from echoflow.errors import EchoFlowError
+from echoflow.progress import progress_bar
 
 # float32 inner products of unit vectors in D ≤ 4096 err by < 1e-6; probing a list needlessly only costs time.
 BOUND_MARGIN = 1e-5
@@ -79,9 +80,15 @@ class BoundedIVFIndex(SiteIndex):
         ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         ivf.cp.niter, ivf.cp.seed, ivf.cp.max_points_per_centroid = 10, seed, train_per_list
         ivf.cp.min_points_per_centroid = 1
-        ivf.train(x)
-        ivf.add(x)
-        return cls(ivf, similarity=similarity, nprobe=nprobe)
+        # faiss gives no progress inside a phase: the bar counts phases (k-means, assignment, list bounds)
+        with progress_bar(f"build bounded IVF ({n} vectors, {nlist} lists)", total=3) as advance:
+            ivf.train(x)
+            advance(1)
+            ivf.add(x)
+            advance(1)
+            index = cls(ivf, similarity=similarity, nprobe=nprobe)
+            advance(1)
+        return index
 
     @classmethod
     def from_saved(cls, raw: faiss.Index, meta: dict[str, Any]) -> BoundedIVFIndex:
@@ -159,36 +166,41 @@ class BoundedIVFIndex(SiteIndex):
     def search(self, queries: np.ndarray, *, k: int = 1, threshold: float | None = None) -> Neighbours:
         """See `SiteIndex.search`; ``threshold=None`` runs a second pass at each query's first-pass k-th best."""
         q = self._check_queries(queries, k)
-        sims, ids, exact, scanned = [], [], [], 0
-        for start in range(0, len(q), QUERY_CHUNK):
-            chunk = q[start : start + QUERY_CHUNK]
-            qc = chunk @ self._centroids.T
-            nprobe = min(self.nprobe, self.nlist)
-            nearest = qc.argmax(axis=1)[:, None] if nprobe == 1 else np.argpartition(-qc, nprobe - 1, axis=1)
-            probe = np.zeros(qc.shape, dtype=bool)
-            np.put_along_axis(probe, nearest[:, :nprobe], True, axis=1)
-            if threshold is None:
-                first = self._scan(chunk, probe, k=k)[0][:, k - 1 : k]
-                probe |= self.bounds(qc) >= first
-            else:
-                probe |= qc >= self._list_thresholds(threshold)
-            probe &= self._sizes > 0
-            sim, idx = self._scan(chunk, probe, k=k)
-            if threshold is None:
-                exact.append(np.ones(len(chunk), dtype=bool))
-            else:  # the ball bound of the best list left out: cheap, conservative
-                qc += self._radius32
-                np.putmask(qc, probe, -np.inf)
-                exact.append(sim[:, k - 1] >= qc.max(axis=1))
-            sims.append(sim)
-            ids.append(idx)
-            scanned += int(probe.sum(axis=0) @ self._sizes)
+        parts = []
+        with progress_bar(f"search bounded IVF index ({len(q)} queries)", total=len(q)) as advance:
+            for start in range(0, len(q), QUERY_CHUNK):
+                parts.append(self._search_chunk(q[start : start + QUERY_CHUNK], k=k, threshold=threshold))
+                advance(len(parts[-1][0]))
+        sims, ids, exact, scanned = zip(*parts, strict=True)
         return Neighbours(
             similarity=np.concatenate(sims),
             ids=np.concatenate(ids),
             exact=np.concatenate(exact),
-            scanned=scanned / (len(q) * max(self.ntotal, 1)),
+            scanned=sum(scanned) / (len(q) * max(self.ntotal, 1)),
         )
+
+    def _search_chunk(self, chunk: np.ndarray, *, k: int,
+                      threshold: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """`search` of prepared queries: ((Q, k) similarity, (Q, k) ids, (Q,) exact, real vectors compared)."""
+        qc = chunk @ self._centroids.T
+        nprobe = min(self.nprobe, self.nlist)
+        nearest = qc.argmax(axis=1)[:, None] if nprobe == 1 else np.argpartition(-qc, nprobe - 1, axis=1)
+        probe = np.zeros(qc.shape, dtype=bool)
+        np.put_along_axis(probe, nearest[:, :nprobe], True, axis=1)
+        if threshold is None:
+            first = self._scan(chunk, probe, k=k)[0][:, k - 1 : k]
+            probe |= self.bounds(qc) >= first
+        else:
+            probe |= qc >= self._list_thresholds(threshold)
+        probe &= self._sizes > 0
+        sim, idx = self._scan(chunk, probe, k=k)
+        if threshold is None:
+            exact = np.ones(len(chunk), dtype=bool)
+        else:  # the ball bound of the best list left out: cheap, conservative
+            qc += self._radius32
+            np.putmask(qc, probe, -np.inf)
+            exact = sim[:, k - 1] >= qc.max(axis=1)
+        return sim, idx, exact, int(probe.sum(axis=0) @ self._sizes)
 
     def _scan(self, q: np.ndarray, probe: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k of each query over the members of its probed lists: ((Q, k) similarity, (Q, k) ids).

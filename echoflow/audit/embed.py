@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from echoflow.errors import EchoFlowError
 from echoflow.models.vae import AdversarialVAE
+from echoflow.progress import progress_bar
 
 
 @torch.no_grad()
@@ -32,7 +33,8 @@ def to_unit(frames: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def embed_pixels(vae: AdversarialVAE, encoder: nn.Module, frames: np.ndarray, *, batch_size: int = 128) -> np.ndarray:
+def embed_pixels(vae: AdversarialVAE, encoder: nn.Module, frames: np.ndarray, *, batch_size: int = 128,
+                 quiet: bool = False) -> np.ndarray:
     """Re-id embeddings of pixel frames: VAE latent means, then the re-id encoder.
 
     Args:
@@ -40,6 +42,7 @@ def embed_pixels(vae: AdversarialVAE, encoder: nn.Module, frames: np.ndarray, *,
         encoder: trained re-id encoder.
         frames: (N, 1, H, W) float in [-1, 1].
         batch_size: frames per forward pass.
+        quiet: no progress bar (e.g. when the caller shows one).
 
     Returns:
         (N, D) float32 embeddings.
@@ -48,8 +51,12 @@ def embed_pixels(vae: AdversarialVAE, encoder: nn.Module, frames: np.ndarray, *,
         raise EchoFlowError(f"audit frames: expected (N, 1, H, W), got shape {frames.shape}")
     vae.eval()
     x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
-    latents = torch.cat([vae.encode_latent(chunk) for chunk in x.split(batch_size)])
-    return embed(encoder, latents, batch_size=batch_size).numpy().astype(np.float32)
+    latents = []
+    with progress_bar(f"embed {len(x)} frames", total=len(x), quiet=quiet) as advance:
+        for chunk in x.split(batch_size):  # the VAE is the slow part; the re-id encoder is small
+            latents.append(vae.encode_latent(chunk))
+            advance(len(chunk))
+    return embed(encoder, torch.cat(latents), batch_size=batch_size).numpy().astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,7 @@ class Embedded:
 
 def embed_videos(
     vae: AdversarialVAE, encoder: nn.Module, videos: Sequence[np.ndarray], names: Sequence[str], *,
-    every: int = 1, first_only: bool = False, batch_size: int = 128,
+    every: int = 1, first_only: bool = False, batch_size: int = 128, description: str = "embed videos",
 ) -> Embedded:
     """Embed the picked frames of pixel videos, one video at a time (memory stays one video's worth).
 
@@ -117,10 +124,15 @@ def embed_videos(
         every: audit every ``every``-th frame (1 = all frames).
         first_only: only each video's first frame.
         batch_size: frames per forward pass.
+        description: of the progress bar (counting videos).
     """
     if len(videos) != len(names) or not videos:
         raise EchoFlowError(f"audit videos: {len(videos)} videos but {len(names)} names (need ≥ 1 of each)")
     video, frame = pick_frames([len(v) for v in videos], every=every, first_only=first_only)
-    vectors = [embed_pixels(vae, encoder, video_frames(videos, video[video == i], frame[video == i]),
-                            batch_size=batch_size) for i in range(len(videos))]
+    vectors = []
+    with progress_bar(description, total=len(videos)) as advance:
+        for i in range(len(videos)):
+            vectors.append(embed_pixels(vae, encoder, video_frames(videos, video[video == i], frame[video == i]),
+                                        batch_size=batch_size, quiet=True))
+            advance(1)
     return Embedded(np.concatenate(vectors), FrameRefs(tuple(names), video, frame))

@@ -13,9 +13,10 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from echoflow.audit.bounded_ivf import BoundedIVFIndex
+from echoflow.audit.bounded_ivf import QUERY_CHUNK, BoundedIVFIndex
 from echoflow.audit.neighbours import Neighbours, Similarity, SiteIndex, prepare
 from echoflow.errors import EchoFlowError
+from echoflow.progress import progress_bar
 
 IndexKind = Literal["auto", "exact", "bounded_ivf"]
 AUTO_EXACT_BELOW = 50_000
@@ -49,8 +50,15 @@ class ExactIndex(SiteIndex):
 
     def search(self, queries: np.ndarray, *, k: int = 1, threshold: float | None = None) -> Neighbours:  # noqa: D102
         q = self._check_queries(queries, k)
-        sim, ids = self._search_index.search(q, k)
-        return Neighbours(similarity=sim, ids=ids, exact=np.ones(len(q), dtype=bool), scanned=1.0)
+        sims, ids = [], []
+        with progress_bar(f"search exact index ({len(q)} queries)", total=len(q)) as advance:
+            for start in range(0, len(q), QUERY_CHUNK):  # chunks only to show progress: faiss answers each in full
+                sim, idx = self._search_index.search(q[start : start + QUERY_CHUNK], k)
+                sims.append(sim)
+                ids.append(idx)
+                advance(len(sim))
+        return Neighbours(similarity=np.concatenate(sims), ids=np.concatenate(ids), exact=np.ones(len(q), dtype=bool),
+                          scanned=1.0)
 
     def vectors(self) -> np.ndarray:  # noqa: D102
         return self._cpu.reconstruct_n(0, self.ntotal)

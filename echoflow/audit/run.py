@@ -38,6 +38,7 @@ from echoflow.data.echonet import VideoRecord, load_video, read_cohort, write_fi
 from echoflow.data.sites import SiteData
 from echoflow.errors import EchoFlowError
 from echoflow.models.vae import AdversarialVAE
+from echoflow.progress import progress_bar
 
 CHOICES = {"mode": ("local", "federated"), "transport": ("flower", "inprocess"), "real_frames": ("all", "first"),
            "scope": ("global", "site")}
@@ -99,9 +100,10 @@ def embed_sites(vae: AdversarialVAE, reid: nn.Module, train: Sequence[SiteData],
         names = [record.file_name for record in site.records]
         held = by_name[site.name]
         out[site.name] = RealSite(
-            train=embed_videos(vae, reid, site.videos, names, first_only=settings.real_frames == "first"),
-            heldout=embed_videos(vae, reid, held.videos, [r.file_name for r in held.records],
-                                 every=settings.every).vectors,
+            train=embed_videos(vae, reid, site.videos, names, first_only=settings.real_frames == "first",
+                               description=f"embed {site.name} TRAIN videos"),
+            heldout=embed_videos(vae, reid, held.videos, [r.file_name for r in held.records], every=settings.every,
+                                 description=f"embed {site.name} held-out videos").vectors,
             videos=site.videos,
         )
     return out
@@ -222,12 +224,14 @@ def decide(real: Mapping[str, RealSite], queries: np.ndarray, settings: AuditSet
            index_dir: Path) -> tuple[Calibration, AuditResult, dict[str, dict[str, Any]]]:
     """Index each site (saved as ``<index_dir>/<site>/``), then calibrate and decide, locally or federated."""
     folders, auditors = {}, {}
-    for name, site in real.items():
-        index = build_index(site.train.vectors, kind=settings.index, similarity=settings.similarity,
-                            seed=settings.seed)
-        auditors[name] = SiteAuditor(name, index, site.heldout)
-        folders[name] = index_dir / name
-        auditors[name].save(folders[name])
+    with progress_bar("index sites", total=len(real)) as advance:
+        for name, site in real.items():
+            index = build_index(site.train.vectors, kind=settings.index, similarity=settings.similarity,
+                                seed=settings.seed)
+            auditors[name] = SiteAuditor(name, index, site.heldout)
+            folders[name] = index_dir / name
+            auditors[name].save(folders[name])
+            advance(1)
     info: dict[str, dict[str, Any]] = {n: {"index": a.index.kind, "ntotal": a.index.ntotal}
                                        for n, a in auditors.items()}
     if settings.mode == "local":
@@ -293,19 +297,24 @@ def run_audit(*, vae: AdversarialVAE, reid: nn.Module, train: Sequence[SiteData]
     """
     start = time.perf_counter()
     shutil.rmtree(out / "released", ignore_errors=True)  # a stale release must never outlive a new audit
-    real = embed_sites(vae, reid, train, heldout, settings)
-    generated = read_generated(generated_dir, size=int(train[0].videos[0].shape[-1]))
-    video, frame = pick_frames([len(v) for v in generated.videos], every=settings.every)
-    frames = video_frames(generated.videos, video, frame)
-    mixed, plan = plant_canaries(frames, canary_pool(real, settings.canaries, seed=settings.seed),
-                                 n=settings.canaries, transforms=settings.transforms, seed=settings.seed)
-    queries = embed_pixels(vae, reid, mixed)
-    calibration, result, info = decide(real, queries, settings, index_dir)
-    genuine = plan.generated_mask()
-    decisions = decide_videos(replace(result, **{k: getattr(result, k)[genuine] for k in
-                                                 ("release", "site", "real_id", "similarity", "threshold")}),
-                              video, generated, real)
-    released = [] if result.failed else release_videos(generated, decisions, out / "released")
+    with progress_bar("audit (embed real, embed generated, decide, release)", total=4) as advance:
+        real = embed_sites(vae, reid, train, heldout, settings)
+        advance(1)
+        generated = read_generated(generated_dir, size=int(train[0].videos[0].shape[-1]))
+        video, frame = pick_frames([len(v) for v in generated.videos], every=settings.every)
+        frames = video_frames(generated.videos, video, frame)
+        mixed, plan = plant_canaries(frames, canary_pool(real, settings.canaries, seed=settings.seed),
+                                     n=settings.canaries, transforms=settings.transforms, seed=settings.seed)
+        queries = embed_pixels(vae, reid, mixed)
+        advance(1)
+        calibration, result, info = decide(real, queries, settings, index_dir)
+        advance(1)
+        genuine = plan.generated_mask()
+        decisions = decide_videos(replace(result, **{k: getattr(result, k)[genuine] for k in
+                                                     ("release", "site", "real_id", "similarity", "threshold")}),
+                                  video, generated, real)
+        released = [] if result.failed else release_videos(generated, decisions, out / "released")
+        advance(1)
     report = build_report(result, calibration, index_info=info,
                           canaries=plan.score(~result.release) if settings.canaries else None)
     row_of = np.cumsum(genuine) - 1

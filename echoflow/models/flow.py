@@ -129,6 +129,7 @@ def sample(
     method: Method = "euler",
     target: Target = "velocity",
     guidance: float = 1.0,
+    advance: Callable[[int], None] | None = None,
     **cond: Any,
 ) -> Tensor:
     """Integrate dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data) on a fixed grid of ``steps`` steps.
@@ -145,6 +146,7 @@ def sample(
         method: ``"euler"`` (1st order), ``"midpoint"`` or ``"heun"`` (2nd order).
         target: what the network predicts.
         guidance: classifier-free guidance scale; 1 = one conditional call, 0 = unconditional.
+        advance: called with 1 after each step (a progress bar's ``advance``).
         **cond: conditions forwarded to the model.
 
     Returns:
@@ -164,4 +166,6 @@ def sample(
             x = x + 0.5 * dt * (v + field(x + dt * v, t + dt))
         else:
             x = x + dt * v
+        if advance is not None:
+            advance(1)
     return x

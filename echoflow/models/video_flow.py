@@ -1,6 +1,6 @@
 """Latent video flow: animates a latent frame into a latent clip (B, C, T, h, w) at a requested EF."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -122,6 +122,7 @@ def animate(
     window: int = 16,
     overlap: int = 4,
     generator: torch.Generator | None = None,
+    advance: Callable[[int], None] | None = None,
 ) -> Tensor:
     """Generate a latent clip of any length by overlapping windows of ``window`` frames.
 
@@ -144,6 +145,8 @@ def animate(
         window: frames generated per window (the training clip length).
         overlap: frames shared by consecutive windows, 1 ≤ overlap < window.
         generator: random generator for the noise.
+        advance: called after each window with how many frames it finished over the batch (they sum to
+            B × ``frames``), e.g. a progress bar's ``advance``.
 
     Returns:
         (B, C, frames, h, w) latent clip; frame 0 is the model's rendering of ``first_frame``.
@@ -166,6 +169,8 @@ def animate(
             blended = (1 - fade) * clip[:, :, start:] + fade * new[:, :, :overlap]
             new = torch.cat([blended, new[:, :, overlap:]], dim=2)
         clip = torch.cat([clip[:, :, :start], new], dim=2)
+        if advance is not None:  # finished before this window: start + overlap frames (none before the first)
+            advance(batch * (min(clip.shape[2], frames) - start - (overlap if start else 0)))
         if clip.shape[2] >= frames:
             return clip[:, :, :frames]
         start = clip.shape[2] - overlap
