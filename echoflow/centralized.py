@@ -18,7 +18,7 @@ import mlflow
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -29,7 +29,15 @@ from echoflow.errors import EchoFlowError
 from echoflow.models.vae import AdversarialVAE, measure_latent_scale
 from echoflow.progress import progress_bar
 from echoflow.stages import build_network, build_stage
-from echoflow.training import Batch, TrainConfig, Trainer, random_batches
+from echoflow.training import (
+    Batch,
+    TrainConfig,
+    Trainer,
+    load_safetensors,
+    random_batches,
+    read_verified,
+    write_verified,
+)
 
 LATENT_STAGES = ("image_flow", "reid", "video_flow")
 """Stages that train on VAE latents rather than pixels."""
@@ -124,9 +132,9 @@ def stage_dataset(name: str, sites: Sequence[SiteData], cfg: DictConfig) -> Data
 
 
 def save_network(net: nn.Module, path: Path) -> None:
-    """Final weights as safetensors (no pickle)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path))
+    """Final weights as safetensors (no pickle), listed with their sha256 in ``<stem>.sha256``."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    write_verified(path.with_suffix(".sha256"), {path.name: save(tensors)})
 
 
 def load_network(name: str, cfg: DictConfig, *, path: Path | None = None) -> nn.Module:
@@ -136,7 +144,7 @@ def load_network(name: str, cfg: DictConfig, *, path: Path | None = None) -> nn.
         raise EchoFlowError(f"{path}: no trained {name} model; run `echoflow train {name}` first")
     net = build_network(name, plain(cfg.model))
     try:
-        net.load_state_dict(load_file(str(path)))
+        net.load_state_dict(load_safetensors(path, read_verified(path.with_suffix(".sha256"), [path.name])[path.name]))
     except RuntimeError as err:
         raise EchoFlowError(f"{path}: weights do not fit the configured {name} network "
                             "(was the model config changed?)") from err

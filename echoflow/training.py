@@ -5,22 +5,29 @@ says how a batch becomes losses, one loss per optimiser group (the adversarial V
 autoencoder and its discriminator). The trainer adds what every stage needs: AdamW, gradient clipping, an
 EMA of the main network, seed-determinism, progress, MLflow metrics, safetensors checkpoints and resume.
 
+Checkpoints never unpickle: tensors are safetensors, metadata JSON, and every file is listed with its sha256 in
+a manifest (``checkpoint.sha256``, `sha256sum -c` format) written last and checked before anything is parsed, so
+a flipped byte, an edited JSON or a pickle dropped in a checkpoint's place is refused in one line. The manifest
+guards against corruption and tampering with single files, not against someone able to rewrite the manifest too.
+
 Determinism: all randomness of step ``s`` (batch choice, noise, flow times, augmentations) is drawn after
 seeding torch and numpy with ``(seed, s)``, so a run resumed from step k equals an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset, default_collate
@@ -275,23 +282,81 @@ def unflatten_state(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> d
     return result
 
 
+CHECKPOINT_MANIFEST = "checkpoint.sha256"
+
+
 def save_checkpoint(directory: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
-    """Write tensors (safetensors) and metadata (JSON) via temp files and renames: a crash never leaves half."""
-    directory.mkdir(parents=True, exist_ok=True)
-    weights, info = directory / "checkpoint.safetensors", directory / "checkpoint.json"
-    save_file(tensors, str(weights) + ".tmp")
-    (directory / "checkpoint.json.tmp").write_text(json.dumps(meta, indent=1))
-    Path(str(weights) + ".tmp").replace(weights)
-    (directory / "checkpoint.json.tmp").replace(info)
-    return weights
+    """Write tensors (safetensors), metadata (JSON) and their manifest (`write_verified`); returns the weights."""
+    write_verified(directory / CHECKPOINT_MANIFEST, {"checkpoint.safetensors": save(tensors),
+                                                     "checkpoint.json": json.dumps(meta, indent=1).encode()})
+    return directory / "checkpoint.safetensors"
 
 
 def load_checkpoint(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a checkpoint written by `save_checkpoint` (no pickle involved)."""
-    try:
-        meta = json.loads((directory / "checkpoint.json").read_text())
-        tensors = load_file(str(directory / "checkpoint.safetensors"))
-    except (OSError, ValueError) as err:
-        raise EchoFlowError(f"{directory}: unreadable checkpoint ({err})") from err
-    return tensors, meta
+    """Read a checkpoint written by `save_checkpoint`, verified against its manifest (no pickle involved)."""
+    files = read_verified(directory / CHECKPOINT_MANIFEST, {"checkpoint.safetensors", "checkpoint.json"})
+    return load_safetensors(directory / "checkpoint.safetensors", files["checkpoint.safetensors"]), _json(
+        directory / "checkpoint.json", files["checkpoint.json"])
 
+
+def load_safetensors(path: Path, data: bytes) -> dict[str, Tensor]:
+    """Tensors from the verified bytes of ``path``; a malformed file is an ``EchoFlowError``."""
+    try:
+        return load(data)
+    except (SafetensorError, ValueError) as err:
+        raise EchoFlowError(f"{path}: not a safetensors file ({err})") from err
+
+
+def _json(path: Path, data: bytes) -> dict[str, Any]:
+    try:
+        meta = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise EchoFlowError(f"{path}: not JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise EchoFlowError(f"{path}: expected a JSON object")
+    return meta
+
+
+def write_verified(manifest: Path, files: Mapping[str, bytes]) -> None:
+    """Write ``files`` (name -> content) next to ``manifest``, then the manifest of their sha256 digests.
+
+    Every file goes to a temp file first and is renamed into place, the manifest last: a crash leaves either the
+    old manifest (which then refuses the half-new files) or a complete new checkpoint, never a silent mix.
+    """
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    listing = "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in files.items())
+    contents = {**files, manifest.name: listing.encode()}
+    for name, data in contents.items():
+        (manifest.parent / f"{name}.tmp").write_bytes(data)
+    for name in contents:
+        (manifest.parent / f"{name}.tmp").replace(manifest.parent / name)
+
+
+def read_verified(manifest: Path, names: Collection[str]) -> dict[str, bytes]:
+    """The files ``names`` next to ``manifest`` (name -> content), each checked against its listed sha256.
+
+    Raises:
+        EchoFlowError: the manifest is missing, malformed or lists other files than ``names``, or a file is
+            missing or differs from its digest.
+    """
+    try:
+        lines = manifest.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise EchoFlowError(f"{manifest}: manifest missing or unreadable, refusing an unverifiable file "
+                            f"({type(err).__name__})") from err
+    files: dict[str, bytes] = {}
+    for line in lines:
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or Path(name).name != name or name in (".", ".."):
+            raise EchoFlowError(f"{manifest}: malformed manifest line {line[:80]!r}")
+        path = manifest.parent / name
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise EchoFlowError(f"{path}: listed in {manifest.name} but unreadable ({type(err).__name__})") from err
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise EchoFlowError(f"{path}: sha256 differs from {manifest.name}: corrupted or tampered, refusing it")
+        files[name] = data
+    if set(files) != set(names):
+        raise EchoFlowError(f"{manifest}: lists {sorted(files)}, expected {sorted(names)}")
+    return files
