@@ -13,6 +13,7 @@ from echoflow.cli.data import data_app
 from echoflow.cli.evaluate import evaluate_app
 from echoflow.cli.export import export_app
 from echoflow.cli.pipeline import pipeline
+from echoflow.cli.runs import runs_app
 from echoflow.cli.sample import sample
 from echoflow.cli.simulate import simulate
 from echoflow.cli.train import train
@@ -25,7 +26,8 @@ app = typer.Typer(
         "Protocol: 1) `echoflow data` builds or ingests each site's cohort; 2) `echoflow train` / "
         "`echoflow simulate` train the VAE, latent flows, re-id and EF models; 3) `echoflow sample` generates; "
         "4) `echoflow audit run` withholds anything too close to a real patient; 5) `echoflow pipeline` "
-        "does all of it and compares EF regression on real vs synthetic videos."
+        "does all of it and compares EF regression on real vs synthetic videos; 6) `echoflow runs compare` lines "
+        "up runs (e.g. dp=none vs dp=eps8)."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -40,6 +42,7 @@ app.add_typer(evaluate_app, name="evaluate")
 app.add_typer(audit_app, name="audit")
 app.add_typer(export_app, name="export")
 app.add_typer(config_app, name="config")
+app.add_typer(runs_app, name="runs")
 
 
 def main() -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from echoflow.cli.common import OVERRIDES, apply_runtime
+from echoflow.cli.common import MULTIRUN, OVERRIDES, apply_runtime, sweep
 from echoflow.config import load_config
 from echoflow.pipeline import run_pipeline
 from echoflow.tracking import start_run
 
 
-def pipeline(overrides: list[str] | None = OVERRIDES) -> None:
+def pipeline(overrides: list[str] | None = OVERRIDES, multirun: bool = MULTIRUN) -> None:
     """Run the whole EchoFlow study: cohort, federated models, screened generation, audit, release, EF parity.
 
     Sites train the VAE, then (on the global VAE's latents) the image flow, re-id and video flow, federated.
@@ -19,8 +19,19 @@ def pipeline(overrides: list[str] | None = OVERRIDES) -> None:
     against every site; only what passes is released (<workdir>/audit/released, EchoNet layout). EF regressors
     trained on real, released-synthetic and both are tested on every site's real TEST split. Results:
     <workdir>/summary/ and one MLflow run with a nested run per stage. Re-running after a crash resumes.
+    With `--multirun`, each sweep point (e.g. `dp=none,eps8`) runs in <workdir>/sweep_NNN as its own MLflow
+    run; `echoflow runs compare` lines them up.
     """
-    cfg = load_config(with_pipeline(list(overrides or [])))
+    points = sweep(list(overrides or [])) if multirun else [list(overrides or [])]
+    for number, point in enumerate(points):
+        if len(points) > 1:
+            point = [*point, f"workdir={load_config(with_pipeline(point)).workdir}/sweep_{number:03d}"]
+        run_one(with_pipeline(point))
+
+
+def run_one(overrides: list[str]) -> None:
+    """One pipeline run under ``overrides``, with its result table printed."""
+    cfg = load_config(overrides)
     apply_runtime(cfg)
     with start_run(cfg, "pipeline"):
         summary = run_pipeline(cfg)

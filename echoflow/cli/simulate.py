@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import typer
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from echoflow.cli.common import OVERRIDES
+from echoflow.cli.common import MULTIRUN, OVERRIDES, sweep
 from echoflow.config import load_config
 from echoflow.errors import EchoFlowError
 from echoflow.federation import federate, run_config, run_config_toml, stages_of
@@ -19,7 +17,7 @@ from echoflow.tracking import start_run
 
 def simulate(
     overrides: list[str] | None = OVERRIDES,
-    multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep comma lists, e.g. `dp=none,eps8`."),
+    multirun: bool = MULTIRUN,
     export_run_config: Path | None = typer.Option(
         None, "--export-run-config", help="Write the stage's Flower run config (TOML) for `flwr run deploy` and exit."),
 ) -> None:
@@ -58,15 +56,3 @@ def export(overrides: list[str], path: Path) -> None:
     config = run_config(cfg, stage=stage, stage_checkpoints=stage_folders(cfg, before=stage))
     path.write_text(run_config_toml(config))
     typer.echo(f"{path}: run config of stage {stage}")
-
-
-def sweep(overrides: list[str]) -> list[list[str]]:
-    """Every combination of the comma-list (sweep) overrides, Hydra syntax: ``a=1,2 b=x`` -> 2 override lists."""
-    choices = []
-    for override in OverridesParser.create().parse_overrides(overrides):
-        if override.is_sweep_override():
-            key = override.get_key_element()
-            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
-        else:
-            choices.append([str(override.input_line)])
-    return [list(point) for point in itertools.product(*choices)]

@@ -13,7 +13,8 @@ import typer
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from typer.testing import CliRunner
 
-from echoflow.cli.simulate import simulate, sweep
+from echoflow.cli.common import sweep
+from echoflow.cli.simulate import simulate
 from echoflow.server.checkpoint import load_latest
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus' RDP orders, restated
