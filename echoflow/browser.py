@@ -32,7 +32,7 @@ FLAGS = (
 MAX_HEIGHT = 16384  # px; Chromium's largest screenshot side
 UNDECODED_IMAGES = ("Promise.all(Array.from(document.images, i => i.decode().catch(() => null)))"
                     ".then(() => Array.from(document.images).filter(i => i.naturalWidth === 0)"
-                    ".map(i => i.alt || i.src.slice(0, 80)))")
+                    ".map(i => i.alt || i.src.slice(-80)))")  # a src ends with its file name
 
 
 def find_chromium() -> str | None:

@@ -47,10 +47,15 @@ EF_RANGES = (EFRange("EF < 40 %", "ef_below_40", -np.inf, 40.0), EFRange("EF 40â
              EFRange("EF â‰¥ 55 %", "ef_55_and_above", 55.0, np.inf))
 
 
-def png_base64(fig: Figure) -> str:
-    """The figure as a base64 PNG, for ``<img src='data:image/png;base64,...'>`` (no external files)."""
+def png_base64(fig: Figure, *, path: Path | None = None) -> str:
+    """The figure as a base64 PNG, for ``<img src='data:image/png;base64,...'>`` (no external files).
+
+    The same PNG is also written to ``path`` when given (e.g. to log as an MLflow artifact).
+    """
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    if path is not None:
+        path.write_bytes(buffer.getvalue())
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -6,6 +6,7 @@ real videos (site data): they stay in the operator's working directory and never
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import mlflow
 
+from echoflow.audit.report import SIMILARITY_PNG
 from echoflow.data.echonet import VideoRecord, read_cohort
 from echoflow.figures import ef_previews, png_base64
 
@@ -80,6 +82,8 @@ def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mappin
                   real_roots: Sequence[Path] = ()) -> dict[str, Any]:
     """Write ``<workdir>/summary/{summary.json,summary.md,summary.html,*.png,previews/*.gif}``; log the headline.
 
+    The page also shows the audit's similarity histogram when ``<workdir>/audit/similarity.png`` exists.
+
     ``released`` (the audit's ``released/`` cohort folder) and ``real_roots`` (the sites' cohort folders, whose
     TRAIN videos are used) feed the generated-vs-real previews (`ef_previews`); without them there are none.
     """
@@ -99,9 +103,11 @@ def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mappin
         figures["loss_curves"] = _losses(models["history"])
     images = {}
     for name, fig in figures.items():
-        fig.savefig(out / f"{name}.png", dpi=90, bbox_inches="tight")
-        images[name] = png_base64(fig)
+        images[name] = png_base64(fig, path=out / f"{name}.png")
         plt.close(fig)
+    similarity = workdir / "audit" / SIMILARITY_PNG  # the audit's histogram: generated and held-out vs real TRAIN
+    if similarity.is_file():
+        images["audit_similarity"] = base64.b64encode(similarity.read_bytes()).decode("ascii")
     markdown = _markdown(rows, headline)
     (out / "summary.md").write_text(markdown)
     summary = {"headline": headline, "parity": rows, "generated": dict(generated), "audit": dict(audited),

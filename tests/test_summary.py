@@ -38,6 +38,7 @@ def write_fake_summary(workdir: Path) -> Path:
     roots = [workdir / "cohort" / "site_00", workdir / "cohort" / "site_01"]
     write_ef_videos(roots[0], [35.0, 58.0], site="site_00", seed=2)
     write_ef_videos(roots[1], [44.0, 52.0, 66.0], site="site_01", size=112, seed=3)
+    Image.new("L", (40, 20), 90).save(workdir / "audit" / "similarity.png")  # as the audit would have drawn it
     write_summary(workdir, models={"history": history, "rounds": {"vae": 2}, "latent_scale": 1.0},
                   generated={"drawn": 16, "screened_out": 1, "animated": 8}, audited={"released": 7, "videos": 8},
                   evaluated=fake_results(np.random.default_rng(0)), released=released, real_roots=roots)
@@ -52,8 +53,9 @@ def test_summary_files_ratio_and_previews(tmp_path: Path) -> None:
     ratio = summary["headline"]["synthetic-only MAE / real-trained MAE"]
     assert ratio == round(pooled["synthetic"] / pooled["real"], 2)
     assert "http" not in html and "<script" not in html
-    # 2 matplotlib figures + 5 first frames, and 5 GIFs: no generated video has an EF in 40-55 %
-    assert html.count("data:image/png;base64,") == 2 + 5 and html.count("data:image/gif;base64,") == 5
+    # 2 figures + the audit's histogram + 5 first frames, and 5 GIFs: no generated video has an EF in 40-55 %
+    assert html.count("data:image/png;base64,") == 3 + 5 and html.count("data:image/gif;base64,") == 5
+    assert "<h2>audit similarity</h2><img alt='audit_similarity'" in html
     assert html.count("no video in this range") == 1
     assert "site_01V001 (site_01), EF 52 %" in html  # the real 40-55 % pick: upper median of 44 and 52
     gifs = sorted(p.name for p in (out / "previews").glob("*.gif"))

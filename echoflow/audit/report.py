@@ -25,6 +25,7 @@ from echoflow.data.echonet import VideoRecord
 from echoflow.figures import ef_previews, png_base64
 
 SCHEMA_PATH = Path(__file__).with_name("audit.schema.json")
+SIMILARITY_PNG = "similarity.png"  # the histogram, also as a file beside audit.html (MLflow, the pipeline summary)
 APPROXIMATE_NOTE = (
     "Every similarity >= tau is exact, so every decision is exact. Below tau, a bounded-IVF site may report a "
     "lower bound of the true maximum (exact=false); such samples are released correctly all the same."
@@ -98,7 +99,7 @@ def build_report(
     return report
 
 
-def _histogram(result: AuditResult, calibration: Calibration) -> str:
+def _histogram(result: AuditResult, calibration: Calibration, path: Path) -> str:
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
     finite = result.similarity[np.isfinite(result.similarity)]
@@ -110,7 +111,7 @@ def _histogram(result: AuditResult, calibration: Calibration) -> str:
     ax.set_xlim(max(-1.0, lo - 0.05), 1.0)
     ax.set_xlabel("max similarity")
     ax.legend(loc="upper left", fontsize=8)
-    return png_base64(fig)
+    return png_base64(fig, path=path)
 
 
 def _pairs_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]]) -> str:
@@ -162,6 +163,8 @@ def write_report(
                        for t, c in report.get("canaries", {}).items())
     counts, approx = report["counts"], report["approximate"]
     videos = ef_previews(generated_videos, real_videos, out_dir / "previews") if generated_videos or real_videos else ""
+    (out_dir / SIMILARITY_PNG).unlink(missing_ok=True)  # a failed audit draws none: no stale one may stand for it
+    histogram = "" if result.failed else _histogram(result, calibration, out_dir / SIMILARITY_PNG)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>EchoFlow audit</title></head><body>",
         f"<h1>EchoFlow privacy audit: {report['status']}</h1>",
@@ -172,8 +175,7 @@ def write_report(
         f"<th>pairs compared</th></tr>{rows}</table>",
         f"<p>{html.escape(approx['note'])} Inexact: {approx['inexact_similarities']}.</p>",
         f"<h2>Canaries</h2><ul>{canaries}</ul>" if canaries else "",
-        f"<h2>Similarities</h2><img alt='histogram' src='data:image/png;base64,{_histogram(result, calibration)}'>"
-        if not result.failed else "",
+        f"<h2>Similarities</h2><img alt='histogram' src='data:image/png;base64,{histogram}'>" if histogram else "",
         f"<h2>Closest pairs</h2><img alt='pairs' src='data:image/png;base64,{_pairs_figure(pairs)}'>" if pairs else "",
         videos,
         "</body></html>",
@@ -183,7 +185,7 @@ def write_report(
 
 
 def log_to_mlflow(report: Mapping[str, Any], paths: Sequence[Path]) -> bool:
-    """Log counts and timing as metrics, the report files and their ``previews/`` GIFs as artifacts (MLflow).
+    """Log counts and timing as metrics, the report files, histogram and ``previews/`` GIFs as artifacts (MLflow).
 
     Returns False (and logs nothing) when no run is active.
     """
@@ -199,6 +201,8 @@ def log_to_mlflow(report: Mapping[str, Any], paths: Sequence[Path]) -> bool:
     })
     for path in paths:
         mlflow.log_artifact(str(path), artifact_path="audit")
+    if (similarity := paths[0].parent / SIMILARITY_PNG).is_file():
+        mlflow.log_artifact(str(similarity), artifact_path="audit")
     previews = paths[0].parent / "previews"
     if previews.is_dir():
         mlflow.log_artifacts(str(previews), artifact_path="audit/previews")

@@ -5,7 +5,7 @@ import jsonschema
 import numpy as np
 
 from echoflow.audit import audit, build_report, dcr_stats, write_report
-from echoflow.audit.report import SCHEMA_PATH
+from echoflow.audit.report import SCHEMA_PATH, SIMILARITY_PNG
 from tests.ef_videos import write_ef_videos
 
 
@@ -32,6 +32,7 @@ def test_json_validates_and_html_is_self_contained(cohort: dict, tmp_path) -> No
     assert "http" not in page.lower() and "<script" not in page.lower()
     assert len(re.findall(r"data:image/png;base64,", page)) == 2 + 4  # histogram, pairs, 4 first frames
     assert len(re.findall(r"data:image/gif;base64,", page)) == 4 and page.count("no video in this range") == 2
+    assert (out / SIMILARITY_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the histogram, as a file too
     assert sorted(p.name for p in (out / "previews").iterdir()) == [
         "ef_40_to_55_generated.gif", "ef_55_and_above_generated.gif", "ef_55_and_above_real.gif",
         "ef_below_40_generated.gif"]
@@ -46,4 +47,6 @@ def test_failed_audit_report_validates(cohort: dict, tmp_path) -> None:
     report = build_report(result, cohort["calibration"])
     jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
     assert report["status"] == "failed" and report["counts"]["released"] == 0
+    (tmp_path / SIMILARITY_PNG).write_bytes(b"from an earlier audit")
     write_report(report, cohort["calibration"], result, tmp_path)
+    assert not (tmp_path / SIMILARITY_PNG).exists()  # no histogram of a failed audit, not even a stale one
