@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 
 from echoflow.clients.dp import PrivacyLedger
 from echoflow.clients.faults import inject_faults
+from echoflow.clients.secagg import secagg_mod
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import evaluate, latent_moments, train_round
 
@@ -58,7 +59,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
         torch.set_num_threads(1)  # one core per simulated site; sites run side by side
         return ClientSettings.from_context(run_config_of(msg, context), context.node_config)
 
-    @app.train()
+    @app.train(mods=[secagg_mod])  # inert unless the server runs the round under SecAgg+
     def train(msg: Message, context: Context) -> Message:
         settings = settings_of(msg, context)
         arrays = msg.content.array_records["arrays"].to_torch_state_dict()

@@ -37,6 +37,7 @@ def run_config(
         "checkpoint-dir": str(Path(fed.checkpoint_dir) / stage), "state-root": str(fed.state_root),
         "resume": bool(fed.resume), "evaluate": bool(fed.evaluate), "timeout-s": float(fed.timeout_s),
         "min-sites": int(fed.min_sites), "max-update-ratio": float(fed.max_update_ratio),
+        "secagg": bool(fed.secagg),
         "dp-enabled": bool(dp.enabled), "dp-epsilon": float(dp.epsilon), "dp-delta": float(dp.delta),
         "dp-max-grad-norm": float(dp.max_grad_norm), "strategy": str(strategy.name),
         "mlflow-uri": str(cfg.mlflow.tracking_uri), "mlflow-experiment": str(cfg.mlflow.experiment),

@@ -27,6 +27,7 @@ from echoflow.server.checkpoint import FederationState, load_latest, save_round
 from echoflow.server.gather import gather_evaluation, gather_training
 from echoflow.server.latent_scale import federated_latent_scale
 from echoflow.server.roster import Roster, merge_missing, roll_call
+from echoflow.server.secagg import SecAggConfig, gather_secure_training
 from echoflow.server.settings import ServerSettings
 from echoflow.server.strategies import load_strategy_state, make_strategy, strategy_state
 from echoflow.server.tracking import RunTracker, round_metrics
@@ -94,8 +95,8 @@ def run_round(
     started = time.perf_counter()
     config = run_config_record(settings.run_config)
     roster = Roster() if roster is None else roster
-    train = gather_training(grid, strategy, state.arrays, config, roster, server_round=server_round,
-                            settings=settings)
+    gather = gather_secure_training if SecAggConfig.from_run_config(settings.run_config).enabled else gather_training
+    train = gather(grid, strategy, state.arrays, config, roster, server_round=server_round, settings=settings)
     per_site = _site_metrics(train.replies)
     new_arrays = state.arrays
     if train.updates:
