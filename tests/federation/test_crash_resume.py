@@ -1,4 +1,9 @@
-"""Kill the server process of a real `echoflow simulate` with SIGKILL mid-run; the same command resumes (slow)."""
+"""Kill the server process of a real `echoflow simulate` with SIGKILL mid-run; the same command resumes (slow).
+
+The resumed federation ends with the very weights of an uninterrupted run with the same seed: sites seed
+every step from (seed, site, step), the strategy's state is checkpointed, and the server aggregates the
+replies in site order whatever order they arrive in.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from echoflow.server.checkpoint import load_latest
 from tests.federation.processes import REPO, alive, descendants, process_pool, ray_processes
@@ -55,3 +61,11 @@ def test_sigkilled_server_resumes_from_its_last_round(tmp_path: Path) -> None:
     assert [e["round"] for e in final.history] == list(range(1, ROUNDS + 1))
     assert final.history[: killed.round] == killed.history  # resumed after the last round, not restarted
     assert final.mlflow_run_id == killed.mlflow_run_id
+
+    with process_pool(env) as start:
+        straight_dir = tmp_path / "straight"
+        straight = start(simulate_argv(straight_dir), tmp_path / "straight.log")
+        assert straight.wait(timeout=400) == 0, (tmp_path / "straight.log").read_text()
+    uninterrupted = load_latest(straight_dir / "federation" / "vae")
+    assert uninterrupted is not None and uninterrupted.arrays.keys() == final.arrays.keys()
+    assert all(torch.equal(uninterrupted.arrays[k], final.arrays[k]) for k in final.arrays)
