@@ -14,6 +14,7 @@ import torch
 import echoflow.server.loop as loop
 from echoflow.errors import EchoFlowError
 from echoflow.server.checkpoint import FederationState, load_latest
+from echoflow.server.roster import Roster, take_attendance
 from echoflow.server.settings import ServerSettings
 from tests.federation.conftest import toy_run_config
 from tests.federation.grid import LocalGrid
@@ -83,6 +84,16 @@ def test_too_few_sites_fail_the_round_and_the_federation_resumes(tmp_path: Path)
 
     assert state.round == 3 and state.history[0] == stopped.history[0]
     assert [e["missing"] for e in state.history] == [{}, {}, {}]
+
+
+def test_a_federation_whose_sites_dropped_out_fails_instead_of_waiting(tmp_path: Path) -> None:
+    config = toy_run_config(tmp_path, **{"strategy-min-nodes": 3, "timeout-s": 1.0})
+    with pytest.raises(EchoFlowError, match=r"round 1: 2 sites connected within 1 s, strategy.min_nodes needs 3"):
+        federate(config, LocalGrid(2))
+    # a site seen before that is no longer connected is missing, whether or not it was sampled
+    roster = Roster({7: 0, 8: 1})
+    attendance = take_attendance([], [], roster, connected=[7], phase="train", timeout_s=1.0)
+    assert attendance.missing == {"1": "train: not connected"}
 
 
 def test_a_resumed_federation_repeats_an_uninterrupted_one(
