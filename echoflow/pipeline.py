@@ -40,7 +40,8 @@ from echoflow.stages import build_network
 from echoflow.summary import write_summary
 from echoflow.training import load_checkpoint
 
-FEDERATED = ("vae", "image_flow", "reid", "video_flow")
+GENERATIVE = ("vae", "image_flow", "reid", "video_flow")
+FEDERATED_EF = "federated real"  #: the parity row of the EF regressor the sites federate on their real videos
 
 
 def once(cfg: DictConfig, step: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -70,14 +71,15 @@ def train_models(cfg: DictConfig) -> dict[str, Any]:
 
     ``pipeline.training=federated`` (default): the sites federate the stages in order — the VAE first (the
     federation pools the sites' latent moments into its latent scale), then the latent stages on the global
-    VAE's latents, encoded at each site. ``centralized``: the baseline on the pooled TRAIN split (resuming, or
-    reusing finished, models in ``<workdir>/<stage>/``); it has no rounds.
+    VAE's latents, encoded at each site, then an EF regressor on their real videos (a parity baseline that never
+    pools data). ``centralized``: the baseline on the pooled TRAIN split (resuming, or reusing finished, models
+    in ``<workdir>/<stage>/``); it has no rounds.
     """
     if cfg.pipeline.training == "centralized":
-        vae = train_stages(cfg, FEDERATED)["vae"]
+        vae = train_stages(cfg, GENERATIVE)["vae"]
         return {"latent_scale": float(cast(AdversarialVAE, vae).latent_scale), "rounds": {}, "history": {}}
     per_stage = {stage: dict(values) for stage, values in cfg.pipeline.federation.items()}
-    states = federate(cfg, list(FEDERATED), per_stage=per_stage)
+    states = federate(cfg, [*GENERATIVE, "ef"], per_stage=per_stage)
     for stage, state in states.items():
         export_global(cfg, stage, f"{Path(cfg.federation.checkpoint_dir) / stage}/round_{state.round:04d}")
     return {"latent_scale": float(states["vae"].arrays["model.latent_scale"]),
@@ -134,13 +136,18 @@ def audit(cfg: DictConfig) -> dict[str, Any]:
 
 
 def evaluate(cfg: DictConfig, released_count: int) -> dict[str, Any]:
-    """EF regressors on real / synthetic / both; EF consistency and re-id Fréchet distance of the released set."""
+    """EF regressors on real / synthetic / both (and federated on real); EF consistency and re-id Fréchet distance.
+
+    EF consistency (requested vs measured EF of the released videos) uses the pooled real-trained regressor.
+    """
     roots, released = cohort_roots(cfg), Path(cfg.workdir) / "audit" / "released"
     if released_count < 2:
         raise EchoFlowError(f"{released}: {released_count} videos released; too few to train an EF regressor")
     recipe = cfg.copy()
     OmegaConf.update(recipe, "train.ef.optim.steps", cfg.pipeline.ef_steps)
     regressors = train_regressors(recipe, roots, released)
+    if cfg.pipeline.training == "federated":
+        regressors[FEDERATED_EF] = load_network("ef", cfg)
     results = compare(cfg, regressors, roots)
     synthetic = load_sites([released], size=cfg.data.size)
     clips, requested, _ = first_clips(synthetic, frames=cfg.data.clip_frames, fps=cfg.data.clip_fps)

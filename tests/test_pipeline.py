@@ -1,24 +1,27 @@
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import mlflow
-import pytest
 
 from echoflow.cli.pipeline import with_pipeline
 from echoflow.config import load_config
 from echoflow.pipeline import run_pipeline
+from echoflow.server.checkpoint import load_latest
 from echoflow.tracking import start_run
+from tests.federation.processes import REPO, alive, descendants, process_pool, ray_processes
 
 TINY = [
     "data.sites=2", "data.patients_per_site=8", "federation.sites=2", "pipeline.videos=6", "pipeline.ef_steps=5",
     "train.sampling.steps=2", "model.vae.base_channels=8", "model.image_flow.channels=[8,16]",
     "model.video_flow.channels=[8,16]", "model.reid.channels=8", "model.ef.channels=[4,8,8,8]",
     *(f"pipeline.federation.{stage}={{federation.rounds:1,federation.local_steps:3}}"
-      for stage in ("vae", "image_flow", "reid", "video_flow")),
+      for stage in ("vae", "image_flow", "reid", "video_flow", "ef")),
 ]
 
 
-@pytest.mark.slow
 def test_tiny_pipeline_end_to_end_then_resumes_without_redoing(tmp_path: Path) -> None:
     cfg = load_config(with_pipeline([*TINY, f"workdir={tmp_path}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]))
     with start_run(cfg, "pipeline") as run:
@@ -26,16 +29,52 @@ def test_tiny_pipeline_end_to_end_then_resumes_without_redoing(tmp_path: Path) -
     for artifact in ("summary/summary.json", "summary/summary.html", "summary/summary.md", "summary/ef_scatter.png",
                      "summary/loss_curves.png", "audit/audit.json", "audit/audit.html", "audit/released/FileList.csv"):
         assert (tmp_path / artifact).is_file(), artifact
-    assert {row["trained on"] for row in summary["parity"]} == {"real", "synthetic", "real+synthetic"}
+    sources = {row["trained on"] for row in summary["parity"]}
+    assert sources == {"real", "synthetic", "real+synthetic", "federated real"}
     released = json.loads((tmp_path / "pipeline" / "audit.json").read_text())["released"]
     assert released == len(list((tmp_path / "audit" / "released" / "Videos").glob("*.avi"))) > 0
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/m.db")
     children = client.search_runs([run.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
-    assert {c.info.run_name for c in children} >= {f"federate-{s}" for s in ("vae", "image_flow", "reid", "video_flow")}
+    stages = ("vae", "image_flow", "reid", "video_flow", "ef")
+    assert {c.info.run_name for c in children} >= {f"federate-{s}" for s in stages}
     # every step is marked done: a re-run does no work and gives the same summary
     marks = sorted(p.name for p in (tmp_path / "pipeline").iterdir())
     assert marks == ["audit.json", "cohort.json", "evaluate.json", "generate.json", "models.json"]
     generated = (tmp_path / "generated" / "FileList.csv").stat().st_mtime_ns
     assert run_pipeline(cfg)["parity"] == summary["parity"]
     assert (tmp_path / "generated" / "FileList.csv").stat().st_mtime_ns == generated
+
+
+def test_pipeline_killed_during_video_flow_finishes_without_redoing_earlier_stages(tmp_path: Path) -> None:
+    video_flow = "pipeline.federation.video_flow={federation.rounds:3,federation.local_steps:3}"
+    argv = ["echoflow", "pipeline", *TINY, video_flow, f"workdir={tmp_path}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
+    federation = tmp_path / "federation"
+    env = os.environ | {"PYTHONPATH": str(REPO), "ECHOFLOW_QUIET": "1"}
+    with process_pool(env) as start:
+        first = start(argv, tmp_path / "first.log")
+        deadline = time.monotonic() + 600
+        while not (federation / "video_flow" / "LATEST").exists():  # video flow's first round is checkpointed
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.1)
+        tree = descendants(first.pid) + ray_processes(first.pid)
+        os.killpg(first.pid, signal.SIGKILL)
+        for pid in tree:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    killed = load_latest(federation / "video_flow")
+    assert killed is not None and killed.round < 3
+    earlier = {stage: (federation / stage / "LATEST").stat().st_mtime_ns for stage in ("vae", "image_flow", "reid")}
+    assert not (tmp_path / "pipeline" / "models.json").exists()
+
+    with process_pool(env) as start:
+        second = start(argv, tmp_path / "second.log")
+        assert second.wait(timeout=600) == 0, (tmp_path / "second.log").read_text()
+    assert {stage: (federation / stage / "LATEST").stat().st_mtime_ns for stage in earlier} == earlier
+    final = load_latest(federation / "video_flow")
+    assert final is not None and final.round == 3
+    assert final.history[: killed.round] == killed.history  # resumed after its last round, not restarted
+    assert (tmp_path / "audit" / "released" / "FileList.csv").is_file()
+    assert (tmp_path / "summary" / "summary.json").is_file()
