@@ -12,6 +12,7 @@ from echoflow.cli import app
 from echoflow.config import load_config
 from echoflow.config_docs import all_keys, composed_keys, file_keys, group_choices
 from echoflow.errors import EchoFlowError
+from echoflow.progress import QUIET_ENV, is_quiet
 
 
 def test_every_config_key_has_a_comment() -> None:
@@ -67,3 +68,12 @@ def test_unknown_key_is_one_line_error() -> None:
     assert isinstance(result.exception, EchoFlowError) and "nope" in str(result.exception)
     with pytest.raises(EchoFlowError):
         load_config(["model=missing"])
+
+
+def test_global_quiet_turns_every_progress_bar_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(QUIET_ENV, "0")  # and restored (unset) after the test
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert not is_quiet()
+    result = CliRunner().invoke(app, ["--quiet", "config", "show", "data.sites=2"])
+    assert result.exit_code == 0, result.output
+    assert is_quiet()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
 
 from echoflow.cli.audit import audit_app
-from echoflow.cli.common import limit_threads
+from echoflow.cli.common import QUIET, limit_threads
 from echoflow.cli.config import config_app
 from echoflow.cli.data import data_app
 from echoflow.cli.evaluate import evaluate_app
@@ -18,6 +19,7 @@ from echoflow.cli.sample import sample
 from echoflow.cli.simulate import simulate
 from echoflow.cli.train import train
 from echoflow.errors import EchoFlowError
+from echoflow.progress import QUIET_ENV
 
 app = typer.Typer(
     name="echoflow",
@@ -33,6 +35,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def options(quiet: bool = QUIET) -> None:
+    """Options for every command (e.g. `echoflow --quiet pipeline`)."""
+    if quiet:  # every progress bar asks echoflow.progress, which reads the environment
+        os.environ[QUIET_ENV] = "1"
+
+
 app.add_typer(data_app, name="data")
 app.command()(train)
 app.command()(sample)
