@@ -16,8 +16,8 @@ from echoflow.server.settings import ServerSettings, strategy_key
 from echoflow.server.strategies import NAMES, StrategyConfig, load_strategy_state, make_strategy, strategy_state
 from tests.federation.conftest import toy_run_config
 
-KINDS = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "fedmedian": FedMedian,
-         "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
+KINDS = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
+         "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
 
 
 @pytest.mark.parametrize("name", NAMES)
