@@ -295,7 +295,7 @@ def save_checkpoint(directory: Path, tensors: dict[str, Tensor], meta: dict[str,
 def load_checkpoint(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a checkpoint written by `save_checkpoint`, verified against its manifest (no pickle involved)."""
     files = read_verified(directory / CHECKPOINT_MANIFEST, {"checkpoint.safetensors", "checkpoint.json"})
-    return load_safetensors(directory / "checkpoint.safetensors", files["checkpoint.safetensors"]), _json(
+    return load_safetensors(directory / "checkpoint.safetensors", files["checkpoint.safetensors"]), json_object(
         directory / "checkpoint.json", files["checkpoint.json"])
 
 
@@ -307,7 +307,8 @@ def load_safetensors(path: Path, data: bytes) -> dict[str, Tensor]:
         raise EchoFlowError(f"{path}: not a safetensors file ({err})") from err
 
 
-def _json(path: Path, data: bytes) -> dict[str, Any]:
+def json_object(path: Path, data: bytes) -> dict[str, Any]:
+    """The JSON object in the verified bytes of ``path``; anything else is an ``EchoFlowError``."""
     try:
         meta = json.loads(data)
     except (ValueError, UnicodeDecodeError) as err:

@@ -12,9 +12,11 @@ import pickle
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from echoflow.audit.index import build_index, load_index
 from echoflow.centralized import load_network, save_network
 from echoflow.config import load_config
 from echoflow.errors import EchoFlowError
@@ -140,6 +142,14 @@ def test_a_tampered_global_round_is_refused(tmp_path: Path) -> None:
         load_latest(tmp_path)
 
 
+def test_a_round_pointer_leading_out_of_the_folder_is_refused(tmp_path: Path) -> None:
+    save_round(tmp_path / "elsewhere", FederationState(round=1, arrays={"model.w": torch.ones(3)}))
+    save_round(tmp_path / "ckpt", FederationState(round=1, arrays={"model.w": torch.zeros(3)}))
+    (tmp_path / "ckpt" / "LATEST").write_text("../elsewhere/round_0001")
+    with pytest.raises(EchoFlowError, match=r"LATEST: expected a round folder name, got '\.\./elsewhere"):
+        load_latest(tmp_path / "ckpt")
+
+
 def test_final_weights_are_verified_too(tmp_path: Path) -> None:
     cfg = load_config([*TINY, f"workdir={tmp_path}"])
     weights = tmp_path / "ef" / "model.safetensors"
@@ -180,3 +190,27 @@ def test_the_unpickle_scan_catches_what_it_should() -> None:
             "np.load(f)\npd.read_pickle(f)\njoblib.load(f)\n")
     assert [line.split(":")[0] for line in unsafe_loads(ast.parse(code))] == [
         "line 1", "line 3", "line 4", "line 6", "line 7"]
+
+
+def index_pickle_with_matching_manifest(path: Path) -> None:
+    path.write_bytes(pickle_bytes())
+    names = (path.name, path.with_suffix(".json").name)
+    path.with_suffix(".sha256").write_text("".join(
+        f"{hashlib.sha256((path.parent / n).read_bytes()).hexdigest()}  {n}\n" for n in names))
+
+
+@pytest.mark.parametrize(("tamper", "words"), [
+    (flip_last_byte, "index.faiss: sha256 differs from index.sha256"),
+    (lambda p: flip_last_byte(p.with_suffix(".json")), "index.json: sha256 differs from index.sha256"),
+    (index_pickle_with_matching_manifest, "index.faiss: not a FAISS index"),
+], ids=["flipped byte in the index", "edited sidecar", "pickle with a matching manifest"])
+def test_a_tampered_audit_index_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           tamper: Callable[[Path], None], words: str) -> None:
+    monkeypatch.setenv(MARKER_ENV, str(tmp_path / "pwned"))
+    vectors = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    build_index(vectors, kind="exact").save(tmp_path / "index.faiss")
+    assert load_index(tmp_path / "index.faiss").ntotal == 40
+    tamper(tmp_path / "index.faiss")
+    with pytest.raises(EchoFlowError) as err:
+        load_index(tmp_path / "index.faiss")
+    assert words in str(err.value) and "\n" not in str(err.value) and not (tmp_path / "pwned").exists()

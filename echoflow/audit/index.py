@@ -6,7 +6,6 @@ threshold, so no approximate score decides alone: both indexes here keep the rel
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +16,7 @@ from echoflow.audit.bounded_ivf import QUERY_CHUNK, BoundedIVFIndex
 from echoflow.audit.neighbours import Neighbours, Similarity, SiteIndex, prepare
 from echoflow.errors import EchoFlowError
 from echoflow.progress import progress_bar
+from echoflow.training import json_object, read_verified
 
 IndexKind = Literal["auto", "exact", "bounded_ivf"]
 AUTO_EXACT_BELOW = 50_000
@@ -94,12 +94,20 @@ def build_index(
 
 
 def load_index(path: Path) -> SiteIndex:
-    """Read an index written by `SiteIndex.save` (``path`` and its ``.json`` sidecar; no pickle)."""
+    """Read an index written by `SiteIndex.save`: FAISS's own format and a JSON sidecar, no pickle.
+
+    Both are verified against the ``.sha256`` manifest first, so a tampered index cannot hide a patient from the
+    audit.
+    """
     sidecar = path.with_suffix(".json")
     if not path.is_file() or not sidecar.is_file():
         raise EchoFlowError(f"{path}: index file or its sidecar {sidecar.name} is missing")
-    meta = json.loads(sidecar.read_text())
-    raw = faiss.read_index(str(path))
+    files = read_verified(path.with_suffix(".sha256"), [path.name, sidecar.name])
+    meta = json_object(sidecar, files[sidecar.name])
+    try:
+        raw = faiss.deserialize_index(np.frombuffer(files[path.name], dtype=np.uint8))
+    except RuntimeError as err:  # FAISS's reader throws on a malformed file, with a multi-line C++ message
+        raise EchoFlowError(f"{path}: not a FAISS index") from err
     if meta.get("kind") == "exact":
         index: SiteIndex = ExactIndex(raw, similarity=meta["similarity"])
     elif meta.get("kind") == "bounded_ivf":

@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol, get_args
 import numpy as np
 
 from echoflow.errors import EchoFlowError
+from echoflow.training import write_verified
 
 Similarity = Literal["cosine", "pearson"]
 SIMILARITIES: tuple[str, ...] = get_args(Similarity)
@@ -119,11 +120,12 @@ class SiteIndex(ABC):
         """Write the faiss file(s) at ``path``; return the kind-specific sidecar fields."""
 
     def save(self, path: Path) -> None:
-        """Write ``path`` (faiss index) and ``path.with_suffix('.json')`` (sidecar: kind, similarity, ...)."""
+        """Write ``path`` (faiss index), its ``.json`` sidecar (kind, similarity, ...) and ``.sha256`` manifest."""
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"kind": self.kind, "similarity": self.similarity, "dim": self.dim, "ntotal": self.ntotal}
         meta |= self._write(path)
-        path.with_suffix(".json").write_text(json.dumps(meta))
+        write_verified(path.with_suffix(".sha256"), {path.name: path.read_bytes(),
+                                                     path.with_suffix(".json").name: json.dumps(meta).encode()})
 
     def _check_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
         if k < 1:

@@ -6,6 +6,7 @@ leaves the previous round resumable. The two newest rounds are kept.
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,10 @@ def latest_round(directory: Path) -> Path | None:
     pointer = directory / LATEST
     if not pointer.exists():
         return None
-    folder = directory / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    if not re.fullmatch(r"round_\d{4,}", name):  # a pointer must not lead out of the checkpoint folder
+        raise EchoFlowError(f"{pointer}: expected a round folder name, got {name[:40]!r}")
+    folder = directory / name
     if not folder.is_dir():
         raise EchoFlowError(f"{pointer}: points at missing {folder.name}")
     return folder
