@@ -329,7 +329,7 @@ def ingest_dicom(dicom_dir: Path, out: Path, *, salt: str, size: int = 112,
             clip = read_ultrasound(path, root=dicom_dir)
         except UnusableDicom as err:
             report.skipped.append(f"input #{number}: {err.reason}")
-            report.reasons[err.reason.split(" (")[0]] += 1
+            report.reasons[err.reason.split(" (")[0].split(":")[0]] += 1  # "too large: 9 frames ..." -> "too large"
             continue
         name = pseudonym(salt, "instance:" + (clip.instance_uid or path.relative_to(dicom_dir).as_posix()))
         if name in names:
