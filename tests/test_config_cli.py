@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from echoflow.cli import app
 from echoflow.config import load_config
-from echoflow.config_docs import all_keys, composed_keys, file_keys, group_choices
+from echoflow.config_docs import all_keys, composed_keys, file_keys, group_choices, reference_markdown
 from echoflow.errors import EchoFlowError
 from echoflow.progress import QUIET_ENV, is_quiet
 
@@ -77,3 +77,9 @@ def test_global_quiet_turns_every_progress_bar_off(monkeypatch: pytest.MonkeyPat
     result = CliRunner().invoke(app, ["--quiet", "config", "show", "data.sites=2"])
     assert result.exit_code == 0, result.output
     assert is_quiet()
+
+
+def test_configuration_reference_in_docs_is_current() -> None:
+    documented = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert documented == reference_markdown(), "run `echoflow config reference > docs/configuration.md`"
+    assert "| `federation.min_sites` |" in documented and "| `strategy.server_momentum` |" in documented

@@ -27,3 +27,11 @@ def show(
         return
     for line in format_keys(composed_keys(cfg, group_choices(list(overrides or [])))):
         typer.echo(line)
+
+
+@config_app.command("reference")
+def reference() -> None:
+    """Print every key of every config file with its meaning, as Markdown (docs/configuration.md)."""
+    from echoflow.config_docs import reference_markdown
+
+    typer.echo(reference_markdown(), nl=False)
