@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
-from opacus.grad_sample.functorch import prepare_layer
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import Tensor, nn
@@ -84,9 +84,10 @@ def grouped_conv_grad_sample(layer: Conv, x: Tensor, backprops: Tensor) -> dict[
 class FastGradSampleModule(GradSampleModule):
     """Opacus' hook-based `GradSampleModule` with `conv_grad_sample`, cheaper hooks and no summed weight grads.
 
-    - Backprops come from a hook on each layer's output tensor, registered by the forward hook, instead of a
-      module full-backward hook, which wraps every layer's inputs and outputs in an extra autograd function on
-      each forward and backward. Opacus' own ``capture_backprops_hook`` still computes the per-sample gradients.
+    - Backprops come from a hook on each layer's output tensor, registered by the forward hook together with
+      that forward's input, instead of a module full-backward hook (which wraps every layer's inputs and
+      outputs in an extra autograd function on each forward and backward) and Opacus' per-module activation
+      lists, counters and zero-filled staging copies. Opacus' grad samplers compute the per-sample gradients.
     - Autograd would also compute every convolution's and linear layer's summed weight gradient, which DP-SGD
       discards (the optimiser uses the clipped per-sample gradients): the weight stops requiring a gradient for
       the duration of the layer's forward, so the backward computes only the input gradient. A layer whose
@@ -106,13 +107,14 @@ class FastGradSampleModule(GradSampleModule):
         """Hook every layer with trainable parameters (handles kept where Opacus' ``remove_hooks`` finds them)."""
         if hasattr(self._module, "autograd_grad_sample_hooks"):
             raise ValueError("Trying to add hooks twice to the same model")
+        if not batch_first:
+            raise EchoFlowError("dp: per-sample gradients need the batch dimension first")
         self.autograd_grad_sample_hooks: list[Any] = []
         self._module.autograd_grad_sample_hooks = self.autograd_grad_sample_hooks
         self._switched_off: set[nn.Module] = set()
-        self._backprops = partial(self.capture_backprops_hook, loss_reduction=loss_reduction, batch_first=batch_first)
         for module in self.iterate_submodules(self._module):
             if force_functorch or type(module) not in self.GRAD_SAMPLERS:
-                prepare_layer(module, batch_first=batch_first)
+                prepare_layer(module, batch_first=True)
             self.autograd_grad_sample_hooks.append(module.register_forward_hook(self._after_forward, always_call=True))
             if isinstance(module, nn.Linear | Conv) and module.weight.requires_grad:
                 self.autograd_grad_sample_hooks.append(module.register_forward_pre_hook(self._weight_grad_off))
@@ -127,19 +129,29 @@ class FastGradSampleModule(GradSampleModule):
             self._switched_off.add(module)
 
     def _after_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """Restore the weight; hand this forward's input to a hook on its output (no per-module bookkeeping)."""
         if module in self._switched_off:
             self._switched_off.discard(module)
             module.weight.requires_grad_(True)
-        captured = len(getattr(module, "activations", ()))
-        self.capture_activations_hook(module, list(args), output)
-        if len(getattr(module, "activations", ())) > captured:  # Opacus kept this forward's input
-            if not (isinstance(output, Tensor) and output.requires_grad):
-                raise EchoFlowError(f"dp: {type(module).__name__} output carries no gradient to compute "
-                                    "per-sample gradients from")
-            output.register_hook(partial(self._on_output_grad, module))
+        if not (self.hooks_enabled and module.training and torch.is_grad_enabled()
+                and any(p.requires_grad for p in module.parameters(recurse=False))):
+            return
+        if not (isinstance(output, Tensor) and output.requires_grad):
+            raise EchoFlowError(f"dp: {type(module).__name__} output carries no gradient for per-sample gradients")
+        activations = [a.detach() if isinstance(a, Tensor) else a for a in args]
+        output.register_hook(partial(self._per_sample_grads, module, activations))
 
-    def _on_output_grad(self, module: nn.Module, grad: Tensor) -> None:
-        self._backprops(module, None, (grad,))
+    def _per_sample_grads(self, module: nn.Module, activations: list[Any], backprops: Tensor) -> None:
+        """Add the layer's per-sample gradients to ``p.grad_sample`` (a layer run twice in a step adds twice)."""
+        if not self.hooks_enabled:
+            return
+        sampler = self.GRAD_SAMPLERS.get(type(module), ft_compute_per_sample_gradient)
+        grads = sampler(module, activations, backprops)
+        # the loss is a batch mean: each sample's own gradient is batch-size times its share of it
+        scale = len(activations[0]) if self.loss_reduction == "mean" else 1
+        for p, grad in grads.items():
+            grad = grad * scale if scale != 1 else grad
+            p.grad_sample = grad if p.grad_sample is None else p.grad_sample + grad
 
 
 class FastDPOptimizer(DPOptimizer):

@@ -118,12 +118,14 @@ class ConvNet(nn.Module):
         return self.body(x)
 
 
-def test_fast_module_gives_each_samples_own_gradient_and_restores_trainable_weights() -> None:
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_fast_module_gives_each_samples_own_gradient_and_restores_trainable_weights(reduction: str) -> None:
     torch.manual_seed(0)
     net, x = ConvNet(), torch.randn(4, 2, 8, 8)
     alone = [torch.autograd.grad(net(x[i:i + 1]).square().sum(), list(net.parameters())) for i in range(4)]
-    FastGradSampleModule(net, loss_reduction="sum")
-    net(x).square().sum().backward()
+    FastGradSampleModule(net, loss_reduction=reduction)
+    per_sample_loss = net(x).square().sum(dim=1)
+    (per_sample_loss.sum() if reduction == "sum" else per_sample_loss.mean()).backward()
     assert all(p.requires_grad for p in net.parameters())
     assert net.body[3].weight.grad is None and net.body[0].weight.grad is not None  # summed grad skipped after input
     for j, p in enumerate(net.parameters()):
