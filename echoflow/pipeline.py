@@ -7,8 +7,9 @@ from their last training checkpoint). Everything is one MLflow parent run with a
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from echoflow.audit.decide import AuditFailedError
 from echoflow.audit.embed import embed
-from echoflow.audit.run import AuditSettings, decide, embed_sites, run_audit
+from echoflow.audit.run import AuditSettings, RealSite, decide, embed_sites, run_audit
 from echoflow.centralized import (
     cohort_roots,
     encode_sites,
@@ -96,7 +97,18 @@ def requested_efs(cfg: DictConfig, n: int, generator: torch.Generator) -> torch.
     return low + (high - low) * torch.rand(n, generator=generator)
 
 
-def generate(cfg: DictConfig) -> dict[str, Any]:
+def embed_real(cfg: DictConfig) -> dict[str, RealSite]:
+    """Every site's real TRAIN and held-out frames in re-id space: what screening and the audit compare with."""
+    vae, reid = cast(AdversarialVAE, load_network("vae", cfg)), load_network("reid", cfg)
+    return embed_sites(vae, reid, load_split(cfg, ["TRAIN"]), load_split(cfg, ["VAL", "TEST"]), audit_settings(cfg))
+
+
+def audit_settings(cfg: DictConfig) -> AuditSettings:
+    """The ``audit`` config group, typed."""
+    return AuditSettings.from_config(cast(dict, plain(cfg.audit)))
+
+
+def generate(cfg: DictConfig, real: Mapping[str, RealSite]) -> dict[str, Any]:
     """Sample ~``oversample``× the target latent frames, screen them with re-id, animate survivors, decode, write."""
     vae = cast(AdversarialVAE, load_network("vae", cfg))
     reid = load_network("reid", cfg)
@@ -107,9 +119,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     frames = sample_latent_frames(load_network("image_flow", cfg), drawn, shape=(vae.latent_channels, latent, latent),
                                   steps=s.steps, method=s.method, target=cfg.train.image_flow.loss.target,
                                   generator=generator)
-    settings = AuditSettings.from_config(cast(dict, plain(cfg.audit)))
-    real = embed_sites(vae, reid, load_split(cfg, ["TRAIN"]), load_split(cfg, ["VAL", "TEST"]), settings)
-    _, screened, _ = decide(real, embed(reid, frames).numpy(), settings, Path(cfg.workdir) / "audit" / "indexes")
+    _, screened, _ = decide(real, embed(reid, frames).numpy(), audit_settings(cfg),
+                            Path(cfg.workdir) / "audit" / "indexes")
     if screened.failed:
         raise AuditFailedError(f"screening: sites failed: {screened.failures}")
     survivors = frames[torch.from_numpy(screened.release)][: p.videos]
@@ -122,13 +133,13 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     return {"drawn": drawn, "screened_out": int((~screened.release).sum()), "animated": len(survivors)}
 
 
-def audit(cfg: DictConfig) -> dict[str, Any]:
+def audit(cfg: DictConfig, real: Mapping[str, RealSite]) -> dict[str, Any]:
     """The full audit of every generated frame against every site; releases what passes."""
     outcome = run_audit(vae=cast(AdversarialVAE, load_network("vae", cfg)), reid=load_network("reid", cfg),
                         train=load_split(cfg, ["TRAIN"]), heldout=load_split(cfg, ["VAL", "TEST"]),
                         generated_dir=Path(cfg.workdir) / "generated", out=Path(cfg.workdir) / "audit",
                         index_dir=Path(cfg.workdir) / "audit" / "indexes",
-                        settings=AuditSettings.from_config(cast(dict, plain(cfg.audit))))
+                        settings=audit_settings(cfg), real=real)
     if outcome.result.failed:
         raise AuditFailedError(f"{outcome.paths[0]}: audit failed, nothing released ({outcome.result.failures})")
     return {"released": len(outcome.released), "videos": len(outcome.decisions), "counts": outcome.report["counts"],
@@ -167,8 +178,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """The whole main job under one MLflow parent run (the caller starts it); returns the summary."""
     once(cfg, "cohort", lambda: {"sites": [str(root) for root in cohort_roots(cfg)]})
     models = once(cfg, "models", lambda: train_models(cfg))
-    generated = once(cfg, "generate", lambda: generate(cfg))
-    audited = once(cfg, "audit", lambda: audit(cfg))
+    real = functools.cache(lambda: embed_real(cfg))  # embedded once for screening and the audit
+    generated = once(cfg, "generate", lambda: generate(cfg, real()))
+    audited = once(cfg, "audit", lambda: audit(cfg, real()))
     evaluated = once(cfg, "evaluate", lambda: evaluate(cfg, audited["released"]))
     summary = write_summary(Path(cfg.workdir), models=models, generated=generated, audited=audited,
                             evaluated=evaluated, released=Path(cfg.workdir) / "audit" / "released",

@@ -282,7 +282,8 @@ def canary_pool(real: Mapping[str, RealSite], n: int, *, seed: int) -> np.ndarra
 
 
 def run_audit(*, vae: AdversarialVAE, reid: nn.Module, train: Sequence[SiteData], heldout: Sequence[SiteData],
-              generated_dir: Path, out: Path, index_dir: Path, settings: AuditSettings) -> AuditOutcome:
+              generated_dir: Path, out: Path, index_dir: Path, settings: AuditSettings,
+              real: Mapping[str, RealSite] | None = None) -> AuditOutcome:
     """Audit the videos in ``generated_dir`` against every site; write ``out/{audit.json,audit.html,released/}``.
 
     Args:
@@ -294,11 +295,12 @@ def run_audit(*, vae: AdversarialVAE, reid: nn.Module, train: Sequence[SiteData]
         out: output folder; a previous ``released/`` there is removed first.
         index_dir: per-site index folders are saved here (``<index_dir>/<site>/``).
         settings: the ``audit`` config group.
+        real: `embed_sites` of ``train`` and ``heldout`` under ``settings``, when the caller has it already.
     """
     start = time.perf_counter()
     shutil.rmtree(out / "released", ignore_errors=True)  # a stale release must never outlive a new audit
     with progress_bar("audit (embed real, embed generated, decide, release)", total=4) as advance:
-        real = embed_sites(vae, reid, train, heldout, settings)
+        real = embed_sites(vae, reid, train, heldout, settings) if real is None else real
         advance(1)
         generated = read_generated(generated_dir, size=int(train[0].videos[0].shape[-1]))
         video, frame = pick_frames([len(v) for v in generated.videos], every=settings.every)
