@@ -42,21 +42,23 @@ def conv_grad_sample(layer: Conv, activations: list[Tensor], backprops: Tensor) 
     batches.
     """
     if (len(activations[0]) == 0 or isinstance(layer.padding, str) or layer.padding_mode != "zeros"
-            or not _grouped_is_faster(layer)):
+            or not _grouped_is_faster(layer, backprops)):
         return compute_conv_grad_sample(layer, activations, backprops)
     return grouped_conv_grad_sample(layer, activations[0].to(backprops.dtype), backprops)
 
 
-def _grouped_is_faster(layer: Conv) -> bool:
+def _grouped_is_faster(layer: Conv, backprops: Tensor) -> bool:
     """Where the grouped sampler won, per layer of the demo networks (batch 8, one thread).
 
-    Every 3D convolution (3-10x for the EF regressor's wide maps, par for 8x8 latents); in 2D, k x k kernels
-    between maps of >= 16 channels per group (1.2-2x; thin layers and 1x1 kernels are faster as im2col).
+    Every 3D convolution (3-10x for the EF regressor's wide maps and the (1, 3, 3) kernels of the video flow,
+    par for its temporal ones); in 2D, k x k kernels between maps of >= 16 channels per group with >= 16 x 16
+    output positions (1.2-2.5x). Thin layers, 1x1 kernels and small maps are faster as Opacus' im2col (the
+    discriminator's 64 -> 128 channels on 8 x 8: 4x).
     """
     if isinstance(layer, nn.Conv3d):
         return True
     wide = min(layer.in_channels, layer.out_channels) // layer.groups >= 16
-    return isinstance(layer, nn.Conv2d) and min(layer.kernel_size) > 1 and wide
+    return isinstance(layer, nn.Conv2d) and min(layer.kernel_size) > 1 and wide and backprops[0, 0].numel() >= 256
 
 
 def grouped_conv_grad_sample(layer: Conv, x: Tensor, backprops: Tensor) -> dict[Tensor, Tensor]:
