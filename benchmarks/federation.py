@@ -6,7 +6,9 @@
 3. Peak RSS of the whole simulation (driver + Ray processes): 10 sites train the demo VAE for 2 rounds (goal
    <= 24 GiB), and 20 sites of the toy stage.
 4. Federated VAE over the 4 non-IID phantom sites / centralized VAE at the same total optimiser steps: pooled
-   VAL reconstruction loss ratio (goal <= 1.10), and the federated latent scale next to the centralized one.
+   VAL reconstruction loss ratio (goal <= 1.10); also vs centralized at as many steps as each site took (equal
+   wall time); and the federated latent scale next to the centralized one. ``strategy=...`` etc. after the
+   options are config overrides (e.g. ``--only quality strategy=fedavgm``).
 
 Run from the repository root: ``python benchmarks/federation.py [--quick] [--only dp,speed,memory,quality]``.
 """
@@ -21,11 +23,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -200,7 +203,7 @@ def peak_rss(sites: int, *, task: str, rounds: int) -> None:
           f"{peak[0] / 1024:.2f} GiB (goal <= 24 GiB), {time.perf_counter() - start:.1f} s")
 
 
-def federated_vs_centralized_vae(rounds: int, local_steps: int, lr: float) -> None:
+def federated_vs_centralized_vae(rounds: int, local_steps: int, lr: float, overrides: Sequence[str] = ()) -> None:
     sites = 4
     total = sites * rounds * local_steps
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +213,7 @@ def federated_vs_centralized_vae(rounds: int, local_steps: int, lr: float) -> No
                            f"federation.rounds={rounds}", f"federation.local_steps={local_steps}",
                            "federation.evaluate=false", f"federation.lr={lr}", f"train.vae.optim.steps={total}",
                            "train.vae.optim.batch_size=${federation.batch_size}", "train.vae.optim.lr=${federation.lr}",
-                           "train.vae.optim.ema_decay=0.0"])
+                           "train.vae.optim.ema_decay=0.0", *overrides])
         start = time.perf_counter()
         state = federate(cfg, ["vae"])["vae"]
         federated_s = time.perf_counter() - start
@@ -218,19 +221,25 @@ def federated_vs_centralized_vae(rounds: int, local_steps: int, lr: float) -> No
         start = time.perf_counter()
         central = train_stage("vae", cfg, train_sites, out=Path(tmp) / "central", quiet=True)
         central_s = time.perf_counter() - start
+        per_site = cfg.copy()  # centralized for as many steps as each site took: equal wall time, 1/sites the data
+        OmegaConf.update(per_site, "train.vae.optim.steps", rounds * local_steps)
+        short = train_stage("vae", per_site, train_sites, out=Path(tmp) / "central_short", quiet=True)
         val = stage_dataset("vae", load_split(cfg, ["VAL"]), cfg)
         frames = torch.cat([torch.from_numpy(v) for site in train_sites for v in site.videos]).float() / 127.5 - 1
         losses, scales = {}, {}
         for name, load in (("federated", lambda st: load_group_arrays(st, state.arrays)),
-                           ("centralized", lambda st: st.groups()["model"].load_state_dict(central.state_dict()))):
+                           ("centralized", lambda st: st.groups()["model"].load_state_dict(central.state_dict())),
+                           ("short", lambda st: st.groups()["model"].load_state_dict(short.state_dict()))):
             stage = build_stage("vae", dict(cfg.model), dict(cfg.train.vae.loss))
             load(stage)
             losses[name] = mean_loss(stage, val, batch_size=64, seed=0)
             scales[name] = measure_latent_scale(stage.groups()["model"], frames.unsqueeze(1))  # type: ignore[arg-type]
     ratio = losses["federated"] / losses["centralized"]
     print(f"VAE on 4 non-IID phantom sites, {total} total steps (federated {sites} sites x {rounds} rounds x "
-          f"{local_steps} steps, FedAvg): VAL loss federated {losses['federated']:.4f} / centralized "
-          f"{losses['centralized']:.4f} = {ratio:.3f} (goal <= 1.10), lr {lr}; federated latent scale pooled from "
+          f"{local_steps} steps, {cfg.strategy.name}): VAL loss federated {losses['federated']:.4f} / centralized "
+          f"{losses['centralized']:.4f} = {ratio:.3f} (goal <= 1.10), lr {lr}; vs centralized at "
+          f"{rounds * local_steps} steps (as many as each site) {losses['short']:.4f}: "
+          f"{losses['federated'] / losses['short']:.3f}; federated latent scale pooled from "
           f"site moments {float(state.arrays['model.latent_scale']):.4f} vs measured on all frames "
           f"{scales['federated']:.4f} (wall {federated_s:.0f} s vs {central_s:.0f} s)")
 
@@ -239,17 +248,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer steps")
     parser.add_argument("--only", default="dp,speed,memory,quality", help="comma list of benchmarks to run")
+    parser.add_argument("overrides", nargs="*", help="config overrides for the quality benchmark")
     args = parser.parse_args()
     only, quick = set(args.only.split(",")), args.quick
     if "dp" in only:
         dp_overhead(steps=6 if quick else 30)
     if "speed" in only:
-        federated_vs_centralized(sites=2, rounds=3, local_steps=5 if quick else 20)
+        federated_vs_centralized(sites=2, rounds=3 if quick else 4, local_steps=5 if quick else 50)
     if "memory" in only:
         peak_rss(10, task=VAE_TASK_PATH, rounds=2)
         peak_rss(20, task="tests.federation.toy:TASK", rounds=1)
     if "quality" in only:
-        federated_vs_centralized_vae(rounds=4 if quick else 20, local_steps=10 if quick else 20, lr=1e-3)
+        federated_vs_centralized_vae(rounds=4 if quick else 20, local_steps=10 if quick else 20, lr=1e-3,
+                                     overrides=args.overrides)
 
 
 if __name__ == "__main__":
