@@ -102,7 +102,7 @@ def dp_overhead(steps: int) -> None:
 
     cfg = load_config()
     batch = int(cfg.federation.batch_size)
-    cases = [(name, {}) for name in STAGES] + [("vae", {"adv_start": 0})]
+    cases: list[tuple[str, dict[str, Any]]] = [(name, {}) for name in STAGES] + [("vae", {"adv_start": 0})]
     for name, loss_overrides in cases:
         data = Items(demo_batch(name, 256))
         loss = plain(cfg.train[name].loss) | ({"adaptive": False} if name == "vae" else {}) | loss_overrides
