@@ -51,13 +51,13 @@ def _grouped_is_faster(layer: Conv, backprops: Tensor) -> bool:
     """Where the grouped sampler won, per layer of the demo networks (batch 8, one thread).
 
     Every 3D convolution (3-10x for the EF regressor's wide maps and the (1, 3, 3) kernels of the video flow,
-    par for its temporal ones); in 2D, k x k kernels between maps of >= 16 channels per group with >= 16 x 16
+    par for its temporal ones); in 2D, k x k kernels between maps of >= 8 channels per group with >= 16 x 16
     output positions (1.2-2.5x). Thin layers, 1x1 kernels and small maps are faster as Opacus' im2col (the
     discriminator's 64 -> 128 channels on 8 x 8: 4x).
     """
     if isinstance(layer, nn.Conv3d):
         return True
-    wide = min(layer.in_channels, layer.out_channels) // layer.groups >= 16
+    wide = min(layer.in_channels, layer.out_channels) // layer.groups >= 8
     return isinstance(layer, nn.Conv2d) and min(layer.kernel_size) > 1 and wide and backprops[0, 0].numel() >= 256
 
 
@@ -71,7 +71,7 @@ def grouped_conv_grad_sample(layer: Conv, x: Tensor, backprops: Tensor) -> dict[
     n = len(x)
     grads: dict[Tensor, Tensor] = {}
     if layer.weight.requires_grad:
-        stacked = layer.weight.detach().repeat(n, *([1] * (layer.weight.dim() - 1)))  # only its shape is read
+        stacked = layer.weight.new_empty((n * layer.weight.shape[0], *layer.weight.shape[1:]))  # only its shape is read
         _, weight_grad, _ = torch.ops.aten.convolution_backward(
             backprops.reshape(1, -1, *backprops.shape[2:]), x.reshape(1, -1, *x.shape[2:]), stacked, None,
             layer.stride, layer.padding, layer.dilation, False, [0] * len(layer.stride), n * layer.groups,
