@@ -148,11 +148,15 @@ class FastGradSampleModule(GradSampleModule):
         if not self.hooks_enabled:
             return
         sampler = self.GRAD_SAMPLERS.get(type(module), ft_compute_per_sample_gradient)
-        grads = sampler(module, activations, backprops)
-        # the loss is a batch mean: each sample's own gradient is batch-size times its share of it
-        scale = len(activations[0]) if self.loss_reduction == "mean" else 1
+        # the loss is a batch mean: each sample's own gradient is batch-size times its share of it; scale
+        # whichever is smaller, the layer's output gradient or its per-sample gradients
+        n = len(activations[0])
+        scale = n if self.loss_reduction == "mean" else 1
+        per_sample_size = n * sum(p.numel() for p in module.parameters(recurse=False))
+        scale_first = scale != 1 and backprops.numel() <= per_sample_size
+        grads = sampler(module, activations, backprops * scale if scale_first else backprops)
         for p, grad in grads.items():
-            grad = grad * scale if scale != 1 else grad
+            grad = grad * scale if scale != 1 and not scale_first else grad
             p.grad_sample = grad if p.grad_sample is None else p.grad_sample + grad
 
 
