@@ -16,6 +16,10 @@ therefore covered by the same guarantee as the autoencoder.
 What a stage must do for DP: a forward through another group's network whose output is detached must run
 under ``torch.no_grad()`` (Opacus counts forwards and backwards per layer), batch statistics are not
 allowed (GroupNorm, not BatchNorm), and no second gradient pass (the VAE's adaptive GAN weight) is used.
+
+Speed: `make_private` uses Opacus through `echoflow.clients.dp_engine` (grouped-convolution per-sample
+gradients, output-tensor hooks, no discarded summed weight gradients, vectorised clipping and noise) — the same
+mechanism, so the same (σ, q, steps) and ε; ``benchmarks/federation.py`` prints the step-time ratio per network.
 """
 
 from __future__ import annotations
