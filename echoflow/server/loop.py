@@ -55,9 +55,10 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
         log.info("resuming %s after round %d", settings.checkpoint_dir, state.round)
         load_strategy_state(strategy, state.strategy)
     tracker = _tracker(settings, state)
-    roster = roll_call(grid, run_config_record(settings.run_config), timeout_s=settings.timeout_s)
+    roster = Roster()
     try:
         for server_round in range(state.round + 1, settings.rounds + 1):
+            roll_call(grid, run_config_record(settings.run_config), timeout_s=settings.timeout_s, roster=roster)
             state = run_round(grid, strategy, state, server_round=server_round, settings=settings, roster=roster)
             save_round(settings.checkpoint_dir, state)
             if tracker is not None:

@@ -53,12 +53,18 @@ class Roster:
                     self.sites[reply.metadata.src_node_id] = int(site)  # type: ignore[arg-type]
 
 
-def roll_call(grid: Grid, config: ConfigRecord, *, timeout_s: float) -> Roster:
-    """Ask every connected node which site it is (``query.roll_call``); nodes that do not answer stay unknown."""
-    messages = [Message(content=RecordDict({"config": config}), dst_node_id=node,
-                        message_type=f"query.{ROLL_CALL}") for node in grid.get_node_ids()]
-    roster = Roster()
-    roster.learn(grid.send_and_receive(messages, timeout=min(timeout_s, ROLL_CALL_TIMEOUT_S)))
+def roll_call(grid: Grid, config: ConfigRecord, *, timeout_s: float, roster: Roster | None = None) -> Roster:
+    """Ask every connected node not in ``roster`` which site it is (``query.roll_call``); returns the roster.
+
+    Nodes that do not answer (e.g. their actor is still starting on a loaded machine) stay unknown until a later
+    roll call — the loop calls again before each round, which costs nothing once every node is known.
+    """
+    roster = Roster() if roster is None else roster
+    unknown = [node for node in grid.get_node_ids() if node not in roster.sites]
+    if unknown:
+        messages = [Message(content=RecordDict({"config": config}), dst_node_id=node,
+                            message_type=f"query.{ROLL_CALL}") for node in unknown]
+        roster.learn(grid.send_and_receive(messages, timeout=min(timeout_s, ROLL_CALL_TIMEOUT_S)))
     return roster
 
 
