@@ -16,7 +16,7 @@ from echoflow.errors import EchoFlowError
 from echoflow.server.checkpoint import FederationState, load_latest
 from echoflow.server.roster import Roster, take_attendance
 from echoflow.server.settings import ServerSettings
-from tests.federation.conftest import toy_run_config
+from tests.federation.conftest import crash_after_round, toy_run_config
 from tests.federation.grid import LocalGrid
 
 
@@ -104,18 +104,10 @@ def test_a_resumed_federation_repeats_an_uninterrupted_one(
     straight = federate(config, LocalGrid(5, order_seed=1))
 
     resumed_config = toy_run_config(tmp_path / "b", rounds=3, strategy="fedadam")
-    save = loop.save_round
-
-    def save_then_crash(directory: Path, state: FederationState) -> Path:
-        folder = save(directory, state)
-        if state.round == 2:
-            raise RuntimeError("server killed after round 2")
-        return folder
-
-    monkeypatch.setattr(loop, "save_round", save_then_crash)
+    undo = crash_after_round(monkeypatch, 2)
     with pytest.raises(RuntimeError):
         federate(resumed_config, LocalGrid(5, order_seed=2))
-    monkeypatch.setattr(loop, "save_round", save)
+    undo()
     resumed = federate(resumed_config, LocalGrid(5, order_seed=3))
 
     assert resumed.round == straight.round == 3

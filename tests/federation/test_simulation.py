@@ -18,6 +18,7 @@ from echoflow.clients.faults import fault_at, random_fault_plan
 from echoflow.clients.task import group_arrays
 from echoflow.federation.simulation import SimulationConfig, simulate
 from echoflow.server.checkpoint import FederationState
+from tests.federation.conftest import crash_after_round
 from tests.federation.toy import TASK
 
 SIM = SimulationConfig(sites=2, client_cpus=1.0, num_cpus=1)
@@ -80,18 +81,10 @@ def test_crashed_server_resumes_from_last_round(
     tmp_path: Path, run_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = run_config | {"strategy": "fedadam"}
-    save = loop.save_round
-
-    def save_then_crash(directory: Path, state: FederationState) -> Path:
-        folder = save(directory, state)
-        if state.round == 1:
-            raise RuntimeError("server killed after round 1")
-        return folder
-
-    monkeypatch.setattr(loop, "save_round", save_then_crash)
+    undo = crash_after_round(monkeypatch, 1)
     with pytest.raises(RuntimeError):
         simulate(config, SIM)
-    monkeypatch.setattr(loop, "save_round", save)
+    undo()
     first = loop.load_latest(Path(config["checkpoint-dir"]))
     assert first is not None and first.round == 1 and any(k.startswith("m_t/") for k in first.strategy)
 
