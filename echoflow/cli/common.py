@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import torch
 import typer
@@ -23,8 +24,8 @@ def limit_threads(threads: int) -> None:
 
 
 def apply_runtime(cfg: DictConfig) -> None:
-    """Process-wide settings from the config: threads per process."""
-    limit_threads(cfg.threads)
+    """Process-wide settings from the config: threads per process (``threads: 0`` = every core)."""
+    limit_threads(int(cfg.threads) or os.cpu_count() or 1)
 
 
 def sweep(overrides: list[str]) -> list[list[str]]:
