@@ -1,11 +1,12 @@
 """The HTML reports in a real browser: headless Chromium renders them with no console errors, every image decoded.
 
-Screenshots are kept as artifacts in each test's pytest ``tmp_path`` (``<basetemp>/<test name>0/*.png``; pass
-``--basetemp DIR`` to choose where).
+Screenshots are kept as artifacts in ``test-artifacts/`` at the repository root (git-ignored; CI uploads it), or
+in ``$ECHOFLOW_TEST_ARTIFACTS`` when set.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from echoflow.audit.synthetic import PatientSpace
 from echoflow.browser import find_chromium, render
 from tests.ef_videos import write_ef_videos
 from tests.test_summary import write_fake_summary
+
+ARTIFACTS = Path(os.environ.get("ECHOFLOW_TEST_ARTIFACTS") or Path(__file__).resolve().parents[1] / "test-artifacts")
 
 pytestmark = pytest.mark.skipif(find_chromium() is None,
                                 reason="no chromium on PATH (Debian: apt-get install -y chromium)")
@@ -46,6 +49,7 @@ def small_audit_html(out: Path) -> Path:
 
 def rendered_page(html: Path, png: Path) -> np.ndarray:
     """Render ``html`` (no errors, every image decoded), keep the screenshot at ``png``, return it in grey."""
+    png.parent.mkdir(parents=True, exist_ok=True)
     assert render(html, png) == []
     image = np.asarray(Image.open(png).convert("L"))
     assert image.shape[1] == 1280 and image.shape[0] >= 2000
@@ -57,13 +61,13 @@ def test_audit_report_renders_without_errors(tmp_path: Path) -> None:
     html = small_audit_html(tmp_path / "audit")
     page = html.read_text()
     assert page.count("data:image/gif;base64,") == 6 and len(list((tmp_path / "audit" / "previews").glob("*.gif"))) == 6
-    rendered_page(html, tmp_path / "audit.png")
+    rendered_page(html, ARTIFACTS / "audit.png")
 
 
 def test_summary_renders_without_errors(tmp_path: Path) -> None:
     html = write_fake_summary(tmp_path)
     assert html.read_text().count("data:image/gif;base64,") == 5  # no generated video in 40-55 %
-    rendered_page(html, tmp_path / "summary.png")
+    rendered_page(html, ARTIFACTS / "summary.png")
 
 
 def test_render_reports_every_kind_of_error(tmp_path: Path) -> None:
