@@ -29,15 +29,8 @@ from echoflow.errors import EchoFlowError
 from echoflow.models.vae import AdversarialVAE, measure_latent_scale
 from echoflow.progress import progress_bar
 from echoflow.stages import build_network, build_stage
-from echoflow.training import (
-    Batch,
-    TrainConfig,
-    Trainer,
-    load_safetensors,
-    random_batches,
-    read_verified,
-    write_verified,
-)
+from echoflow.training import Batch, TrainConfig, Trainer, random_batches
+from echoflow.verified import load_safetensors, read_verified, write_verified
 
 LATENT_STAGES = ("image_flow", "reid", "video_flow")
 """Stages that train on VAE latents rather than pixels."""

@@ -16,7 +16,7 @@ from echoflow.audit.bounded_ivf import QUERY_CHUNK, BoundedIVFIndex
 from echoflow.audit.neighbours import Neighbours, Similarity, SiteIndex, prepare
 from echoflow.errors import EchoFlowError
 from echoflow.progress import progress_bar
-from echoflow.training import json_object, read_verified
+from echoflow.verified import json_object, read_verified
 
 IndexKind = Literal["auto", "exact", "bounded_ivf"]
 AUTO_EXACT_BELOW = 50_000

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol, get_args
 import numpy as np
 
 from echoflow.errors import EchoFlowError
-from echoflow.training import write_verified
+from echoflow.verified import write_verified
 
 Similarity = Literal["cosine", "pearson"]
 SIMILARITIES: tuple[str, ...] = get_args(Similarity)
