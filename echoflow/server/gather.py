@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
-from echoflow.server.roster import Attendance, Roster, require_quorum, take_attendance, wait_for_sites
+from echoflow.server.roster import Attendance, Roster, require_quorum, roll_call, take_attendance, wait_for_sites
 from echoflow.server.screening import screen_replies
 from echoflow.server.settings import ServerSettings
 
@@ -46,6 +46,7 @@ def gather_training(
     connected = wait_for_sites(grid, int(getattr(strategy, "min_available_nodes", 1)), timeout_s=settings.timeout_s,
                                server_round=server_round)
     sent = list(strategy.configure_train(server_round, ArrayRecord(dict(arrays)), config, grid))
+    roll_call(grid, config, timeout_s=settings.timeout_s, roster=roster, nodes=[m.metadata.dst_node_id for m in sent])
     attendance = take_attendance(sent, grid.send_and_receive(sent, timeout=settings.timeout_s), roster,
                                  connected=connected, phase="train", timeout_s=settings.timeout_s)
     trained = [(reply, label) for reply, label in zip(attendance.replies, attendance.labels, strict=True)
@@ -64,5 +65,6 @@ def gather_evaluation(
 ) -> Attendance:
     """Run the evaluation phase of ``server_round`` on the new global ``arrays`` (no quorum: it only measures)."""
     sent = list(strategy.configure_evaluate(server_round, ArrayRecord(dict(arrays)), config, grid))
+    roll_call(grid, config, timeout_s=settings.timeout_s, roster=roster, nodes=[m.metadata.dst_node_id for m in sent])
     return take_attendance(sent, grid.send_and_receive(sent, timeout=settings.timeout_s), roster,
                            connected=grid.get_node_ids(), phase="evaluate", timeout_s=settings.timeout_s)

@@ -26,7 +26,7 @@ from echoflow.errors import EchoFlowError
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
 from echoflow.server.gather import gather_evaluation, gather_training
 from echoflow.server.latent_scale import federated_latent_scale
-from echoflow.server.roster import Roster, merge_missing, roll_call
+from echoflow.server.roster import Roster, merge_missing
 from echoflow.server.secagg import SecAggConfig, gather_secure_training
 from echoflow.server.settings import ServerSettings
 from echoflow.server.strategies import load_strategy_state, make_strategy, strategy_state
@@ -58,7 +58,6 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
     roster = Roster()
     try:
         for server_round in range(state.round + 1, settings.rounds + 1):
-            roll_call(grid, run_config_record(settings.run_config), timeout_s=settings.timeout_s, roster=roster)
             state = run_round(grid, strategy, state, server_round=server_round, settings=settings, roster=roster)
             save_round(settings.checkpoint_dir, state)
             if tracker is not None:

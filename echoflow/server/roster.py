@@ -53,18 +53,24 @@ class Roster:
                     self.sites[reply.metadata.src_node_id] = int(site)  # type: ignore[arg-type]
 
 
-def roll_call(grid: Grid, config: ConfigRecord, *, timeout_s: float, roster: Roster | None = None) -> Roster:
-    """Ask every connected node not in ``roster`` which site it is (``query.roll_call``); returns the roster.
+def roll_call(grid: Grid, config: ConfigRecord, *, timeout_s: float, roster: Roster | None = None,
+              nodes: Iterable[int] | None = None) -> Roster:
+    """Ask ``nodes`` (default: every connected node) not yet in ``roster`` which site they are; returns the roster.
 
-    Nodes that do not answer (e.g. their actor is still starting on a loaded machine) stay unknown until a later
-    roll call — the loop calls again before each round, which costs nothing once every node is known.
+    Called with the nodes a phase is about to message, so every node that can fail in it has been named first
+    (a node missing from an earlier roll call, e.g. while its actor was starting, is asked again); it costs
+    nothing once every node is known.
     """
     roster = Roster() if roster is None else roster
-    unknown = [node for node in grid.get_node_ids() if node not in roster.sites]
+    unknown = [node for node in (grid.get_node_ids() if nodes is None else nodes) if node not in roster.sites]
     if unknown:
         messages = [Message(content=RecordDict({"config": config}), dst_node_id=node,
                             message_type=f"query.{ROLL_CALL}") for node in unknown]
-        roster.learn(grid.send_and_receive(messages, timeout=min(timeout_s, ROLL_CALL_TIMEOUT_S)))
+        replies = list(grid.send_and_receive(messages, timeout=min(timeout_s, ROLL_CALL_TIMEOUT_S)))
+        for reply in replies:
+            if reply.has_error():
+                log.warning("roll call: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
+        roster.learn(replies)
     return roster
 
 
