@@ -1,3 +1,4 @@
+import importlib
 import json
 import os
 import signal
@@ -5,7 +6,10 @@ import time
 from pathlib import Path
 
 import mlflow
+from pytest import MonkeyPatch
+from typer.testing import CliRunner
 
+from echoflow.cli import app
 from echoflow.cli.pipeline import with_pipeline
 from echoflow.config import load_config
 from echoflow.pipeline import run_pipeline
@@ -78,3 +82,16 @@ def test_pipeline_killed_during_video_flow_finishes_without_redoing_earlier_stag
     assert final.history[: killed.round] == killed.history  # resumed after its last round, not restarted
     assert (tmp_path / "audit" / "released" / "FileList.csv").is_file()
     assert (tmp_path / "summary" / "summary.json").is_file()
+
+
+def test_pipeline_multirun_gives_each_sweep_point_its_own_workdir(monkeypatch: MonkeyPatch, tmp_path: Path) -> None:
+    command = importlib.import_module("echoflow.cli.pipeline")  # the package re-exports the function under this name
+    ran: list[list[str]] = []
+    monkeypatch.setattr(command, "run_one", ran.append)
+    result = CliRunner().invoke(app, ["pipeline", "--multirun", "dp=none,eps8", f"workdir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    assert [o for point in ran for o in point if o.startswith(("dp=", "workdir=", "+pipeline="))] == [
+        "+pipeline=demo", "dp=none", f"workdir={tmp_path}", f"workdir={tmp_path}/sweep_000",
+        "+pipeline=demo", "dp=eps8", f"workdir={tmp_path}", f"workdir={tmp_path}/sweep_001"]
+    assert [load_config(point).dp.enabled for point in ran] == [False, True]
+    assert [load_config(point).workdir for point in ran] == [f"{tmp_path}/sweep_000", f"{tmp_path}/sweep_001"]
