@@ -32,14 +32,13 @@ from echoflow.centralized import (
 from echoflow.data.sites import load_sites
 from echoflow.errors import EchoFlowError
 from echoflow.evaluation import first_clips, measure_ef
+from echoflow.federation.echo_task import global_network
 from echoflow.federation.pipeline import federate
 from echoflow.generate import animate_frames, decode_clips, sample_latent_frames, to_uint8, write_synthetic
 from echoflow.metrics import frechet_distance, regression
 from echoflow.models.vae import AdversarialVAE
 from echoflow.parity import compare, train_regressors
-from echoflow.stages import build_network
 from echoflow.summary import write_summary
-from echoflow.training import load_checkpoint
 
 GENERATIVE = ("vae", "image_flow", "reid", "video_flow")
 FEDERATED_EF = "federated real"  #: the parity row of the EF regressor the sites federate on their real videos
@@ -60,10 +59,7 @@ def once(cfg: DictConfig, step: str, work: Callable[[], dict[str, Any]]) -> dict
 
 def export_global(cfg: DictConfig, stage: str, round_folder: str) -> None:
     """Write a federated stage's final global ``model`` weights where `load_network` looks."""
-    tensors, _ = load_checkpoint(Path(round_folder))
-    prefix = "global/model."
-    net = build_network(stage, plain(cfg.model))
-    net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    net = global_network(stage, plain(cfg.model), Path(round_folder))
     save_network(net, Path(cfg.workdir) / stage / "model.safetensors")
 
 

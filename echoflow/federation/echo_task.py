@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from echoflow.centralized import LATENT_STAGES, encode_sites, plain, stage_dataset, stage_sites
@@ -71,12 +72,18 @@ def _site_data(name: str, site_dir: str, config_json: str) -> tuple[Dataset[Batc
     return train, val
 
 
+def global_network(stage: str, model: Mapping[str, Any], round_folder: Path) -> nn.Module:
+    """Stage ``stage``'s network (``model`` config) with the global ``model`` weights of a round checkpoint."""
+    tensors, _ = load_checkpoint(round_folder)
+    prefix = "global/model."
+    net = build_network(stage, model)
+    net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    return net
+
+
 def global_vae(cfg: DictConfig) -> AdversarialVAE:
     """The federated VAE's global weights (the ``model`` group of the round folder ``stage_checkpoints.vae``)."""
-    tensors, _ = load_checkpoint(Path(cfg.stage_checkpoints.vae))
-    prefix = "global/model."
-    vae = build_network("vae", plain(cfg.model))
-    vae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    vae = global_network("vae", plain(cfg.model), Path(cfg.stage_checkpoints.vae))
     if not isinstance(vae, AdversarialVAE):
         raise EchoFlowError("model.vae: not an AdversarialVAE")
     return vae.eval()
