@@ -38,15 +38,28 @@ class Training:
     rejected: dict[str, str]
 
 
+def sample_training(
+    grid: Grid, strategy: Strategy, arrays: Mapping[str, Tensor], config: ConfigRecord, roster: Roster, *,
+    server_round: int, settings: ServerSettings,
+) -> tuple[list[int], list[Message]]:
+    """Wait for enough sites, let the strategy sample them, and name every sampled node before it can fail.
+
+    Returns the connected node ids and the training messages (not yet sent); plain and SecAgg+ rounds share it.
+    """
+    connected = wait_for_sites(grid, int(getattr(strategy, "min_available_nodes", 1)), timeout_s=settings.timeout_s,
+                               server_round=server_round)
+    sent = list(strategy.configure_train(server_round, ArrayRecord(dict(arrays)), config, grid))
+    roll_call(grid, config, timeout_s=settings.timeout_s, roster=roster, nodes=[m.metadata.dst_node_id for m in sent])
+    return connected, sent
+
+
 def gather_training(
     grid: Grid, strategy: Strategy, arrays: Mapping[str, Tensor], config: ConfigRecord, roster: Roster, *,
     server_round: int, settings: ServerSettings,
 ) -> Training:
     """Run the training phase of ``server_round`` from the global ``arrays``; raise when too few sites answer."""
-    connected = wait_for_sites(grid, int(getattr(strategy, "min_available_nodes", 1)), timeout_s=settings.timeout_s,
-                               server_round=server_round)
-    sent = list(strategy.configure_train(server_round, ArrayRecord(dict(arrays)), config, grid))
-    roll_call(grid, config, timeout_s=settings.timeout_s, roster=roster, nodes=[m.metadata.dst_node_id for m in sent])
+    connected, sent = sample_training(grid, strategy, arrays, config, roster, server_round=server_round,
+                                      settings=settings)
     attendance = take_attendance(sent, grid.send_and_receive(sent, timeout=settings.timeout_s), roster,
                                  connected=connected, phase="train", timeout_s=settings.timeout_s)
     trained = [(reply, label) for reply, label in zip(attendance.replies, attendance.labels, strict=True)

@@ -54,8 +54,8 @@ from torch import Tensor
 
 from echoflow.clients.secagg import ARRAY_KEYS
 from echoflow.errors import EchoFlowError
-from echoflow.server.gather import Training
-from echoflow.server.roster import Roster, require_quorum, wait_for_sites
+from echoflow.server.gather import Training, sample_training
+from echoflow.server.roster import Roster, require_quorum
 from echoflow.server.settings import ServerSettings
 
 #: Strategies that need the individual updates, which SecAgg+ hides.
@@ -135,9 +135,7 @@ def gather_secure_training(
     if settings.strategy.name in UNSUPPORTED:
         raise EchoFlowError(f"secagg: strategy {settings.strategy.name!r} needs the individual updates; "
                             f"use one of fedavg, fedprox, fedavgm, fedadam, fedyogi")
-    wait_for_sites(grid, int(getattr(strategy, "min_available_nodes", 1)), timeout_s=settings.timeout_s,
-                   server_round=server_round)
-    sent = list(strategy.configure_train(server_round, ArrayRecord(dict(arrays)), config, grid))
+    _, sent = sample_training(grid, strategy, arrays, config, roster, server_round=server_round, settings=settings)
     keys = list(arrays)
     parameters = ndarrays_to_parameters([arrays[k].numpy() for k in keys])
     site_round = _SiteRound({
