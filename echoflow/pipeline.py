@@ -72,6 +72,7 @@ def train_models(cfg: DictConfig) -> dict[str, Any]:
     pools data). ``centralized``: the baseline on the pooled TRAIN split (resuming, or reusing finished, models
     in ``<workdir>/<stage>/``); it has no rounds.
     """
+    cfg = scaled_training(cfg)
     if cfg.pipeline.training == "centralized":
         vae = train_stages(cfg, GENERATIVE)["vae"]
         return {"latent_scale": float(cast(AdversarialVAE, vae).latent_scale), "rounds": {}, "history": {}}
@@ -82,6 +83,21 @@ def train_models(cfg: DictConfig) -> dict[str, Any]:
     return {"latent_scale": float(states["vae"].arrays["model.latent_scale"]),
             "rounds": {s: st.round for s, st in states.items()},
             "history": {s: st.history for s, st in states.items()}}
+
+
+def scaled_training(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with the generative stages' training steps × ``pipeline.train_scale`` (the scaling sweep's steps axis).
+
+    Federated: each stage's local steps per round (rounds stay, so the number of averagings does too);
+    centralized: each stage's ``train.<stage>.optim.steps``. The EF regressors are the evaluation's recipe: unscaled.
+    """
+    scale, scaled = float(cfg.pipeline.train_scale), cfg.copy()
+    for stage in GENERATIVE:
+        OmegaConf.update(scaled, f"train.{stage}.optim.steps", round(cfg.train[stage].optim.steps * scale))
+        per_stage = scaled.pipeline.federation.get(stage)
+        if per_stage is not None and "federation.local_steps" in per_stage:
+            per_stage["federation.local_steps"] = round(per_stage["federation.local_steps"] * scale)
+    return scaled
 
 
 def requested_efs(cfg: DictConfig, n: int, generator: torch.Generator) -> torch.Tensor:

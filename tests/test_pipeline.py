@@ -9,11 +9,13 @@ import mlflow
 from pytest import MonkeyPatch
 from typer.testing import CliRunner
 
+from echoflow.centralized import plain
 from echoflow.cli import app
 from echoflow.cli.pipeline import with_pipeline
 from echoflow.config import load_config
-from echoflow.pipeline import run_pipeline
+from echoflow.pipeline import GENERATIVE, run_pipeline, scaled_training
 from echoflow.server.checkpoint import load_latest
+from echoflow.stages import build_stage
 from echoflow.tracking import start_run
 from tests.federation.processes import REPO, alive, descendants, process_pool, ray_processes
 
@@ -95,3 +97,17 @@ def test_pipeline_multirun_gives_each_sweep_point_its_own_workdir(monkeypatch: M
         "+pipeline=demo", "dp=eps8", f"workdir={tmp_path}", f"workdir={tmp_path}/sweep_001"]
     assert [load_config(point).dp.enabled for point in ran] == [False, True]
     assert [load_config(point).workdir for point in ran] == [f"{tmp_path}/sweep_000", f"{tmp_path}/sweep_001"]
+
+
+def test_scaling_sweep_axes_scale_the_generative_stages_and_leave_the_ef_recipe() -> None:
+    base = load_config(with_pipeline([]))
+    scaled = scaled_training(load_config(with_pipeline(["pipeline.train_scale=2", "model=tiny"])))
+    for stage in GENERATIVE:
+        assert scaled.train[stage].optim.steps == 2 * base.train[stage].optim.steps
+        local_steps = "federation.local_steps"
+        assert scaled.pipeline.federation[stage][local_steps] == 2 * base.pipeline.federation[stage][local_steps]
+        tiny, demo = (sum(p.numel() for p in build_stage(stage, plain(c.model), plain(c.train[stage].loss))
+                          .groups()["model"].parameters()) for c in (scaled, base))
+        assert tiny < demo / 2.5, stage
+    assert scaled.pipeline.federation.ef == base.pipeline.federation.ef and scaled.train.ef == base.train.ef
+    assert scaled.model.ef == base.model.ef  # the EF regressor is the evaluation's recipe, not a swept model
