@@ -14,8 +14,8 @@ from pydicom import config as dicom_config
 from typer.testing import CliRunner
 
 from echoflow.cli import app
-from echoflow.data.dicom import ingest_dicom
 from echoflow.data.echonet import read_avi, read_cohort
+from echoflow.data.ingest import ingest_dicom
 from echoflow.data.phantom import write_site
 from echoflow.errors import EchoFlowError
 from echoflow.export import SYNTHETIC_MARKER, export_dicom, export_echonet

@@ -2,13 +2,13 @@
 
 The unit of decision is a frame: every ``every``-th frame of each generated video is a sample, and a video is
 withheld if ANY of its audited frames reaches τ. Canaries are planted among the frames unknown to the decision
-and never map to a file. A video file reaches ``<out>/released/`` only through `release_videos`, which copies a
-file only when the SHA-256 of its bytes belongs to a video whose audit record passed.
+and never map to a file. A video file reaches ``<out>/released/`` only through `release_videos` (in
+`echoflow.audit.release`), which copies a file only when the SHA-256 of its bytes belongs to a video whose audit
+record passed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,8 +33,9 @@ from echoflow.audit.federated import (
 )
 from echoflow.audit.index import IndexKind, build_index
 from echoflow.audit.neighbours import Similarity, SiteSearcher, threshold_recall
+from echoflow.audit.release import VideoDecision, decide_videos, nearest_real, read_generated, release_videos
 from echoflow.audit.report import build_report, write_report
-from echoflow.data.echonet import VideoRecord, load_video, read_cohort, write_filelist
+from echoflow.data.echonet import VideoRecord
 from echoflow.data.sites import SiteData
 from echoflow.errors import EchoFlowError
 from echoflow.models.vae import AdversarialVAE
@@ -107,98 +108,6 @@ def embed_sites(vae: AdversarialVAE, reid: nn.Module, train: Sequence[SiteData],
             videos=site.videos,
         )
     return out
-
-
-@dataclass(frozen=True)
-class Generated:
-    """The generated videos as audited: FileList records, SHA-256 of each file's bytes, decoded pixels."""
-
-    records: list[VideoRecord]
-    sha256: list[str]
-    videos: list[np.ndarray]
-    problems: list[str]
-
-
-def read_generated(folder: Path, *, size: int) -> Generated:
-    """Read an EchoNet-layout folder of generated videos; undecodable rows become problems (never released)."""
-    cohort = read_cohort(folder, require_ef=False)
-    records, digests, videos, problems = [], [], [], list(cohort.problems)
-    for record in cohort.records:
-        try:
-            digest = hashlib.sha256(record.path.read_bytes()).hexdigest()
-            videos.append(load_video(record.path, size=size))
-        except EchoFlowError as err:
-            problems.append(str(err))
-            continue
-        records.append(record)
-        digests.append(digest)
-    if not records:
-        raise EchoFlowError(f"{folder}: no decodable generated video")
-    return Generated(records, digests, videos, problems)
-
-
-@dataclass(frozen=True)
-class VideoDecision:
-    """The decision for one generated video, from its closest audited frame (largest similarity − τ)."""
-
-    file_name: str
-    sha256: str
-    release: bool
-    site: str
-    real_id: int
-    real_video: str | None
-    real_frame: int | None
-    similarity: float | None
-    threshold: float | None
-    frames: int
-
-
-def _nearest_real(real: Mapping[str, RealSite], site: str, real_id: int) -> tuple[str | None, int | None]:
-    if site not in real or real_id < 0:
-        return None, None
-    return real[site].train.refs.name(real_id)
-
-
-def decide_videos(result: AuditResult, video_of_row: np.ndarray, generated: Generated,
-                  real: Mapping[str, RealSite]) -> list[VideoDecision]:
-    """Per video: released only if every audited frame was (``video_of_row``: (G,) video per generated row)."""
-    margin = np.nan_to_num(result.similarity - result.threshold, nan=-np.inf)
-    decisions = []
-    for v, record in enumerate(generated.records):
-        rows = np.flatnonzero(video_of_row == v)
-        row = int(rows[np.argmax(margin[rows])])
-        site, real_id = str(result.site[row]), int(result.real_id[row])
-        finite = bool(np.isfinite(result.similarity[row]))
-        decisions.append(VideoDecision(
-            record.file_name, generated.sha256[v], bool(result.release[rows].all()) and not result.failed, site,
-            real_id, *_nearest_real(real, site, real_id),
-            float(result.similarity[row]) if finite else None, float(result.threshold[row]) if finite else None,
-            len(rows)))
-    return decisions
-
-
-def release_videos(generated: Generated, decisions: Sequence[VideoDecision], out: Path) -> list[VideoRecord]:
-    """Copy the passing videos' bytes into ``out`` (EchoNet layout). The only way anything is released.
-
-    A file is copied only when the SHA-256 of the bytes read now is that of a video whose audit record passed
-    (a file changed since it was audited is not). Written to a staging folder that becomes ``out`` at the end.
-    """
-    passed = {d.sha256: d.file_name for d in decisions if d.release}
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "Videos").mkdir(parents=True)
-    released = []
-    for record in generated.records:
-        data = record.path.read_bytes()
-        if passed.get(hashlib.sha256(data).hexdigest()) != record.file_name:
-            continue
-        target = out / "Videos" / f"{record.file_name}.avi"
-        (staging / "Videos" / target.name).write_bytes(data)
-        released.append(replace(record, path=target))
-    write_filelist(staging, released)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return released
 
 
 def _failed(g: int, sites: Sequence[str], reason: str) -> AuditResult:
@@ -321,7 +230,7 @@ def run_audit(*, vae: AdversarialVAE, reid: nn.Module, train: Sequence[SiteData]
                           canaries=plan.score(~result.release) if settings.canaries else None)
     row_of = np.cumsum(genuine) - 1
     for i, sample in enumerate(report["samples"]):
-        real_video, real_frame = _nearest_real(real, sample["site"], sample["real_id"])
+        real_video, real_frame = nearest_real(real, sample["site"], sample["real_id"])
         sample |= {"canary": not genuine[i], "real_video": real_video, "real_frame": real_frame,
                    "video": generated.records[video[row_of[i]]].file_name if genuine[i] else None,
                    "frame": int(frame[row_of[i]]) if genuine[i] else None}

@@ -24,7 +24,7 @@ def ingest(
     """De-identify ultrasound DICOM into Videos/*.avi + FileList.csv; print one line per skipped file."""
     import secrets
 
-    from echoflow.data.dicom import ingest_dicom  # lazy: keeps `echoflow --help` free of torch
+    from echoflow.data.ingest import ingest_dicom  # lazy: keeps `echoflow --help` free of torch
 
     if salt is None:
         salt = secrets.token_hex(16)

@@ -1,6 +1,6 @@
 """EchoFlow data: EchoNet-layout folders, ultrasound DICOM ingest, per-site torch datasets."""
 
-from echoflow.data.dicom import IngestReport, UltrasoundClip, UnusableDicom, ingest_dicom, pseudonym, read_ultrasound
+from echoflow.data.dicom import UltrasoundClip, UnusableDicom, pseudonym, read_ultrasound
 from echoflow.data.echonet import (
     SPLITS,
     Cohort,
@@ -12,6 +12,7 @@ from echoflow.data.echonet import (
     write_avi,
     write_filelist,
 )
+from echoflow.data.ingest import IngestReport, ingest_dicom
 from echoflow.data.sites import (
     ClipDataset,
     FrameDataset,

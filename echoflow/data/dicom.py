@@ -1,19 +1,21 @@
-"""Ultrasound DICOM -> grayscale clips in the EchoNet layout, de-identified.
+"""One ultrasound DICOM file -> a grayscale clip, pixels de-identified (a folder: `echoflow.data.ingest`).
 
 Reads Ultrasound (Multi-frame) Image Storage files: MONOCHROME1/2, RGB, YBR_FULL(_422), uncompressed or
 compressed (JPEG baseline decodes through pylibjpeg or Pillow). Other SOP classes are refused, Secondary Capture
 included: such screen grabs carry the scanner's whole screen, patient banner and all.
 
 De-identification follows the DICOM PS3.15 Basic Application Level Confidentiality Profile (Annex E) with its
-Clean Pixel Data Option, by allow-list: outputs (``Videos/*.avi``, ``FileList.csv``, ``ingest_log.txt``) are
-built from scratch, so no header element reaches them unless listed here. The elements we read and their fate:
+Clean Pixel Data Option, by allow-list: header elements are read only here (and the two pixel-cleaning ones in
+`echoflow.data.dicom_pixels`), and the outputs of `echoflow.data.ingest` (``Videos/*.avi``, ``FileList.csv``,
+``ingest_log.txt``) are built from scratch, so no header element reaches them unless listed here. The elements
+we read and their fate:
 
 * PatientID (0010,0020), profile action Z: replaced by the dummy ``sha256(salt + PatientID)[:16]``, so one
   patient's studies stay linked (keep the salt secret and reuse it across ingests).
 * SOPInstanceUID (0008,0018), action U: replaced by a salted hash, consistently (it names the video).
 * Pixel Data (7FE0,0010), Clean Pixel Data Option: cropped to the ultrasound region and, in a cine, every pixel
-  that never changes is blanked (see `clean_pixels`); Burned In Annotation (0028,0301) ``YES`` with nothing to
-  clean by (no ultrasound region and no motion) refuses the file.
+  that never changes is blanked (see `echoflow.data.dicom_pixels`); Burned In Annotation (0028,0301) ``YES``
+  with nothing to clean by (no ultrasound region and no motion) refuses the file.
 * Kept, as the profile keeps them (no identifying content): Modality (0008,0060), SOPClassUID (0008,0016),
   TransferSyntaxUID (0002,0010), Rows/Columns (0028,0010/0011), NumberOfFrames (0028,0008), SamplesPerPixel
   (0028,0002), PhotometricInterpretation (0028,0004), BitsStored (0028,0101), FrameTime (0018,1063), CineRate
@@ -22,14 +24,9 @@ built from scratch, so no header element reaches them unless listed here. The el
 * Everything else (PatientName, PatientBirthDate, InstitutionName, physicians, AccessionNumber, dates, times,
   Study/Series UIDs, device serials, ...; profile actions X/Z/D/U) is never read, hence never written.
 
-Skipped inputs are named by their position in the sorted file list (``input #3``), never by path, because
-hospital paths and file names often carry names or UIDs. Inputs must be regular, non-empty files inside the
-DICOM folder (a link out of it is refused), and a header declaring more pixels than ``echonet.MAX_*`` allow is
-refused before any pixel is decoded.
-
-EF comes from an optional CSV with an ``EF`` column keyed by ``SOPInstanceUID`` or ``FileName`` (path
-relative to the DICOM folder, base name, or stem). Clips without EF get a blank EF cell; read such folders
-with ``read_cohort(..., require_ef=False)`` for EF-free uses (VAE, image flow, re-id).
+Inputs must be regular, non-empty files inside the DICOM folder (a link out of it is refused), and a header
+declaring more pixels than ``echonet.MAX_*`` allow is refused before any pixel is decoded. A refused file raises
+`UnusableDicom`, whose reason names no identifying header value.
 """
 
 from __future__ import annotations
@@ -38,28 +35,18 @@ import hashlib
 import logging
 import math
 import warnings
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from echoflow.data.echonet import (
-    VideoRecord,
-    file_problem,
-    read_cohort,
-    resize_frames,
-    size_problem,
-    write_avi,
-    write_filelist,
-)
-from echoflow.errors import EchoFlowError
+from echoflow.data.dicom_pixels import UnusableDicom, clean_pixels
+from echoflow.data.echonet import file_problem, size_problem
 
 HASH_CHARS = 16
 US_IMAGE_STORAGE = frozenset({
@@ -68,16 +55,6 @@ US_IMAGE_STORAGE = frozenset({
     "1.2.840.10008.5.1.4.1.1.6",  # Ultrasound Image Storage (retired, still written by old scanners)
     "1.2.840.10008.5.1.4.1.1.3",  # Ultrasound Multi-frame Image Storage (retired)
 })
-STILL_RANGE = 4  # grey levels: a pixel varying less over a cine is an overlay (text, calipers), not echo signal
-MIN_MOVING = 0.2  # blank still pixels only when at least this share of the crop moves (else it is a still cine)
-
-
-class UnusableDicom(EchoFlowError):
-    """A file that cannot become a clip; ``reason`` is worded without any identifying header value."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -216,159 +193,3 @@ def frame_rate(ds: Dataset) -> float | None:
         if math.isfinite(value) and value > 0:
             return float(to_fps(value))
     return None
-
-
-def clean_pixels(ds: Dataset, gray: np.ndarray, coloured: np.ndarray, path: Path) -> np.ndarray:
-    """Burned-in text removed from (T, H, W) ``gray``: the Clean Pixel Data step of de-identification.
-
-    1. Crop to the ultrasound region (`ultrasound_region`), else to the fan found from the pixels (`fan_box`);
-       text, patient banner, ECG trace and toolbar around the image are cut away.
-    2. In a cine where at least ``MIN_MOVING`` of the crop moves, blank (set to 0) every pixel whose grey level
-       varies by at most ``STILL_RANGE`` over the clip: echo speckle always changes, overlays drawn inside the
-       crop (text in the corners of the fan's box, depth marks, calipers) do not.
-
-    Raises:
-        UnusableDicom: BurnedInAnnotation is ``YES`` but neither step applies (a single frame or a still cine
-            without ultrasound region): the text could not be told from the image.
-    """
-    region = ultrasound_region(ds, *gray.shape[1:])
-    y0, y1, x0, x1 = region if region is not None else fan_box(gray, coloured)
-    frames = gray[:, y0:y1, x0:x1].copy()
-    still = (frames.max(0) - frames.min(0)) <= STILL_RANGE
-    if len(frames) > 1 and still.mean() <= 1.0 - MIN_MOVING:
-        frames[:, still] = 0
-    elif region is None and str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
-        raise UnusableDicom(path, "burned-in annotation cannot be removed (no ultrasound region, no motion)")
-    return frames
-
-
-def ultrasound_region(ds: Dataset, height: int, width: int) -> tuple[int, int, int, int] | None:
-    """Crop box ``(y0, y1, x0, x1)`` (end-exclusive) of the largest 2D SequenceOfUltrasoundRegions entry.
-
-    None when there is none inside the ``height`` x ``width`` image (files resized after acquisition keep the
-    original coordinates).
-    """
-    regions = [r for r in ds.get("SequenceOfUltrasoundRegions", []) if r.get("RegionSpatialFormat", 0) == 1]
-    boxes = [(int(r.RegionLocationMinY0), int(r.RegionLocationMaxY1) + 1, int(r.RegionLocationMinX0),
-              int(r.RegionLocationMaxX1) + 1) for r in regions if "RegionLocationMaxY1" in r]
-    inside = [b for b in boxes if 0 <= b[0] < b[1] <= height and 0 <= b[2] < b[3] <= width]
-    return max(inside, key=lambda b: (b[1] - b[0]) * (b[3] - b[2])) if inside else None
-
-
-def fan_box(gray: np.ndarray, coloured: np.ndarray) -> tuple[int, int, int, int]:
-    """Crop box ``(y0, y1, x0, x1)`` (end-exclusive) of the fan in (T, H, W) ``gray``, found from the pixels.
-
-    Pixels that change over time (any bright pixel for a single frame), colour excluded, reduced to the longest
-    run of columns, then rows, holding at least 5 % of the peak activity, so static text and thin ECG bands drop
-    out.
-    """
-    signal = np.where(coloured, 0, gray).astype(np.float32)
-    active = signal.std(0) > 2.0 if len(gray) > 1 else signal[0] > 16.0
-    if active.mean() < 0.01:  # a nearly still cine: fall back to brightness
-        active = signal.mean(0) > 16.0
-    x0, x1 = _longest_run(active.mean(0))
-    y0, y1 = _longest_run(active[:, x0:x1].mean(1))
-    return y0, y1, x0, x1
-
-
-def _longest_run(profile: np.ndarray, *, level: float = 0.05) -> tuple[int, int]:
-    """``(start, end)`` of the longest run where ``profile >= level * max``; the whole axis if flat zero."""
-    if profile.max() <= 0:
-        return 0, len(profile)
-    above = np.concatenate([[False], profile >= level * profile.max(), [False]]).astype(np.int8)
-    edges = np.flatnonzero(np.diff(above))
-    starts, ends = edges[0::2], edges[1::2]
-    best = int(np.argmax(ends - starts))
-    return int(starts[best]), int(ends[best])
-
-
-@dataclass
-class IngestReport:
-    """What ``ingest_dicom`` did. ``skipped``: one line per unusable input, e.g. ``"input #3: not DICOM"``."""
-
-    records: list[VideoRecord] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    reasons: Counter[str] = field(default_factory=Counter)
-
-    def summary(self) -> str:
-        """One line: clips written, EF known, inputs skipped by reason."""
-        known = sum(not math.isnan(r.ef) for r in self.records)
-        why = ", ".join(f"{n} {reason}" for reason, n in self.reasons.most_common())
-        return f"ingested {len(self.records)} clips ({known} with EF); skipped {len(self.skipped)}" + (
-            f" ({why})" if why else "")
-
-
-def ingest_dicom(dicom_dir: Path, out: Path, *, salt: str, size: int = 112,
-                 ef_csv: Path | None = None) -> IngestReport:
-    """Convert every file under ``dicom_dir`` to ``out/Videos/<hash>.avi`` + ``out/FileList.csv``.
-
-    Rows already in ``out/FileList.csv`` are kept (so batches can be ingested one after another with the same
-    salt). Split is drawn per patient from the patient hash (80/10/10 TRAIN/VAL/TEST). The skipped lines and
-    the summary also go to ``out/ingest_log.txt``.
-
-    Args:
-        dicom_dir: folder searched recursively (links to folders are not followed); every non-hidden entry
-            but a folder is tried, and one that is no regular file inside ``dicom_dir`` gets a skip line.
-        out: output site folder (its name is the site name).
-        salt: secret prefix of every hash.
-        size: output frame height = width, pixels.
-        ef_csv: optional EF table (see module docstring).
-
-    Raises:
-        EchoFlowError: ``dicom_dir`` is not a folder or the EF table is unusable.
-    """
-    if not dicom_dir.is_dir():
-        raise EchoFlowError(f"{dicom_dir}: not a folder")
-    ef_table = _read_ef_table(ef_csv) if ef_csv is not None else {}
-    inputs = sorted(p for p in dicom_dir.rglob("*")  # every entry but real folders: links and FIFOs get a line
-                    if not (p.is_dir() and not p.is_symlink())
-                    and not any(part.startswith(".") for part in p.relative_to(dicom_dir).parts))
-    report, names = IngestReport(), set()
-    for number, path in enumerate(inputs, start=1):
-        try:
-            clip = read_ultrasound(path, root=dicom_dir)
-        except UnusableDicom as err:
-            report.skipped.append(f"input #{number}: {err.reason}")
-            report.reasons[err.reason.split(" (")[0].split(":")[0]] += 1  # "too large: 9 frames ..." -> "too large"
-            continue
-        name = pseudonym(salt, "instance:" + (clip.instance_uid or path.relative_to(dicom_dir).as_posix()))
-        if name in names:
-            report.skipped.append(f"input #{number}: duplicate SOPInstanceUID")
-            report.reasons["duplicate SOPInstanceUID"] += 1
-            continue
-        names.add(name)
-        patient = pseudonym(salt, "patient:" + (clip.patient_id or clip.instance_uid))
-        keys = (clip.instance_uid, path.relative_to(dicom_dir).as_posix(), path.name, path.stem)
-        ef = next((ef_table[k] for k in keys if k in ef_table), math.nan)
-        frames = resize_frames(clip.frames, size=size)
-        video = out / "Videos" / f"{name}.avi"
-        write_avi(video, frames, clip.fps)
-        bucket = int(patient, 16) % 10
-        split = "TRAIN" if bucket < 8 else "VAL" if bucket == 8 else "TEST"
-        report.records.append(VideoRecord(name, video, ef, math.nan, math.nan, clip.fps, len(frames), size, size,
-                                          split, patient, out.resolve().name))
-    kept = read_cohort(out, require_ef=False).records if (out / "FileList.csv").is_file() else []
-    write_filelist(out, [r for r in kept if r.file_name not in names] + report.records)
-    (out / "ingest_log.txt").write_text("\n".join([*report.skipped, report.summary()]) + "\n")
-    return report
-
-
-def _read_ef_table(path: Path) -> dict[str, float]:
-    """``key -> EF`` from a CSV with ``EF`` and ``SOPInstanceUID`` and/or ``FileName`` columns."""
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise EchoFlowError(f"{path}: unreadable EF table ({type(err).__name__})") from err
-    keys = [c for c in ("SOPInstanceUID", "FileName") if c in table.columns]
-    if "EF" not in table.columns or not keys:
-        raise EchoFlowError(f"{path}: EF table needs an EF column and a SOPInstanceUID or FileName column")
-    efs: dict[str, float] = {}
-    for row_number, row in enumerate(table.to_dict("records"), start=2):
-        try:
-            ef = float(row["EF"])
-        except ValueError:
-            raise EchoFlowError(f"{path}: line {row_number}: EF {row['EF']!r} is not a number") from None
-        if not 0.0 <= ef <= 100.0:
-            raise EchoFlowError(f"{path}: line {row_number}: EF {ef} outside 0-100")
-        efs.update({row[k].strip(): ef for k in keys if row[k].strip()})
-    return efs

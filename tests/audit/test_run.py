@@ -17,6 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 import echoflow.audit.run as run_module
+from echoflow.audit.release import read_generated, release_videos
 from echoflow.audit.report import SCHEMA_PATH
 from echoflow.audit.run import AuditSettings, run_audit
 from echoflow.centralized import save_network
@@ -111,10 +112,10 @@ def test_release_refuses_a_file_changed_after_its_audit(world: dict, tmp_path: P
     generated = as_generated(tmp_path / "gen", [world["fresh"]])
     outcome = audit_of(world, generated, tmp_path / "out")
     passing = [d for d in outcome.decisions if d.release]
-    gen = run_module.read_generated(generated, size=SIZE)
+    gen = read_generated(generated, size=SIZE)
     victim = generated / "Videos" / f"{passing[0].file_name}.avi"
     victim.write_bytes(victim.read_bytes() + b"\0")
-    released = run_module.release_videos(gen, outcome.decisions, tmp_path / "again")
+    released = release_videos(gen, outcome.decisions, tmp_path / "again")
     assert passing[0].file_name not in {r.file_name for r in released} and len(released) == len(passing) - 1
 
 

@@ -21,8 +21,9 @@ from pydicom.uid import (
 from typer.testing import CliRunner
 
 from echoflow.cli import app, main
-from echoflow.data.dicom import ingest_dicom, pseudonym, read_ultrasound
+from echoflow.data.dicom import pseudonym, read_ultrasound
 from echoflow.data.echonet import read_avi, read_cohort
+from echoflow.data.ingest import ingest_dicom
 
 CANARIES = {
     "PatientName": "CANARY^PHI", "PatientID": "CANARY-ID-4711", "PatientBirthDate": "19450607",
