@@ -173,8 +173,11 @@ def train_stage(name: str, cfg: DictConfig, sites: Sequence[SiteData], *, out: P
     Returns the final network (EMA weights when kept), also saved to ``<out>/model.safetensors`` (default
     ``out``: ``<workdir>/<name>``, where `load_network` looks).
     For the VAE, the latent scale (1 / std of latent means on the training frames) is measured and stored.
+    Initial weights come from ``cfg.seed`` alone (as the federation server's do), not from whatever drew random
+    numbers earlier in the process: the parity regressors start equal, and a resumed pipeline trains as a fresh one.
     """
     stage_cfg = cfg.train[name]
+    torch.manual_seed(cfg.seed)
     stage = build_stage(name, plain(cfg.model), plain(stage_cfg.loss))
     trainer = Trainer(stage, TrainConfig(**plain(stage_cfg.optim), seed=cfg.seed), device=cfg.device)
     out = Path(cfg.workdir) / name if out is None else out
