@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
 from echoflow.server.roster import Attendance, Roster, require_quorum, roll_call, take_attendance, wait_for_sites
-from echoflow.server.screening import screen_replies
+from echoflow.server.screening import screen_replies, site_order
 from echoflow.server.settings import ServerSettings
 
 
@@ -29,13 +29,14 @@ class Training:
     Attributes:
         replies: every valid reply (also those of sites whose budget is spent). updates: the accepted updates,
         by site, for the strategy. missing: site label -> why it is absent. rejected: label -> why its update
-        was not aggregated.
+        was not aggregated. arrays: the weights a cyclic round ended with (they replace aggregation), else None.
     """
 
     replies: list[Message]
     updates: list[Message]
     missing: dict[str, str]
     rejected: dict[str, str]
+    arrays: dict[str, Tensor] | None = None
 
 
 def sample_training(
@@ -70,6 +71,43 @@ def gather_training(
     require_quorum(server_round, usable=len(updates) + exhausted, sampled=len(sent), min_sites=settings.min_sites,
                    missing=attendance.missing, rejected=rejected)
     return Training(replies=attendance.replies, updates=updates, missing=attendance.missing, rejected=rejected)
+
+
+def gather_cyclic_training(
+    grid: Grid, strategy: Strategy, arrays: Mapping[str, Tensor], config: ConfigRecord, roster: Roster, *,
+    server_round: int, settings: ServerSettings,
+) -> Training:
+    """Cyclic weight transfer: the sampled sites train in turn, each from the previous usable reply's weights.
+
+    Site order, starting one site later each round (so no site always has the last word). A site that fails,
+    has spent its budget or sends an update that fails screening is passed over.
+    """
+    connected, sent = sample_training(grid, strategy, arrays, config, roster, server_round=server_round,
+                                      settings=settings)
+    order = sorted(sent, key=lambda message: site_order(roster.label(message.metadata.dst_node_id)))
+    shift = (server_round - 1) % max(len(order), 1)
+    current, replies, updates = dict(arrays), [], []
+    missing: dict[str, str] = {}
+    rejected: dict[str, str] = {}
+    exhausted = 0
+    for message in order[shift:] + order[:shift]:
+        message.content["arrays"] = ArrayRecord(current)
+        attendance = take_attendance([message], grid.send_and_receive([message], timeout=settings.timeout_s), roster,
+                                     connected=connected, phase="train", timeout_s=settings.timeout_s)
+        missing |= attendance.missing
+        replies += attendance.replies
+        trained = [(reply, label) for reply, label in zip(attendance.replies, attendance.labels, strict=True)
+                   if not reply.content["metrics"].get("budget-exhausted", 0.0)]
+        exhausted += len(attendance.replies) - len(trained)
+        accepted, why = screen_replies([r for r, _ in trained], [label for _, label in trained], current,
+                                       max_ratio=settings.max_update_ratio, server_round=server_round)
+        rejected |= why
+        if accepted:
+            current = dict(accepted[0].content.array_records["arrays"].to_torch_state_dict())
+            updates += accepted
+    require_quorum(server_round, usable=len(updates) + exhausted, sampled=len(sent), min_sites=settings.min_sites,
+                   missing=missing, rejected=rejected)
+    return Training(replies=replies, updates=updates, missing=missing, rejected=rejected, arrays=current)
 
 
 def gather_evaluation(

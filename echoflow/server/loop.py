@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -24,12 +24,12 @@ from echoflow.clients.app import run_config_record
 from echoflow.clients.task import group_arrays, load_task
 from echoflow.errors import EchoFlowError
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
-from echoflow.server.gather import gather_evaluation, gather_training
+from echoflow.server.gather import Training, gather_cyclic_training, gather_evaluation, gather_training
 from echoflow.server.latent_scale import federated_latent_scale
 from echoflow.server.roster import Roster, merge_missing
 from echoflow.server.secagg import SecAggConfig, gather_secure_training
 from echoflow.server.settings import ServerSettings
-from echoflow.server.strategies import load_strategy_state, make_strategy, strategy_state
+from echoflow.server.strategies import CyclicWeightTransfer, load_strategy_state, make_strategy, strategy_state
 from echoflow.server.tracking import RunTracker, round_metrics
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,11 @@ def run_round(
     started = time.perf_counter()
     config = run_config_record(settings.run_config)
     roster = Roster() if roster is None else roster
-    gather = gather_secure_training if SecAggConfig.from_run_config(settings.run_config).enabled else gather_training
-    train = gather(grid, strategy, state.arrays, config, roster, server_round=server_round, settings=settings)
+    train = _gather(strategy, settings)(grid, strategy, state.arrays, config, roster, server_round=server_round,
+                                        settings=settings)
     per_site = _site_metrics(train.replies)
-    new_arrays = state.arrays
-    if train.updates:
+    new_arrays = state.arrays if train.arrays is None else train.arrays
+    if train.updates and train.arrays is None:
         aggregated, _ = strategy.aggregate_train(server_round, train.updates)
         if aggregated is not None:
             new_arrays = dict(aggregated.to_torch_state_dict())
@@ -119,6 +119,17 @@ def run_round(
     return FederationState(round=server_round, arrays=new_arrays, strategy=strategy_state(strategy), sites=sites,
                            history=[*state.history, entry], run_config=state.run_config,
                            mlflow_run_id=state.mlflow_run_id)
+
+
+def _gather(strategy: Strategy, settings: ServerSettings) -> Callable[..., Training]:
+    """The training phase the strategy needs: plain, under SecAgg+, or a cycle through the sites."""
+    secure = SecAggConfig.from_run_config(settings.run_config).enabled
+    if isinstance(strategy, CyclicWeightTransfer):
+        if secure:
+            raise EchoFlowError("strategy cyclic: each site sees the previous site's weights, so secure aggregation "
+                                "(federation.secagg) cannot apply; choose one")
+        return gather_cyclic_training
+    return gather_secure_training if secure else gather_training
 
 
 def check_same_federation(saved: Mapping[str, Any], current: Mapping[str, Any], *, where: str) -> None:

@@ -27,7 +27,19 @@ from echoflow.errors import EchoFlowError
 #: are the global weights the loop hands it anyway.
 STATE_ATTRIBUTES = ("current_arrays", "m_t", "v_t")
 MOMENTUM = "momentum_vector"
-NAMES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+NAMES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "cyclic")
+
+
+class CyclicWeightTransfer(FedAvg):
+    """Cyclic weight transfer (Chang et al., 2018): the sampled sites train in turn, not side by side.
+
+    Each site starts from the weights the previous site sent back, so a round makes ``sites x local_steps``
+    sequential steps — as a centralized run does — instead of averaging ``sites`` parallel runs of
+    ``local_steps``. Wall time grows by the same factor.
+
+    The round loop runs the cycle (`echoflow.server.gather.gather_cyclic_training`); FedAvg's sampling and
+    evaluation serve as they are, and nothing is aggregated. Each site sees the previous site's weights.
+    """
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,8 @@ def make_strategy(config: StrategyConfig) -> Strategy:
         return FedMedian(**common)
     if config.name == "fedtrimmedavg":
         return FedTrimmedAvg(**common, beta=config.trim_beta)
+    if config.name == "cyclic":
+        return CyclicWeightTransfer(**common)
     if config.name == "krum":
         return Krum(**common, num_malicious_nodes=config.num_malicious)
     raise EchoFlowError(f"strategy.name: unknown strategy {config.name!r} (choose from {', '.join(NAMES)})")

@@ -12,12 +12,16 @@ import pytest
 import torch
 
 import echoflow.server.loop as loop
+from echoflow.clients.settings import ClientSettings
+from echoflow.clients.site import train_round
+from echoflow.clients.task import group_arrays
 from echoflow.errors import EchoFlowError
 from echoflow.server.checkpoint import FederationState, load_latest
 from echoflow.server.roster import Roster, take_attendance
 from echoflow.server.settings import ServerSettings
 from tests.federation.conftest import crash_after_round, toy_run_config
 from tests.federation.grid import LocalGrid
+from tests.federation.toy import TASK
 
 
 def federate(config: dict[str, Any], grid: LocalGrid) -> FederationState:
@@ -128,3 +132,21 @@ def test_robust_strategies_bound_a_poisoning_site(tmp_path: Path, strategy: str,
     assert [e["rejected"] for e in attacked.history] == [{}] * rounds  # the strategy saw every poisoned update
     clean_loss, attacked_loss = (s.history[-1]["aggregate"]["eval-loss"] for s in (clean, attacked))
     assert (abs(attacked_loss / clean_loss - 1) <= 0.10) is bounded, (clean_loss, attacked_loss)
+
+
+def test_cyclic_rounds_are_the_sites_training_in_turn_and_pass_over_a_crashed_site(tmp_path: Path) -> None:
+    config = toy_run_config(tmp_path, rounds=2, strategy="cyclic", evaluate=False)
+    state = federate(with_plan(config, {"1": {"2": "crash"}}), LocalGrid(3))
+
+    torch.manual_seed(0)  # the server's initial weights
+    arrays = group_arrays(TASK.build_stage("toy", {"n": 64}))
+    for server_round, sites in ((1, [0, 1, 2]), (2, [2, 0])):  # round 2 starts one site later; site 1 crashes
+        for site in sites:
+            result, _ = train_round(ClientSettings.from_context(config, {"partition-id": site}), arrays,
+                                    server_round=server_round, ledger=None)
+            assert result.arrays is not None
+            arrays = result.arrays
+    assert all(torch.equal(state.arrays[k], arrays[k]) for k in arrays)
+    assert [e["trained"] for e in state.history] == [3, 2] and list(state.history[1]["missing"]) == ["1"]
+    with pytest.raises(EchoFlowError, match="strategy cyclic"):
+        federate(toy_run_config(tmp_path / "secure", strategy="cyclic", secagg=True), LocalGrid(3))

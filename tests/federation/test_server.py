@@ -13,11 +13,18 @@ from echoflow.errors import EchoFlowError
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
 from echoflow.server.loop import check_same_federation
 from echoflow.server.settings import ServerSettings, strategy_key
-from echoflow.server.strategies import NAMES, StrategyConfig, load_strategy_state, make_strategy, strategy_state
+from echoflow.server.strategies import (
+    NAMES,
+    CyclicWeightTransfer,
+    StrategyConfig,
+    load_strategy_state,
+    make_strategy,
+    strategy_state,
+)
 from tests.federation.conftest import toy_run_config
 
 KINDS = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
-         "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
+         "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "cyclic": CyclicWeightTransfer}
 
 
 @pytest.mark.parametrize("name", NAMES)
