@@ -63,14 +63,24 @@ def gather_training(
                                       settings=settings)
     attendance = take_attendance(sent, grid.send_and_receive(sent, timeout=settings.timeout_s), roster,
                                  connected=connected, phase="train", timeout_s=settings.timeout_s)
+    updates, rejected, exhausted = screen_attendance(attendance, arrays, server_round=server_round, settings=settings)
+    require_quorum(server_round, usable=len(updates) + exhausted, sampled=len(sent), min_sites=settings.min_sites,
+                   missing=attendance.missing, rejected=rejected)
+    return Training(replies=attendance.replies, updates=updates, missing=attendance.missing, rejected=rejected)
+
+
+def screen_attendance(
+    attendance: Attendance, arrays: Mapping[str, Tensor], *, server_round: int, settings: ServerSettings,
+) -> tuple[list[Message], dict[str, str], int]:
+    """Screen the updates of a training phase's replies against ``arrays``.
+
+    Returns the accepted updates, label -> why rejected, and how many sites answered that their budget is spent.
+    """
     trained = [(reply, label) for reply, label in zip(attendance.replies, attendance.labels, strict=True)
                if not reply.content["metrics"].get("budget-exhausted", 0.0)]
     updates, rejected = screen_replies([r for r, _ in trained], [label for _, label in trained], arrays,
                                        max_ratio=settings.max_update_ratio, server_round=server_round)
-    exhausted = len(attendance.replies) - len(trained)
-    require_quorum(server_round, usable=len(updates) + exhausted, sampled=len(sent), min_sites=settings.min_sites,
-                   missing=attendance.missing, rejected=rejected)
-    return Training(replies=attendance.replies, updates=updates, missing=attendance.missing, rejected=rejected)
+    return updates, rejected, len(attendance.replies) - len(trained)
 
 
 def gather_cyclic_training(
@@ -94,14 +104,9 @@ def gather_cyclic_training(
         message.content["arrays"] = ArrayRecord(current)
         attendance = take_attendance([message], grid.send_and_receive([message], timeout=settings.timeout_s), roster,
                                      connected=connected, phase="train", timeout_s=settings.timeout_s)
-        missing |= attendance.missing
+        accepted, why, spent = screen_attendance(attendance, current, server_round=server_round, settings=settings)
+        missing, rejected, exhausted = missing | attendance.missing, rejected | why, exhausted + spent
         replies += attendance.replies
-        trained = [(reply, label) for reply, label in zip(attendance.replies, attendance.labels, strict=True)
-                   if not reply.content["metrics"].get("budget-exhausted", 0.0)]
-        exhausted += len(attendance.replies) - len(trained)
-        accepted, why = screen_replies([r for r, _ in trained], [label for _, label in trained], current,
-                                       max_ratio=settings.max_update_ratio, server_round=server_round)
-        rejected |= why
         if accepted:
             current = dict(accepted[0].content.array_records["arrays"].to_torch_state_dict())
             updates += accepted

@@ -122,14 +122,10 @@ def run_round(
 
 
 def _gather(strategy: Strategy, settings: ServerSettings) -> Callable[..., Training]:
-    """The training phase the strategy needs: plain, under SecAgg+, or a cycle through the sites."""
-    secure = SecAggConfig.from_run_config(settings.run_config).enabled
-    if isinstance(strategy, CyclicWeightTransfer):
-        if secure:
-            raise EchoFlowError("strategy cyclic: each site sees the previous site's weights, so secure aggregation "
-                                "(federation.secagg) cannot apply; choose one")
-        return gather_cyclic_training
-    return gather_secure_training if secure else gather_training
+    """The training phase: under SecAgg+ (it refuses strategies it cannot serve), a cycle through sites, or plain."""
+    if SecAggConfig.from_run_config(settings.run_config).enabled:
+        return gather_secure_training
+    return gather_cyclic_training if isinstance(strategy, CyclicWeightTransfer) else gather_training
 
 
 def check_same_federation(saved: Mapping[str, Any], current: Mapping[str, Any], *, where: str) -> None:

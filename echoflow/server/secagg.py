@@ -59,7 +59,7 @@ from echoflow.server.roster import Roster, require_quorum
 from echoflow.server.settings import ServerSettings
 
 #: Strategies that need the individual updates, which SecAgg+ hides.
-UNSUPPORTED = ("fedmedian", "fedtrimmedavg", "krum")
+UNSUPPORTED = ("fedmedian", "fedtrimmedavg", "krum", "cyclic")
 
 @dataclass(frozen=True)
 class SecAggConfig:

@@ -148,5 +148,5 @@ def test_cyclic_rounds_are_the_sites_training_in_turn_and_pass_over_a_crashed_si
             arrays = result.arrays
     assert all(torch.equal(state.arrays[k], arrays[k]) for k in arrays)
     assert [e["trained"] for e in state.history] == [3, 2] and list(state.history[1]["missing"]) == ["1"]
-    with pytest.raises(EchoFlowError, match="strategy cyclic"):
+    with pytest.raises(EchoFlowError, match=r"secagg: strategy 'cyclic' needs the individual updates"):
         federate(toy_run_config(tmp_path / "secure", strategy="cyclic", secagg=True), LocalGrid(3))
