@@ -9,13 +9,13 @@ import mlflow
 from pytest import MonkeyPatch
 from typer.testing import CliRunner
 
-from echoflow.centralized import plain
 from echoflow.cli import app
 from echoflow.cli.pipeline import with_pipeline
-from echoflow.config import load_config
-from echoflow.pipeline import GENERATIVE, run_pipeline, scaled_training
+from echoflow.config import load_config, plain
 from echoflow.server.checkpoint import load_latest
-from echoflow.stages import build_stage
+from echoflow.stages import GENERATIVE
+from echoflow.stages.objectives import build_stage
+from echoflow.study.run import run_pipeline, scaled_training
 from echoflow.tracking import start_run
 from tests.federation.processes import REPO, alive, descendants, process_pool, ray_processes
 

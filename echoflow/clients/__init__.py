@@ -4,7 +4,7 @@ from echoflow.clients.app import make_client_app
 from echoflow.clients.dp import DPConfig, PrivacyLedger, make_private, poisson_batches
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import RoundResult, evaluate, train_round
-from echoflow.clients.task import SiteTask, group_arrays, load_group_arrays, load_task
+from echoflow.federation.task import SiteTask, group_arrays, load_group_arrays, load_task
 
 __all__ = [
     "ClientSettings",

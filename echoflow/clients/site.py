@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from echoflow.clients.dp import PrivacyLedger, make_private, poisson_batches
 from echoflow.clients.settings import ClientSettings
-from echoflow.clients.task import group_arrays, load_group_arrays, load_task
 from echoflow.errors import EchoFlowError
+from echoflow.federation.task import group_arrays, load_group_arrays, load_task
 from echoflow.models.vae import AdversarialVAE
-from echoflow.training import Batch, Stage, TrainConfig, Trainer, random_batches, set_step_seed
+from echoflow.stages.trainer import Batch, Stage, TrainConfig, Trainer, random_batches, set_step_seed
 
 
 @dataclass(frozen=True)
