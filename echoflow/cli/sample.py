@@ -9,9 +9,8 @@ import typer
 
 from echoflow.cli.common import OVERRIDES, apply_runtime
 from echoflow.config import load_config
-from echoflow.study.generate import generate_videos, write_synthetic
+from echoflow.study.generate import Sampling, generate_videos, write_synthetic
 from echoflow.study.models import Models
-from echoflow.study.run import sampling
 
 
 def sample(
@@ -30,6 +29,6 @@ def sample(
     cfg = load_config(overrides)
     apply_runtime(cfg)
     out_videos = generate_videos(Models.load(cfg), n, lambda count, _: torch.linspace(ef_min, ef_max, count),
-                                 sampling(cfg, frames), generator=torch.Generator().manual_seed(cfg.seed))
+                                 Sampling.of(cfg, frames=frames), generator=torch.Generator().manual_seed(cfg.seed))
     write_synthetic(out, out_videos.videos, out_videos.ef, fps=cfg.data.clip_fps)
     typer.echo(f"wrote {n} synthetic videos to {out} (unaudited)")

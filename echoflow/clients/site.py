@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from echoflow.clients.dp import PrivacyLedger, make_private, poisson_batches
 from echoflow.clients.settings import ClientSettings
@@ -133,9 +133,11 @@ def mean_loss(stage: Stage, dataset: Dataset[Batch], *, batch_size: int, seed: i
     for net in nets:
         net.eval()
     total, count = 0.0, 0
+    n = len(dataset)  # type: ignore[arg-type]
     with torch.no_grad():
-        for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size)):
-            set_step_seed(seed, i)
+        for i, start in enumerate(range(0, n, batch_size)):
+            set_step_seed(seed, i)  # before the items are drawn: random clip starts or pairs are seeded too
+            batch = default_collate([dataset[j] for j in range(start, min(start + batch_size, n))])
             loss, _ = stage.loss("model", batch, step=0)
             size = len(next(iter(batch.values())))
             total, count = total + float(loss) * size, count + size

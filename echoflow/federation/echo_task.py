@@ -2,7 +2,8 @@
 
 Latent stages (image_flow, reid, video_flow) encode the site's videos with the GLOBAL VAE of the federated
 ``vae`` stage (``config["stage_checkpoints"]["vae"]``), at the site: latents never leave it. Decoded (and
-encoded) site data is cached per process, since every round asks for the same data again. A site without
+encoded) site data is cached per process, since every round asks for the same data again, and each video is
+decoded once per process whatever the stage. A site without
 VAL videos trains as usual and gets an empty validation set, so federated evaluation skips it.
 """
 
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset, Subset
 
 from echoflow.checkpoints import latest_round
 from echoflow.config import plain
-from echoflow.data.sites import SiteData, load_site
+from echoflow.data.sites import Decoded, SiteData, load_site
 from echoflow.errors import EchoFlowError
 from echoflow.models.vae import AdversarialVAE
 from echoflow.stages import LATENT_STAGES
@@ -30,6 +31,9 @@ from echoflow.stages.objectives import build_stage
 from echoflow.stages.trainer import Batch, Stage
 
 log = logging.getLogger(__name__)
+
+_DECODED: Decoded = {}
+"""This process's decoded videos: every stage of a site reads the same split again."""
 
 
 class EchoTask:
@@ -67,9 +71,9 @@ def _site_data(name: str, site_dir: str, config_json: str) -> tuple[Dataset[Batc
             return stage_dataset(name, stage_sites(name, [site], vae, seed=cfg.seed), **clip)
         return stage_dataset(name, encode_sites(vae, [site]) if vae is not None else [site], **clip)
 
-    train = dataset(load_site(Path(site_dir), size=cfg.data.size, splits=["TRAIN"]), training=True)
+    train = dataset(load_site(Path(site_dir), size=cfg.data.size, splits=["TRAIN"], decoded=_DECODED), training=True)
     try:
-        val = dataset(load_site(Path(site_dir), size=cfg.data.size, splits=["VAL"]), training=False)
+        val = dataset(load_site(Path(site_dir), size=cfg.data.size, splits=["VAL"], decoded=_DECODED), training=False)
     except EchoFlowError as err:  # no (usable) VAL videos: the site trains but is not evaluated
         log.warning("%s: no validation set for %s, evaluation skips this site (%s)", site_dir, name, err)
         val = Subset(train, [])

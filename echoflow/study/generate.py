@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from echoflow.data.echonet import VideoRecord, write_avi, write_filelist
@@ -86,6 +87,14 @@ class Sampling:
     window: int
     frames: int
     size: int
+
+    @classmethod
+    def of(cls, cfg: DictConfig, *, frames: int) -> Sampling:
+        """The run's ``train.sampling`` settings for videos of ``frames`` frames."""
+        s = cfg.train.sampling
+        return cls(steps=s.steps, method=s.method, image_target=cfg.train.image_flow.loss.target,
+                   video_target=cfg.train.video_flow.loss.target, guidance=s.guidance, window=cfg.data.clip_frames,
+                   frames=frames, size=cfg.data.size)
 
 
 @dataclass(frozen=True)

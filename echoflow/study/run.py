@@ -111,14 +111,6 @@ def audit_settings(cfg: DictConfig) -> AuditSettings:
     return AuditSettings.from_config(cast(dict, plain(cfg.audit)))
 
 
-def sampling(cfg: DictConfig, frames: int) -> Sampling:
-    """The ``train.sampling`` settings for videos of ``frames`` frames."""
-    s = cfg.train.sampling
-    return Sampling(steps=s.steps, method=s.method, image_target=cfg.train.image_flow.loss.target,
-                    video_target=cfg.train.video_flow.loss.target, guidance=s.guidance, window=cfg.data.clip_frames,
-                    frames=frames, size=cfg.data.size)
-
-
 def generate(cfg: DictConfig, models: Models, cohort: Cohort, real: Mapping[str, RealSite]) -> dict[str, Any]:
     """Sample ~``oversample``× the target latent frames, screen them with re-id, animate survivors, decode, write."""
     p = cfg.pipeline
@@ -130,8 +122,9 @@ def generate(cfg: DictConfig, models: Models, cohort: Cohort, real: Mapping[str,
             raise AuditFailedError(f"screening: sites failed: {screened.failures}")
         return screened.release
 
-    out = generate_videos(models, p.videos, lambda n, g: requested_efs(cfg, cohort, n, g), sampling(cfg, p.frames),
-                          generator=torch.Generator().manual_seed(cfg.seed), oversample=p.oversample, screen=screen)
+    out = generate_videos(models, p.videos, lambda n, g: requested_efs(cfg, cohort, n, g),
+                          Sampling.of(cfg, frames=p.frames), generator=torch.Generator().manual_seed(cfg.seed),
+                          oversample=p.oversample, screen=screen)
     write_synthetic(Path(cfg.workdir) / "generated", out.videos, out.ef, fps=cfg.data.clip_fps)
     return {"drawn": out.drawn, "screened_out": out.screened_out, "animated": len(out.videos)}
 
