@@ -1,6 +1,6 @@
 """Audit speed and threshold-recall: automatic path vs exact FAISS vs numpy vs the reference filter.
 
-Synthetic patient-like re-id embeddings (`echoflow.audit.synthetic`): per site, patients with many
+Synthetic patient-like re-id embeddings (`tests/audit/synthetic.py`): per site, patients with many
 near-duplicate frames on a low-rank patient manifold; held-out patients for τ; generated = fresh patients plus
 0.5 % near-copies of real training frames. Everything runs on one thread (faiss, BLAS, torch) so ratios are
 comparable on a shared machine. Threshold recall = share of generated samples with a real neighbour ≥ τ (by exact

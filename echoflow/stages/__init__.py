@@ -12,5 +12,5 @@ STAGES = ("vae", "image_flow", "reid", "video_flow", "ef")
 GENERATIVE = STAGES[:4]
 """The four EchoFlow models; ``ef`` is the evaluation's regressor."""
 
-LATENT_STAGES = ("image_flow", "reid", "video_flow")
+LATENT_STAGES = STAGES[1:4]
 """Stages that train on VAE latents rather than pixels."""

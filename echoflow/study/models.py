@@ -18,6 +18,7 @@ from echoflow.data.cohort import cohort_roots
 from echoflow.data.sites import Decoded, SiteData, load_sites
 from echoflow.models.vae import AdversarialVAE
 from echoflow.models.video_flow import LatentVideoFlow
+from echoflow.stages import GENERATIVE
 from echoflow.stages.networks import load_network
 
 
@@ -59,7 +60,7 @@ class Models:
     @classmethod
     def load(cls, cfg: DictConfig) -> Models:
         """Each stage's saved weights (``<workdir>/<stage>/model.safetensors``), read once."""
-        nets = {name: trained_network(cfg, name) for name in ("vae", "image_flow", "reid", "video_flow")}
+        nets = {name: trained_network(cfg, name) for name in GENERATIVE}
         return cls(cast(AdversarialVAE, nets["vae"]), nets["image_flow"], nets["reid"],
                    cast(LatentVideoFlow, nets["video_flow"]))
 
