@@ -37,10 +37,11 @@ from scipy import stats
 
 from echoflow.data.phantom import generate_cohort, read_lv_masks
 from echoflow.data.sites import ClipDataset, SiteData, balanced_batches, load_sites
-from echoflow.models.segmenter import LVSegmenter, fit_segmenter
+from echoflow.models.segmenter import LVSegmenter
 from echoflow.models.video_flow import LatentVideoFlow, animate
-from echoflow.stages import FlowStage
-from echoflow.training import TrainConfig, Trainer, random_batches
+from echoflow.stages.objectives import FlowStage
+from echoflow.stages.trainer import TrainConfig, Trainer, random_batches
+from echoflow.study.meter import fit_segmenter
 
 PATCH, COMPONENTS = 4, 4
 

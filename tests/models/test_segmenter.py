@@ -18,9 +18,9 @@ from echoflow.models.segmenter import (
     area_length_volumes,
     augment_frames,
     ef_from_volumes,
-    fit_segmenter,
     segmentation_loss,
 )
+from echoflow.study.meter import fit_segmenter
 
 
 def test_area_length_ef_of_the_phantom_masks_is_the_phantom_ef() -> None:
