@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import cast
 
@@ -41,6 +41,7 @@ from echoflow.models.segmenter import LVSegmenter
 from echoflow.models.video_flow import LatentVideoFlow, animate
 from echoflow.stages.objectives import FlowStage
 from echoflow.stages.trainer import TrainConfig, Trainer, random_batches
+from echoflow.study.ef_following import following
 from echoflow.study.meter import fit_segmenter
 
 PATCH, COMPONENTS = 4, 4
@@ -108,14 +109,6 @@ def clip_of(video: torch.Tensor, frames: int = 16, stride: int = 2) -> torch.Ten
     return video[: (frames - 1) * stride + 1 : stride]
 
 
-def fit_line(requested: np.ndarray, measured: np.ndarray) -> dict[str, float]:
-    line = stats.linregress(requested, measured)
-    resid = measured - (line.intercept + line.slope * requested)
-    r2 = 1 - float(np.sum((measured - requested) ** 2) / np.sum((measured - measured.mean()) ** 2))
-    return {"slope": float(line.slope), "intercept": float(line.intercept), "r2_fit": float(line.rvalue**2),
-            "r2_identity": r2, "resid_sd": float(resid.std(ddof=2)), "mae": float(np.abs(measured - requested).mean())}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arm", required=True)
@@ -180,14 +173,13 @@ def main() -> None:
                             method="heun", target="x1", generator=generator)
             pixels = torch.stack([codec.decode(c.transpose(0, 1)).transpose(0, 1) for c in clips])
             measured = meter.ef(pixels).numpy()
-            grid = measured.reshape(n, m)
-            share_first = float(grid.mean(1).var() / grid.var()) if grid.var() > 0 else float("nan")
-            per_bin = {f"{ef:g}": float(np.abs(grid[:, j] - ef).mean()) for j, ef in enumerate(args.efs)}
+            follow = asdict(following(measured.reshape(n, m), args.efs))
+            line = stats.linregress(requested.numpy(), measured)
             row = {"arm": args.arm, "seed": seed, "guidance": guidance, "steps": args.steps,
                    "ef_embedding": args.ef_embedding, "balanced": args.balanced, "schedule": args.schedule,
                    "cine_frames": args.cine_frames, "train_loss": last.get("model"),
-                   **fit_line(requested.numpy(), measured), "share_first_frame": share_first,
-                   "per_ef_abs_error": per_bin, "meter": meter_report, "motion_scale": motion_scale,
+                   **follow, "r2_identity": follow["r2"], "r2_fit": float(line.rvalue**2),
+                   "per_ef_abs_error": follow["per_ef_mae"], "meter": meter_report, "motion_scale": motion_scale,
                    "train_videos": len(dataset), "train_ef_quartiles": np.percentile(ef_train, [25, 50, 75]).tolist(),
                    "train_s": round(trained, 1), "total_s": round(time.time() - began, 1)}
             print(json.dumps(row), flush=True)
