@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from scipy import stats
 from torch import Tensor
@@ -30,8 +32,10 @@ from echoflow.models.flow import Method, Target
 from echoflow.models.segmenter import LVSegmenter
 from echoflow.models.vae import AdversarialVAE
 from echoflow.models.video_flow import LatentVideoFlow
+from echoflow.study.evaluate import measure_ef
 from echoflow.study.generate import animate_frames, decode_clips
 from echoflow.study.meter import fit_segmenter
+from echoflow.study.models import Cohort, Models, stage_folder, trained_network
 
 DEFAULT_EFS = (20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0)
 """Requested EFs of the dose-response grid, percent."""
@@ -173,3 +177,22 @@ def evaluate_video_flow(video_flow: LatentVideoFlow, vae: AdversarialVAE, meter:
     if regressor is not None:
         result["regressor"] = asdict(following(regressor(decoded[-1]).numpy().reshape(grid.shape), efs))
     return result
+
+
+def video_flow_report(cfg: DictConfig, models: Models, cohort: Cohort, *, first_frames: int, efs: Sequence[float],
+                      guidance: float, meter_steps: int) -> dict[str, Any]:
+    """`evaluate_video_flow` on a run: meter trained (once) on the TRAIN split, grid on VAL+TEST first frames.
+
+    The regressor's reading is added when the run has a trained ``ef`` stage.
+    """
+    meter = train_meter(cohort.split("TRAIN"), models.vae, stage_folder(cfg, "meter"), steps=meter_steps,
+                        seed=cfg.seed)
+    regressor = None
+    if (stage_folder(cfg, "ef") / "model.safetensors").exists():
+        ef_net = trained_network(cfg, "ef")
+        regressor = partial(measure_ef, ef_net)
+    return evaluate_video_flow(models.video_flow, models.vae, meter, cohort.split("VAL", "TEST"),
+                               first_frames=first_frames, efs=efs, frames=cfg.data.clip_frames,
+                               steps=cfg.train.sampling.steps, method=cfg.train.sampling.method,
+                               target=cfg.train.video_flow.loss.target, guidance=guidance, seed=cfg.seed,
+                               regressor=regressor)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import Tensor
+from typer.testing import CliRunner
 
+from echoflow.cli import app
+from echoflow.config import load_config, plain
 from echoflow.errors import EchoFlowError
 from echoflow.models.video_flow import LatentVideoFlow
+from echoflow.stages import GENERATIVE
+from echoflow.stages.networks import build_network, save_network
 from echoflow.study.ef_following import dose_response, following
 
 EFS = [20.0, 40.0, 60.0, 80.0]
@@ -59,3 +66,23 @@ def test_dose_response_animates_every_first_frame_at_every_ef_in_row_major_order
     grid = dose_response(flow, lambda latents: latents, lambda clips: clips[:, 0, -1].mean((1, 2)), firsts, EFS,
                          frames=8, steps=2, method="heun", target="x1", guidance=1.0)
     assert grid == pytest.approx(np.arange(3.0)[:, None] * 1000.0 + np.array(EFS)[None], abs=1e-3)
+
+
+def test_cli_evaluate_video_flow_reports_the_grid_by_the_meter_and_the_regressor(tmp_path: Path) -> None:
+    """Untrained tiny networks: the command runs end to end, and the report is consistent with its grid."""
+    overrides = ["data.sites=1", "data.patients_per_site=4", "model.vae.base_channels=8",
+                 "model.image_flow.channels=[8,16]", "model.video_flow.channels=[8,16]", "model.reid.channels=8",
+                 "model.ef.channels=[4,8,8,8]", "train.sampling.steps=1", f"workdir={tmp_path}",
+                 f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]
+    cfg = load_config(overrides)
+    for name in (*GENERATIVE, "ef"):
+        save_network(build_network(name, plain(cfg.model)), tmp_path / name / "model.safetensors")
+    result = CliRunner().invoke(app, ["evaluate", "video-flow", *overrides, "--first-frames", "2", "--efs", "30,60",
+                                      "--meter-steps", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "video_flow_ef.json").read_text())
+    for reader in ("meter", "regressor"):
+        grid = np.array(report[reader]["grid"])
+        assert grid.shape == (2, 2) and report[reader]["efs"] == [30.0, 60.0]
+        assert report[reader]["mae"] == pytest.approx(np.abs(grid - [30.0, 60.0]).mean())
+    assert (tmp_path / "meter" / "model.safetensors").is_file() and "slope" in result.output
