@@ -15,6 +15,7 @@ real and reconstructed held-out clips is reported as ``meter``.
     python benchmarks/ef_following.py --arm smooth --ef-embedding smooth --seeds 0 1 2 --out runs/eff
     python benchmarks/ef_following.py --arm fourier --ef-embedding fourier --seeds 0 1 2 --out runs/eff
     python benchmarks/ef_following.py --arm balanced --balanced --seeds 0 1 2 --out runs/eff
+    python benchmarks/ef_following.py --out runs/eff --summarize fourier   # the table: mean ± CI over seeds
 
 Each run appends one JSON line per seed to ``--out/results.jsonl`` and prints it; the cohorts, codec and meter
 are cached under ``--out/cache`` (same arguments -> same files).
@@ -27,7 +28,7 @@ import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -109,9 +110,36 @@ def clip_of(video: torch.Tensor, frames: int = 16, stride: int = 2) -> torch.Ten
     return video[: (frames - 1) * stride + 1 : stride]
 
 
+def summarize(results: Path, *, reference: str) -> None:
+    """Mean and t 95 % CI over seeds per (arm, guidance), and the paired per-seed difference to ``reference``."""
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    keys = ("slope", "intercept", "r2_fit", "resid_sd", "mae", "share_first_frame")
+    groups: dict[tuple[str, float], dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["arm"], row["guidance"]), {})[row["seed"]] = row
+
+    def mean_ci(values: list[float]) -> str:
+        v = np.asarray(values)
+        if len(v) < 2:
+            return f"{v.mean():.3f}"
+        half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+        return f"{v.mean():.3f} ± {half:.3f}"
+
+    print("| arm | guidance | seeds | " + " | ".join(keys) + f" | Δ MAE vs {reference} (paired) |")
+    print("|" + " --- |" * (len(keys) + 4))
+    for (arm, guidance), by_seed in sorted(groups.items()):
+        ref = groups.get((reference, guidance), {})
+        paired = [by_seed[s]["mae"] - ref[s]["mae"] for s in by_seed if s in ref]
+        diff = mean_ci(paired) + f" (n={len(paired)})" if paired and arm != reference else ""
+        cells = [mean_ci([r[k] for r in by_seed.values()]) for k in keys]
+        print(f"| {arm} | {guidance:g} | {sorted(by_seed)} | " + " | ".join(cells) + f" | {diff} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arm", required=True)
+    parser.add_argument("--arm", help="name of this arm (required unless --summarize)")
+    parser.add_argument("--summarize", metavar="REFERENCE_ARM",
+                        help="print mean ± t 95 %% CI over seeds of --out/results.jsonl, paired to this arm; no run")
     parser.add_argument("--out", type=Path, default=Path("runs/ef_following"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=600)
@@ -126,6 +154,11 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=8)
     parser.add_argument("--meter-steps", type=int, default=500)
     args = parser.parse_args()
+    if args.summarize:
+        summarize(args.out / "results.jsonl", reference=args.summarize)
+        return
+    if not args.arm:
+        parser.error("--arm is required")
     torch.set_num_threads(1)
     cache = args.out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
