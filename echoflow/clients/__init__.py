@@ -1,23 +1,5 @@
-"""Sites: the Flower ClientApp, per-site DP-SGD with a whole-run privacy ledger, and the task contract."""
+"""Sites: the Flower ClientApp and what a site does in a round.
 
-from echoflow.clients.app import make_client_app
-from echoflow.clients.dp import DPConfig, PrivacyLedger, make_private, poisson_batches
-from echoflow.clients.settings import ClientSettings
-from echoflow.clients.site import RoundResult, evaluate, train_round
-from echoflow.clients.task import SiteTask, group_arrays, load_group_arrays, load_task
-
-__all__ = [
-    "ClientSettings",
-    "DPConfig",
-    "PrivacyLedger",
-    "RoundResult",
-    "SiteTask",
-    "evaluate",
-    "group_arrays",
-    "load_group_arrays",
-    "load_task",
-    "make_client_app",
-    "make_private",
-    "poisson_batches",
-    "train_round",
-]
+`app` (ClientApp), `site` (train / evaluate a round), `dp` + `dp_engine` (DP-SGD, whole-run privacy ledger),
+`secagg` (SecAgg+), `settings` (per-site settings), `faults` (fault injection for test and soak simulations).
+"""

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset, default_collate
 
 from echoflow.clients.dp_engine import FastDPOptimizer, FastGradSampleModule
 from echoflow.errors import EchoFlowError
-from echoflow.training import Batch, Stage, Trainer
+from echoflow.stages.trainer import Batch, Stage, Trainer
 
 
 @dataclass(frozen=True)

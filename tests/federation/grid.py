@@ -32,7 +32,7 @@ class LocalGrid(Grid):
     def __init__(self, sites: int, *, order_seed: int = 0, parallel: bool = False) -> None:
         # the process-wide identity Flower stamps on new messages (the simulation engine sets it likewise)
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-        self.app = make_client_app()
+        self.app = make_client_app(faults=True)  # inert unless a test's run config plans faults
         self.contexts = {NODE_BASE + i: Context(run_id=1, node_id=NODE_BASE + i,
                                                 node_config={"partition-id": i, "num-partitions": sites},
                                                 state=RecordDict(), run_config={}) for i in range(sites)}

@@ -11,15 +11,14 @@ from opacus import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 
-from echoflow.centralized import plain
 from echoflow.clients.dp import DPConfig, PrivacyLedger, make_private, poisson_batches
 from echoflow.clients.dp_engine import FastDPOptimizer, FastGradSampleModule, grouped_conv_grad_sample
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import train_round
-from echoflow.clients.task import group_arrays
-from echoflow.config import load_config
-from echoflow.stages import build_stage
-from echoflow.training import TrainConfig, Trainer
+from echoflow.config import load_config, plain
+from echoflow.federation.task import group_arrays
+from echoflow.stages.objectives import build_stage
+from echoflow.stages.trainer import TrainConfig, Trainer
 from tests.federation.conftest import TASK, toy_run_config
 from tests.federation.toy import TASK as TOY
 
