@@ -17,7 +17,9 @@ removed whatever the Burned In Annotation (0028,0301) flag says, and the policy 
      JPEG noise), or nearly still and far from its neighbourhood's brightness;
    * *strokes*: pixels of the temporal mean image that stand out from their 5x5 median (strokes up to 2 pixels
      wide) or from their neighbourhood's mean (larger marks) by ``STROKE_Z`` times what the speckle's own noise
-     leaves in a mean of T frames: see-through text that moves with the speckle below it but shifts its mean.
+     leaves in a mean of T frames, where the temporal std is also under ``STROKE_STD_SHARE`` of the
+     neighbourhood's: see-through text moves with the speckle below it but shifts its mean and damps its
+     motion, while a bright moving reflector (valve, pericardium) stands out with as much motion as around it.
 3. **Fill them from their neighbourhood** (OpenCV's Telea inpainting, frame by frame, mask grown by
    ``GROW`` pixels for anti-aliasing and JPEG ringing), not with 0: black letters over speckle stay legible.
 
@@ -48,6 +50,7 @@ OPEN = 5  # px: the square opening that removes text strokes from the activity m
 STILL_SHARE, STILL_MAX = 0.35, 16.0  # temporal std under this share of the neighbourhood's (and under 16): overlay
 NEAR_STILL_STD, NEAR_STILL_CONTRAST = 12.0, 24.0  # ... or with std under 12 and its mean 24 off the neighbours'
 STROKE_Z, STROKE_MIN = 4.0, 16.0  # stroke contrast in the temporal mean: z-score over speckle noise, grey levels
+STROKE_STD_SHARE = 0.8  # ... at a pixel whose temporal std is under this share of its neighbourhood's
 NEIGHBOURHOOD = 21  # px: side of the window the neighbourhood statistics are taken over
 MIN_OVERLAY = 4  # px: smaller connected overlay candidates are speckle noise
 GROW = 1  # px the overlay mask grows by before inpainting (anti-aliasing, JPEG ringing)
@@ -167,7 +170,8 @@ def find_overlays(mean: np.ndarray, std: np.ndarray, frames: int, sector: np.nda
         filled = np.where(sector, mean, mean_around).astype(np.float32)  # no false edge at the sector's border
         stroke = np.abs(filled - cv2.medianBlur(filled, 5))  # a stroke up to 2 pixels wide is under half of 5x5
         noise = std_around / np.sqrt(frames) + 1.0  # what the speckle leaves in a mean of ``frames`` frames
-        strokes = np.maximum(stroke, contrast) > np.maximum(STROKE_Z * noise, STROKE_MIN)
+        strokes = (np.maximum(stroke, contrast) > np.maximum(STROKE_Z * noise, STROKE_MIN)) & (
+            std < STROKE_STD_SHARE * std_around)  # drawn over the speckle, text dampens it; anatomy does not
         found = _drop_specks((still | strokes) & sector)
         grown = cv2.dilate(found.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
         reference = sector & ~grown
