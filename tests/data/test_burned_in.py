@@ -81,14 +81,14 @@ def ring(mask: np.ndarray, fan: np.ndarray) -> np.ndarray:
     return outer & ~inner & fan
 
 
-def pair(tmp_path: Path, how: str, *, frames: int = FRAMES, jpeg: bool = False, **tags: object
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pair(tmp_path: Path, how: str, *, frames: int = FRAMES, jpeg: bool = False, jpeg_quality: int = 95,
+         **tags: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(cleaned text variant, cleaned twin, the original variant), both cleaned clips cropped the same way."""
     fan = sector()
     twin = speckle(frames, fan, seed=3)
     variant = draw(draw(twin, INSIDE, how), CORNER, "opaque")
     (tmp_path / how).mkdir()
-    clean = [read_ultrasound(write_us(tmp_path / how / name, pixels, jpeg=jpeg, **tags), **(
+    clean = [read_ultrasound(write_us(tmp_path / how / name, pixels, jpeg=jpeg, jpeg_quality=jpeg_quality, **tags), **(
         {"accept_burned_in_risk": True} if frames == 1 else {})).frames
         for name, pixels in (("text.dcm", variant), ("twin.dcm", twin))]
     return clean[0], clean[1], variant
@@ -101,20 +101,22 @@ def crop_of(clean: np.ndarray, original: np.ndarray) -> tuple[slice, slice]:
     return slice(row, row + clean.shape[1]), slice(column, column + clean.shape[2])
 
 
-def assert_fits_the_sector(clean: np.ndarray, original: np.ndarray, fan: np.ndarray) -> tuple[slice, slice]:
-    """The crop is the sector's box, give or take its 1-pixel-wide tips: >= 99 % of the sector, <= 1 px beyond."""
+def assert_fits_the_sector(clean: np.ndarray, original: np.ndarray, fan: np.ndarray, *, slack: int = 1
+                           ) -> tuple[slice, slice]:
+    """The crop is the sector's box, give or take its 1-pixel-wide tips: >= 99 % of the sector, at most ``slack``
+    pixels beyond (JPEG rings up to half an 8x8 block past the fan's edge, and the ringing moves)."""
     rows, columns = crop_of(clean, original)
     box = bbox(fan)
     assert fan[rows, columns].sum() >= 0.99 * fan.sum()
-    assert rows.start >= box[0].start - 1 and rows.stop <= box[0].stop + 1
-    assert columns.start >= box[1].start - 1 and columns.stop <= box[1].stop + 1
+    assert rows.start >= box[0].start - slack and rows.stop <= box[0].stop + slack
+    assert columns.start >= box[1].start - slack and columns.stop <= box[1].stop + slack
     return rows, columns
 
 
 def assert_text_gone(text: np.ndarray, twin: np.ndarray, original: np.ndarray, *, jpeg: bool = False) -> None:
     fan = sector()
     assert text.shape == twin.shape and len(text) == len(original)
-    rows, columns = assert_fits_the_sector(twin, original, fan)
+    rows, columns = assert_fits_the_sector(twin, original, fan, slack=4 if jpeg else 1)
     inside, fan_crop, corner = INSIDE[rows, columns], fan[rows, columns], CORNER[rows, columns]
     around = ring(inside, fan_crop)
     drawn = abs(original[:, rows, columns][:, inside].mean() - original[:, rows, columns][:, around].mean())
@@ -155,8 +157,10 @@ def test_text_across_the_sector_edge_is_removed_on_both_sides(tmp_path: Path, ho
     assert text[:, mask & ~fan_crop].max() < 200  # drawn at 222-255: masked to 0 or filled from the speckle
 
 
-def test_jpeg_compressed_text_is_removed(tmp_path: Path) -> None:
-    text, twin, original = pair(tmp_path, "opaque", jpeg=True)
+@pytest.mark.parametrize(("how", "quality"), [("opaque", 75), ("see-through", 75), ("jittered", 75), ("dark", 50)])
+def test_jpeg_compressed_text_is_removed(tmp_path: Path, how: str, quality: int) -> None:
+    """Text and twin both JPEG-compressed frame by frame (Pillow, the given quality)."""
+    text, twin, original = pair(tmp_path, how, jpeg=True, jpeg_quality=quality)
     assert_text_gone(text, twin, original, jpeg=True)
 
 

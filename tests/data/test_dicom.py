@@ -57,7 +57,8 @@ def scan(frames: int = 12, size: tuple[int, int] = (96, 128), *, seed: int = 0) 
 
 def write_us(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2", jpeg: bool = False,
              modality: str = "US", instance: str = "1.2.826.0.1.3680043.8.498.4711100", pixel_data: bool = True,
-             regions: tuple[int, int, int, int] | None = None, corrupt: bool = False, **tags: str) -> Path:
+             regions: tuple[int, int, int, int] | None = None, corrupt: bool = False, jpeg_quality: int = 95,
+             **tags: str) -> Path:
     """A small ultrasound DICOM with canary PHI; ``pixels`` (T, H, W[, 3]) uint8, T=1 -> single frame.
 
     ``corrupt``: JPEG transfer syntax whose frames are not JPEG.
@@ -94,7 +95,7 @@ def write_us(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2"
         encoded = []
         for frame in pixels:
             buffer = BytesIO()
-            Image.fromarray(frame).save(buffer, format="JPEG", quality=95)
+            Image.fromarray(frame).save(buffer, format="JPEG", quality=jpeg_quality)
             encoded.append(buffer.getvalue())
         ds.PixelData = encapsulate(encoded)
     elif pixel_data:
