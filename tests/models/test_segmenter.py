@@ -76,11 +76,11 @@ def test_trained_segmenter_reads_ef_of_held_out_real_clips_within_3_points(tmp_p
     benchmark ``benchmarks/ef_following.py`` trains the same meter longer on more data (its ``meter`` field).
     """
     torch.set_num_threads(1)
-    train = load_sites(generate_cohort(tmp_path / "a", sites=2, patients_per_site=6, seed=3),
+    train = load_sites(generate_cohort(tmp_path / "a", sites=3, patients_per_site=5, seed=3),
                        size=64, splits=("TRAIN", "VAL", "TEST"))
     frames = np.concatenate([v for site in train for v in site.videos])
     masks = np.concatenate([read_lv_masks(r.path) for site in train for r in site.records])
-    net = fit_segmenter(frames, masks, steps=400, seed=0)
+    net = fit_segmenter(frames, masks, steps=600, seed=0)
     test = load_sites(generate_cohort(tmp_path / "b", sites=1, patients_per_site=8, seed=11),
                       size=64, splits=("TRAIN", "VAL", "TEST"))[0]
     clips = torch.stack([torch.from_numpy(v[0:31:2]).float().div(127.5).sub(1) for v in test.videos]).unsqueeze(1)
