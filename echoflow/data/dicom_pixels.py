@@ -112,14 +112,15 @@ def clean_pixels(ds: Dataset, gray: np.ndarray, coloured: np.ndarray, path: Path
     return out
 
 
-def _temporal_stats(frames: np.ndarray, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel temporal mean and standard deviation (float32), a chunk of frames at a time."""
+def _temporal_stats(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel temporal mean and standard deviation (float32), 2^22 values (16 MiB as float32) at a time."""
+    chunk = max(1, 2**22 // max(1, frames[0].size))
     total = np.zeros(frames.shape[1:], dtype=np.float64)
     squares = np.zeros(frames.shape[1:], dtype=np.float64)
     for start in range(0, len(frames), chunk):
         block = frames[start : start + chunk].astype(np.float32)
         total += block.sum(0)
-        squares += np.square(block).sum(0)
+        squares += np.einsum("thw,thw->hw", block, block)
     mean = total / len(frames)
     return mean.astype(np.float32), np.sqrt(np.maximum(squares / len(frames) - mean**2, 0.0)).astype(np.float32)
 
