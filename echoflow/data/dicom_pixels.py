@@ -215,31 +215,3 @@ def ultrasound_region(ds: Dataset, height: int, width: int) -> tuple[int, int, i
               int(r.RegionLocationMaxX1) + 1) for r in regions if "RegionLocationMaxY1" in r]
     inside = [b for b in boxes if 0 <= b[0] < b[1] <= height and 0 <= b[2] < b[3] <= width]
     return max(inside, key=lambda b: (b[1] - b[0]) * (b[3] - b[2])) if inside else None
-
-
-def fan_box(gray: np.ndarray, coloured: np.ndarray) -> tuple[int, int, int, int]:
-    """Crop box ``(y0, y1, x0, x1)`` (end-exclusive) of the fan in (T, H, W) ``gray``, found from the pixels.
-
-    Pixels that change over time (any bright pixel for a single frame), colour (``coloured``, (H, W))
-    excluded, reduced to the longest run of columns, then rows, holding at least 5 % of the peak activity, so
-    static text and thin ECG bands drop out.
-    """
-    mean, std = _temporal_stats(gray)
-    active = std > 2.0 if len(gray) > 1 else mean > 16.0
-    if active.mean() < 0.01:  # a nearly still cine: fall back to brightness
-        active = mean > 16.0
-    active &= ~coloured
-    x0, x1 = _longest_run(active.mean(0))
-    y0, y1 = _longest_run(active[:, x0:x1].mean(1))
-    return y0, y1, x0, x1
-
-
-def _longest_run(profile: np.ndarray, *, level: float = 0.05) -> tuple[int, int]:
-    """``(start, end)`` of the longest run where ``profile >= level * max``; the whole axis if flat zero."""
-    if profile.max() <= 0:
-        return 0, len(profile)
-    above = np.concatenate([[False], profile >= level * profile.max(), [False]]).astype(np.int8)
-    edges = np.flatnonzero(np.diff(above))
-    starts, ends = edges[0::2], edges[1::2]
-    best = int(np.argmax(ends - starts))
-    return int(starts[best]), int(ends[best])

@@ -72,8 +72,8 @@ def jpeg_bomb(path: Path) -> Path:
     return path
 
 
-def deflate_bomb(path: Path, inflated: int = GIB + 2**20) -> Path:
-    """A Deflated Explicit VR file of a few MB whose dataset inflates to over 1 GiB (a PixelData of zeros)."""
+def deflate_bomb(path: Path, inflated: int = 400 * 2**20) -> Path:
+    """A Deflated Explicit VR file of about 400 KB whose dataset inflates to 400 MiB (a PixelData of zeros)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
     meta.MediaStorageSOPInstanceUID = uid(901)
