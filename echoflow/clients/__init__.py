@@ -1,16 +1,18 @@
-"""Sites: the Flower ClientApp, per-site DP-SGD with a whole-run privacy ledger, and the task contract."""
+"""Sites: the Flower ClientApp, the site-owned DP policy, patient-level DP-SGD with one ledger for the run."""
 
 from echoflow.clients.app import make_client_app
-from echoflow.clients.dp import DPConfig, PrivacyLedger, make_private, poisson_batches
+from echoflow.clients.dp import PrivacyLedger, make_private, poisson_batches
+from echoflow.clients.policy import PolicyRefusal, SitePolicy
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import RoundResult, evaluate, train_round
 from echoflow.clients.task import SiteTask, group_arrays, load_group_arrays, load_task
 
 __all__ = [
     "ClientSettings",
-    "DPConfig",
+    "PolicyRefusal",
     "PrivacyLedger",
     "RoundResult",
+    "SitePolicy",
     "SiteTask",
     "evaluate",
     "group_arrays",

@@ -12,8 +12,8 @@ import random
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any
 
 from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.clientapp.client_app import ClientAppException

@@ -143,7 +143,7 @@ def test_two_dp_stages_share_one_budget_and_both_train(tmp_path: Path) -> None:
     for state in states:
         assert state.round == 2 and [e["trained"] for e in state.history] == [2, 2]
         assert any(not torch.equal(state.arrays[k], initial[k]) for k in initial)
-    for site in ("0", "1"):
+    for site in (0, 1):  # (in memory the round record is keyed by site index)
         after_first = states[0].history[-1]["sites"][site]["epsilon"]
         after_both = states[1].history[-1]["sites"][site]["epsilon"]
         assert 0.8 * EPSILON / 2 < after_first <= EPSILON / 2 + 1e-9  # stage 1 spent its share of the plan
