@@ -107,7 +107,7 @@ def _histogram(result: AuditResult, calibration: Calibration, path: Path) -> str
     for values, label in ((finite, "generated → nearest real"), (real, "real held-out → real train")):
         ax.hist(values, bins=200, range=(-1.0, 1.0), alpha=0.6, density=True, label=label)
     ax.axvline(calibration.global_threshold, color="k", linestyle="--", label=f"τ = {calibration.global_threshold:.3f}")
-    lo = float(min(finite.min(initial=1.0), calibration.heldout_to_all.min()))
+    lo = float(min(finite.min(initial=1.0), calibration.heldout_to_all.min(initial=1.0)))  # federated: none sent
     ax.set_xlim(max(-1.0, lo - 0.05), 1.0)
     ax.set_xlabel("max similarity")
     ax.legend(loc="upper left", fontsize=8)

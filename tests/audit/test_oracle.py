@@ -83,10 +83,13 @@ def test_a_site_answers_a_generated_set_once_and_within_its_budget(site: tuple[P
     remote = RemoteSite("site_a", transport)
     found = remote.search(copies, k=1, threshold=None)
     assert (found.ids[:, 0] == source).all() and (found.similarity[:, 0] > 0.99).all()  # copies: over τ, named
+    again = remote.search(copies, k=1, threshold=None)  # the same set at the same τ: the same answer, no charge
+    assert np.array_equal(again.similarity, found.similarity) and np.array_equal(again.ids, found.ids)
     with pytest.raises(EchoFlowError, match="already answered"):
-        remote.search(copies, k=1, threshold=None)  # the same set again: repeated probing
+        remote.search(copies, k=1, threshold=0.999)  # the same set at another τ: a threshold search, refused
+    remote.search(rng.standard_normal((35, DIM)).astype(np.float32), k=1, threshold=None)  # 5 + 35 = 40 rows
     with pytest.raises(EchoFlowError, match="budget"):
-        remote.search(rng.standard_normal((36, DIM)).astype(np.float32), k=1, threshold=None)  # 5 + 36 > 40
+        remote.search(rng.standard_normal((1, DIM)).astype(np.float32), k=1, threshold=None)  # row 41
 
 
 def test_calibration_sends_the_sites_threshold_not_its_heldout_similarities(site: tuple[Path, np.ndarray]) -> None:
