@@ -88,8 +88,10 @@ class SiteAuditor:
         """Answer one query action (see the module docstring); raises on malformed or refused requests.
 
         Args:
-            action: ``audit``, ``calibrate`` or ``site``. content: the message's records.
-            budget: generated rows this site answers per run. percentile: the site's τ percentile.
+            action: ``audit``, ``calibrate`` or ``site``.
+            content: the message's records.
+            budget: generated rows this site answers per run.
+            percentile: the site's τ percentile.
         """
         if action == "audit":
             return self._decide(content, budget=budget, percentile=percentile)
