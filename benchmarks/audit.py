@@ -1,6 +1,6 @@
 """Audit speed and threshold-recall: automatic path vs exact FAISS vs numpy vs the reference filter.
 
-Synthetic patient-like re-id embeddings (`echoflow.audit.synthetic`): per site, patients with many
+Synthetic patient-like re-id embeddings (`tests/audit/synthetic.py`): per site, patients with many
 near-duplicate frames on a low-rank patient manifold; held-out patients for τ; generated = fresh patients plus
 0.5 % near-copies of real training frames. Everything runs on one thread (faiss, BLAS, torch) so ratios are
 comparable on a shared machine. Threshold recall = share of generated samples with a real neighbour ≥ τ (by exact
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from echoflow.audit import audit, build_index, calibrate, prepare
-from echoflow.audit.synthetic import PatientSpace, near_copies
+from echoflow.audit import build_index, calibrate, decide_samples, prepare
+from tests.audit.synthetic import PatientSpace, near_copies
 
 
 def make_data(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
@@ -82,7 +82,7 @@ def main() -> None:
     print(f"build: auto ({next(iter(auto.values())).kind}) {t_build:.1f} s, exact {t_build_exact:.1f} s; "
           f"calibration {t_cal:.1f} s, tau = {tau:.4f}")
 
-    result, t_auto = timed(lambda: audit(generated, auto, tau))
+    result, t_auto = timed(lambda: decide_samples(generated, auto, tau))
     truth, t_exact = timed(lambda: np.max([i.search(generated, k=1).similarity[:, 0] for i in exact.values()], 0))
     q = prepare(generated, similarity="cosine")
     brute, t_numpy = timed(lambda: np.max([numpy_max(q, i.vectors()) for i in exact.values()], 0))

@@ -32,16 +32,19 @@ from omegaconf import OmegaConf
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from echoflow.centralized import load_split, plain, stage_dataset, train_stage
 from echoflow.clients.dp import PrivacyLedger, make_private, poisson_batches
 from echoflow.clients.site import mean_loss
-from echoflow.clients.task import load_group_arrays
-from echoflow.config import load_config
-from echoflow.federation import federate
+from echoflow.config import load_config, plain
+from echoflow.federation.federate import federate
 from echoflow.federation.simulation import SimulationConfig, simulate
+from echoflow.federation.task import load_group_arrays
 from echoflow.models.vae import measure_latent_scale
-from echoflow.stages import STAGES, build_stage
-from echoflow.training import Stage, TrainConfig, Trainer, random_batches, set_step_seed
+from echoflow.stages import STAGES
+from echoflow.stages.data import stage_dataset
+from echoflow.stages.objectives import build_stage
+from echoflow.stages.trainer import Stage, TrainConfig, Trainer, random_batches, set_step_seed
+from echoflow.study.centralized import train_stage
+from echoflow.study.models import Cohort
 
 torch.set_num_threads(1)
 
@@ -221,14 +224,15 @@ def federated_vs_centralized_vae(rounds: int, local_steps: int, lr: float, overr
         start = time.perf_counter()
         state = federate(cfg, ["vae"])["vae"]
         federated_s = time.perf_counter() - start
-        train_sites = load_split(cfg, ["TRAIN"])
+        cohort = Cohort.of(cfg)
+        train_sites = cohort.split("TRAIN")
         start = time.perf_counter()
         central = train_stage("vae", cfg, train_sites, out=Path(tmp) / "central", quiet=True)
         central_s = time.perf_counter() - start
         per_site = cfg.copy()  # centralized for as many steps as each site took: equal wall time, 1/sites the data
         OmegaConf.update(per_site, "train.vae.optim.steps", rounds * local_steps)
         short = train_stage("vae", per_site, train_sites, out=Path(tmp) / "central_short", quiet=True)
-        val = stage_dataset("vae", load_split(cfg, ["VAL"]), cfg)
+        val = stage_dataset("vae", cohort.split("VAL"), clip_frames=cfg.data.clip_frames, clip_fps=cfg.data.clip_fps)
         frames = torch.cat([torch.from_numpy(v) for site in train_sites for v in site.videos]).float() / 127.5 - 1
         losses, scales = {}, {}
         for name, load in (("federated", lambda st: load_group_arrays(st, state.arrays)),

@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 from threadpoolctl import threadpool_limits
 
-from echoflow.centralized import encode_sites, load_network, load_split, plain
-from echoflow.config import load_config
-from echoflow.evaluation import video_flow_ef
+from echoflow.config import load_config, plain
 from echoflow.models.vae import AdversarialVAE
-from echoflow.stages import STAGES, build_stage
-from echoflow.training import Batch, TrainConfig, Trainer
+from echoflow.stages import STAGES
+from echoflow.stages.data import encode_sites
+from echoflow.stages.objectives import build_stage
+from echoflow.stages.trainer import Batch, TrainConfig, Trainer
+from echoflow.study.evaluate import video_flow_ef
+from echoflow.study.models import Cohort, trained_network
 
 
 def demo_batch(name: str, batch: int, *, size: int = 64, latent: int = 16, frames: int = 16) -> Batch:
@@ -60,10 +62,10 @@ def bench_training(overrides: list[str], *, steps: int) -> None:
 
 def bench_sampling(overrides: list[str], *, clips: int) -> None:
     cfg = load_config(overrides)
-    vae = load_network("vae", cfg)
+    vae = trained_network(cfg, "vae")
     assert isinstance(vae, AdversarialVAE)
-    held_out = encode_sites(vae, load_split(cfg, ["VAL", "TEST"]))
-    nets = {name: load_network(name, cfg) for name in ("video_flow", "ef")}
+    held_out = encode_sites(vae, Cohort.of(cfg).split("VAL", "TEST"))
+    nets = {name: trained_network(cfg, name) for name in ("video_flow", "ef")}
     results = {}
     for steps in (2, 4, 8, 16, 32):
         start = time.perf_counter()

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 
 from federation import tree_rss_mib  # benchmarks/federation.py: both run as scripts from benchmarks/
 
+from echoflow.checkpoints import LATEST
 from echoflow.clients.faults import random_fault_plan
 from echoflow.federation.simulation import SimulationConfig, simulate
-from echoflow.server.checkpoint import LATEST
 from tests.federation.conftest import toy_run_config
 
 

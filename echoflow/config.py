@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +30,11 @@ def load_config(overrides: list[str] | None = None, *, name: str = "config") -> 
     except Exception as err:  # Hydra's own errors are long; keep the first line.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise EchoFlowError(f"config: {first}") from err
+
+
+def plain(cfg: Any) -> Any:
+    """A config node as plain Python containers (constructor kwargs, typed settings below the CLI/study edge)."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,6 +25,16 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return flat
+
+
+def log_metrics(prefix: str) -> Callable[[int, dict[str, float]], None]:
+    """A Trainer ``on_metrics`` callback logging ``<prefix>/<key>`` to the active MLflow run (no-op without one)."""
+
+    def log(step: int, values: dict[str, float]) -> None:
+        if mlflow.active_run() is not None:
+            mlflow.log_metrics({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
+
+    return log
 
 
 @contextmanager

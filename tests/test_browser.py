@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from echoflow.audit import audit, build_index, build_report, calibrate, dcr_stats, write_report
-from echoflow.audit.synthetic import PatientSpace
-from echoflow.browser import find_chromium, render
+from echoflow.audit import build_index, build_report, calibrate, dcr_stats, decide_samples, write_report
+from tests.audit.synthetic import PatientSpace
+from tests.browser import find_chromium, render
 from tests.ef_videos import write_ef_videos
 from tests.test_summary import write_fake_summary
 
@@ -37,7 +37,7 @@ def small_audit_html(out: Path) -> Path:
     indexes = {s: build_index(x, kind="exact") for s, x in train.items()}
     calibration = calibrate(indexes, heldout)
     generated = np.concatenate([train["a"][:5], space.frames(space.patients(40, rng), 1, rng)[0]])
-    result = audit(generated, indexes, calibration.thresholds())
+    result = decide_samples(generated, indexes, calibration.thresholds())
     report = build_report(result, calibration, index_info={s: {"index": "exact", "ntotal": 400} for s in indexes},
                           dcr=dcr_stats(result.similarity, result.similarity - 0.1, n_train=800, n_heldout=60))
     pairs = [(rng.uniform(-1, 1, (1, 16, 16)), rng.uniform(-1, 1, (16, 16)), f"#{i} sim 0.99") for i in range(3)]

@@ -3,11 +3,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from echoflow.centralized import REID_TWINS, train_stage, with_twins
 from echoflow.config import load_config
 from echoflow.data.echonet import VideoRecord
 from echoflow.data.phantom import generate_cohort
 from echoflow.data.sites import SiteData, load_sites
+from echoflow.stages.data import REID_TWINS, with_twins
+from echoflow.study.centralized import train_stage
 
 
 def test_twins_are_more_visits_of_the_same_patient() -> None:

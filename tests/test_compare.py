@@ -4,7 +4,7 @@ import mlflow
 from typer.testing import CliRunner
 
 from echoflow.cli import app
-from echoflow.compare import compare_runs, find_runs
+from echoflow.runs import compare_runs, find_runs
 
 
 def log_pipeline(uri: str, *, dp: str, workdir: str, mae: float) -> None:

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from echoflow.cli import app
 from echoflow.data.echonet import read_avi, read_cohort
+from echoflow.data.export import SYNTHETIC_MARKER, export_dicom, export_echonet
 from echoflow.data.ingest import ingest_dicom
 from echoflow.data.phantom import write_site
 from echoflow.errors import EchoFlowError
-from echoflow.export import SYNTHETIC_MARKER, export_dicom, export_echonet
-from echoflow.generate import write_synthetic
+from echoflow.study.generate import write_synthetic
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 import numpy as np
 
-from echoflow.metrics import frechet_distance, regression
+from echoflow.study.evaluate import frechet_distance, regression
 
 
 def test_regression_perfect_and_shifted() -> None:

@@ -3,19 +3,22 @@ import json
 import os
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import mlflow
 from pytest import MonkeyPatch
 from typer.testing import CliRunner
 
-from echoflow.centralized import plain
+import echoflow.data.sites as sites
+import echoflow.stages.networks as networks
 from echoflow.cli import app
 from echoflow.cli.pipeline import with_pipeline
-from echoflow.config import load_config
-from echoflow.pipeline import GENERATIVE, run_pipeline, scaled_training
+from echoflow.config import load_config, plain
 from echoflow.server.checkpoint import load_latest
-from echoflow.stages import build_stage
+from echoflow.stages import GENERATIVE
+from echoflow.stages.objectives import build_stage
+from echoflow.study.run import run_pipeline, scaled_training
 from echoflow.tracking import start_run
 from tests.federation.processes import REPO, alive, descendants, process_pool, ray_processes
 
@@ -28,10 +31,19 @@ TINY = [
 ]
 
 
-def test_tiny_pipeline_end_to_end_then_resumes_without_redoing(tmp_path: Path) -> None:
+def test_tiny_pipeline_end_to_end_then_resumes_without_redoing(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
     cfg = load_config(with_pipeline([*TINY, f"workdir={tmp_path}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"]))
+    loaded, decoded = Counter[str](), Counter[tuple[Path, int]]()
+    read_weights, decode = networks.load_safetensors, sites.load_video
+    monkeypatch.setattr(networks, "load_safetensors", lambda path, data: loaded.update([path.parent.name])
+                        or read_weights(path, data))
+    monkeypatch.setattr(sites, "load_video", lambda path, *, size: decoded.update([(path, size)])
+                        or decode(path, size=size))
     with start_run(cfg, "pipeline") as run:
         summary = run_pipeline(cfg)
+    # every trained model is read once per run, every video decoded once per process (the sites run in Ray)
+    assert loaded == dict.fromkeys(["vae", "image_flow", "reid", "video_flow", "ef"], 1)
+    assert decoded and set(decoded.values()) == {1}
     for artifact in ("summary/summary.json", "summary/summary.html", "summary/summary.md", "summary/ef_scatter.png",
                      "summary/loss_curves.png", "audit/audit.json", "audit/audit.html", "audit/released/FileList.csv"):
         assert (tmp_path / artifact).is_file(), artifact

@@ -15,18 +15,18 @@ from torch import Tensor, nn
 import echoflow.audit.bounded_ivf
 import echoflow.audit.embed
 import echoflow.audit.index
-import echoflow.centralized
-import echoflow.generate
 import echoflow.progress
+import echoflow.stages.data
+import echoflow.study.generate
 from echoflow.audit.embed import embed_videos
 from echoflow.audit.index import build_index
-from echoflow.centralized import encode_sites
 from echoflow.data.sites import SiteData
-from echoflow.generate import animate_frames, decode_clips, sample_latent_frames
 from echoflow.models.reid import ReidEncoder
 from echoflow.models.vae import AdversarialVAE
 from echoflow.models.video_flow import LatentVideoFlow
 from echoflow.progress import progress_bar
+from echoflow.stages.data import encode_sites
+from echoflow.study.generate import animate_frames, decode_clips, sample_latent_frames
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def bars(monkeypatch: pytest.MonkeyPatch) -> list[Bar]:
         opened.append(bar)
         yield bar.steps.append
 
-    for module in (echoflow.generate, echoflow.centralized, echoflow.audit.embed, echoflow.audit.index,
+    for module in (echoflow.study.generate, echoflow.stages.data, echoflow.audit.embed, echoflow.audit.index,
                    echoflow.audit.bounded_ivf):
         monkeypatch.setattr(module, "progress_bar", record)
     return opened

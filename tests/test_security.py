@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from echoflow.audit.index import build_index, load_index
-from echoflow.centralized import load_network, save_network
+from echoflow.checkpoints import CHECKPOINT_MANIFEST, load_checkpoint, save_checkpoint
 from echoflow.config import load_config
 from echoflow.errors import EchoFlowError
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
-from echoflow.training import CHECKPOINT_MANIFEST, load_checkpoint, save_checkpoint
+from echoflow.stages.networks import save_network
+from echoflow.study.models import trained_network
 from tests.test_stages import TINY, trainer
 
 PACKAGE = Path(__file__).resolve().parents[1] / "echoflow"
@@ -154,10 +155,10 @@ def test_final_weights_are_verified_too(tmp_path: Path) -> None:
     cfg = load_config([*TINY, f"workdir={tmp_path}"])
     weights = tmp_path / "ef" / "model.safetensors"
     save_network(trainer("ef").averaged_model(), weights)
-    assert load_network("ef", cfg) is not None and (tmp_path / "ef" / "model.sha256").is_file()
+    assert trained_network(cfg, "ef") is not None and (tmp_path / "ef" / "model.sha256").is_file()
     flip_last_byte(weights)
     with pytest.raises(EchoFlowError, match=r"model.safetensors: sha256 differs from model.sha256"):
-        load_network("ef", cfg)
+        trained_network(cfg, "ef")
 
 
 def unsafe_loads(tree: ast.AST) -> list[str]:

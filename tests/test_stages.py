@@ -4,10 +4,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from echoflow.centralized import load_network, plain, save_network
-from echoflow.config import load_config
-from echoflow.stages import STAGES, build_stage
-from echoflow.training import Batch, TrainConfig, Trainer
+from echoflow.config import load_config, plain
+from echoflow.stages import STAGES
+from echoflow.stages.networks import save_network
+from echoflow.stages.objectives import build_stage
+from echoflow.stages.trainer import Batch, TrainConfig, Trainer
+from echoflow.study.models import trained_network
 
 TINY = [
     "model.vae.base_channels=8", "model.discriminator.base_channels=8", "model.image_flow.channels=[8,16]",
@@ -56,5 +58,5 @@ def test_saved_network_reloads_bit_identical(tmp_path: Path) -> None:
     net = trainer("ef").averaged_model()
     save_network(net, tmp_path / "ef" / "model.safetensors")
     clip = batch_for("ef")["clip"]
-    assert torch.equal(net.eval()(clip), load_network("ef", cfg)(clip))
+    assert torch.equal(net.eval()(clip), trained_network(cfg, "ef")(clip))
     assert OmegaConf.select(cfg, "model.ef.channels") == [4, 8, 8, 8]

@@ -9,8 +9,8 @@ from PIL import Image, ImageSequence
 
 from echoflow.errors import EchoFlowError
 from echoflow.figures import EF_RANGES, ef_previews, gif_bytes, pick_by_ef
-from echoflow.metrics import regression
-from echoflow.summary import write_summary
+from echoflow.study.evaluate import regression
+from echoflow.study.summary import write_summary
 from tests.ef_videos import write_ef_videos
 
 

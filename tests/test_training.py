@@ -3,7 +3,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from echoflow.training import Batch, TrainConfig, Trainer, random_batches
+from echoflow.stages.trainer import Batch, TrainConfig, Trainer, random_batches
 
 
 class ToyData(torch.utils.data.Dataset):
@@ -81,7 +81,7 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path: Path) -> None:
 def test_ema_forgets_the_initial_weights() -> None:
     from torch.optim.swa_utils import AveragedModel
 
-    from echoflow.training import ema_with_warmup
+    from echoflow.stages.trainer import ema_with_warmup
 
     net = nn.Linear(1, 1, bias=False)
     ema = AveragedModel(net, multi_avg_fn=ema_with_warmup(0.999))

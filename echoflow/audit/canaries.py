@@ -8,44 +8,12 @@ them out of any release.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from echoflow.data.intensity import TRANSFORMS
 from echoflow.errors import EchoFlowError
-
-
-def _shift(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Translate by 1-3 pixels in H and W; uncovered pixels black (-1)."""
-    dy, dx = (int(v) * int(rng.choice([-1, 1])) for v in rng.integers(1, 4, size=2))
-    out = np.full_like(x, -1.0)
-    h, w = x.shape[-2:]
-    out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[
-        ..., max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
-    ]
-    return out
-
-
-def _gain(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Intensity gain of ±10 % on [0, 1] intensities, clipped."""
-    gain = 1.0 + 0.1 * float(rng.choice([-1, 1]))
-    return np.clip(((x + 1.0) / 2.0) * gain, 0.0, 1.0) * 2.0 - 1.0
-
-
-def _speckle(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Re-speckle: multiplicative gamma noise (mean 1, std 0.1) on [0, 1] intensities."""
-    noise = rng.gamma(shape=100.0, scale=0.01, size=x.shape)
-    return np.clip(((x + 1.0) / 2.0) * noise, 0.0, 1.0) * 2.0 - 1.0
-
-
-TRANSFORMS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
-    "exact": lambda x, rng: x.copy(),
-    "shift": _shift,
-    "gain": _gain,
-    "speckle": _speckle,
-    "mirror": lambda x, rng: x[..., ::-1].copy(),
-}
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ class AuditResult:
         return np.flatnonzero(self.release)
 
 
-def audit(
+def decide_samples(
     generated: np.ndarray, sites: Mapping[str, SiteSearcher], thresholds: float | Mapping[str, float], *,
     timeout_s: float | None = None,
 ) -> AuditResult:

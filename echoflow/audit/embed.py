@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from echoflow.data.intensity import to_unit
 from echoflow.errors import EchoFlowError
 from echoflow.models.vae import AdversarialVAE
 from echoflow.progress import progress_bar
@@ -27,9 +28,9 @@ def embed(encoder: nn.Module, latents: Tensor, *, batch_size: int = 256) -> Tens
     return torch.cat([encoder(chunk) for chunk in latents.split(batch_size)])
 
 
-def to_unit(frames: np.ndarray) -> np.ndarray:
+def frame_batch(frames: np.ndarray) -> np.ndarray:
     """uint8 pixel frames (N, H, W) -> float32 model input (N, 1, H, W) in [-1, 1]."""
-    return (frames.astype(np.float32) / 127.5 - 1.0)[:, None]
+    return to_unit(frames).numpy()[:, None]
 
 
 @torch.no_grad()
@@ -94,7 +95,7 @@ def pick_frames(lengths: Sequence[int], *, every: int = 1, first_only: bool = Fa
 
 def video_frames(videos: Sequence[np.ndarray], video: np.ndarray, frame: np.ndarray) -> np.ndarray:
     """The picked frames of uint8 videos (T, H, W) as model input (N, 1, H, W) in [-1, 1]."""
-    return to_unit(np.stack([videos[v][f] for v, f in zip(video, frame, strict=True)]))
+    return frame_batch(np.stack([videos[v][f] for v, f in zip(video, frame, strict=True)]))
 
 
 @dataclass(frozen=True)
@@ -136,3 +137,18 @@ def embed_videos(
                                         batch_size=batch_size, quiet=True))
             advance(1)
     return Embedded(np.concatenate(vectors), FrameRefs(tuple(names), video, frame))
+
+
+@dataclass(frozen=True)
+class RealSite:
+    """One site's real data as the audit holds it (at the site in federated mode).
+
+    Attributes:
+        train: embeddings of its TRAIN frames (row = local sample id) and their video/frame.
+        heldout: (H, D) embeddings of its VAL + TEST frames (calibration).
+        videos: its TRAIN pixel videos (T, H, W) uint8, aligned with ``train.refs.videos`` (canaries, thumbnails).
+    """
+
+    train: Embedded
+    heldout: np.ndarray
+    videos: list[np.ndarray]

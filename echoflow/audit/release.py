@@ -14,16 +14,13 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from echoflow.audit.decide import AuditResult
+from echoflow.audit.embed import RealSite
 from echoflow.data.echonet import VideoRecord, load_video, read_cohort, write_filelist
 from echoflow.errors import EchoFlowError
-
-if TYPE_CHECKING:  # run.py builds RealSite and imports this module: a runtime import would be circular
-    from echoflow.audit.run import RealSite
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from torch import nn
 
 from echoflow.audit.calibrate import Calibration, calibrate
 from echoflow.audit.canaries import TRANSFORMS, CanaryPlan, plant_canaries
-from echoflow.audit.decide import AuditResult, audit
-from echoflow.audit.embed import Embedded, embed_pixels, embed_videos, pick_frames, to_unit, video_frames
+from echoflow.audit.decide import AuditResult, decide_samples
+from echoflow.audit.embed import RealSite, embed_pixels, embed_videos, frame_batch, pick_frames, video_frames
 from echoflow.audit.federated import (
     InProcessTransport,
     RemoteSite,
@@ -77,21 +77,6 @@ class AuditSettings:
         return cls(**values)
 
 
-@dataclass(frozen=True)
-class RealSite:
-    """One site's real data as the audit holds it (at the site in federated mode).
-
-    Attributes:
-        train: embeddings of its TRAIN frames (row = local sample id) and their video/frame.
-        heldout: (H, D) embeddings of its VAL + TEST frames (calibration).
-        videos: its TRAIN pixel videos (T, H, W) uint8, aligned with ``train.refs.videos`` (canaries, thumbnails).
-    """
-
-    train: Embedded
-    heldout: np.ndarray
-    videos: list[np.ndarray]
-
-
 def embed_sites(vae: AdversarialVAE, reid: nn.Module, train: Sequence[SiteData], heldout: Sequence[SiteData],
                 settings: AuditSettings) -> dict[str, RealSite]:
     """Embed every site's TRAIN frames (all, or first frames) and held-out frames (every ``settings.every``-th)."""
@@ -126,10 +111,10 @@ def ask_sites(sites: Mapping[str, SiteSearcher], calibration: Callable[[], Calib
     except Exception as error:  # whatever a site raised, nothing may be released
         uncalibrated = Calibration(settings.percentile, dict.fromkeys(sites, 1.0), 1.0, {}, np.zeros(0, np.float32))
         return uncalibrated, _failed(len(queries), list(sites), f"{type(error).__name__}: {error}")
-    return cal, audit(queries, sites, cal.thresholds(settings.scope), timeout_s=settings.timeout_s)
+    return cal, decide_samples(queries, sites, cal.thresholds(settings.scope), timeout_s=settings.timeout_s)
 
 
-def decide(real: Mapping[str, RealSite], queries: np.ndarray, settings: AuditSettings,
+def index_and_decide(real: Mapping[str, RealSite], queries: np.ndarray, settings: AuditSettings,
            index_dir: Path) -> tuple[Calibration, AuditResult, dict[str, dict[str, Any]]]:
     """Index each site (saved as ``<index_dir>/<site>/``), then calibrate and decide, locally or federated."""
     folders, auditors = {}, {}
@@ -187,7 +172,7 @@ def canary_pool(real: Mapping[str, RealSite], n: int, *, seed: int) -> np.ndarra
         refs = real[name].train.refs
         frames.append(real[name].videos[int(refs.video[row])][int(refs.frame[row])])
     size = next(iter(real.values())).videos[0].shape[1:]
-    return to_unit(np.stack(frames)) if frames else np.zeros((0, 1, *size), np.float32)
+    return frame_batch(np.stack(frames)) if frames else np.zeros((0, 1, *size), np.float32)
 
 
 def run_audit(*, vae: AdversarialVAE, reid: nn.Module, train: Sequence[SiteData], heldout: Sequence[SiteData],
@@ -218,7 +203,7 @@ def run_audit(*, vae: AdversarialVAE, reid: nn.Module, train: Sequence[SiteData]
                                      n=settings.canaries, transforms=settings.transforms, seed=settings.seed)
         queries = embed_pixels(vae, reid, mixed)
         advance(1)
-        calibration, result, info = decide(real, queries, settings, index_dir)
+        calibration, result, info = index_and_decide(real, queries, settings, index_dir)
         advance(1)
         genuine = plan.generated_mask()
         decisions = decide_videos(replace(result, **{k: getattr(result, k)[genuine] for k in
@@ -253,7 +238,7 @@ def _pairs(result: AuditResult, genuine: np.ndarray, mixed: np.ndarray, real: Ma
     for row in np.argsort(-margin)[: min(n, int(genuine.sum()))]:
         site, real_id = str(result.site[row]), int(result.real_id[row])
         refs = real[site].train.refs
-        real_frame = to_unit(real[site].videos[int(refs.video[real_id])][None, int(refs.frame[real_id])])[0]
+        real_frame = frame_batch(real[site].videos[int(refs.video[real_id])][None, int(refs.frame[real_id])])[0]
         verdict = "released" if result.release[row] else "withheld"
         pairs.append((mixed[row], real_frame, f"#{row} {verdict}: {site} sim {result.similarity[row]:.3f}"))
     return pairs

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
 
 import typer
 
 from echoflow.audit.decide import AuditFailedError
 from echoflow.audit.report import log_to_mlflow
-from echoflow.audit.run import AuditSettings, run_audit
-from echoflow.centralized import load_network, load_split, plain
 from echoflow.cli.common import OVERRIDES, apply_runtime
 from echoflow.config import load_config
-from echoflow.models.vae import AdversarialVAE
+from echoflow.study.models import Cohort, Models
+from echoflow.study.run import audit_settings, audit_videos
 from echoflow.tracking import start_run
 
 audit_app = typer.Typer(help="Privacy audit of generated samples before release.", no_args_is_help=True)
@@ -35,17 +33,9 @@ def run(
     """
     cfg = load_config(overrides)
     apply_runtime(cfg)
-    settings = AuditSettings.from_config(cast(dict, plain(cfg.audit)))
-    vae = load_network("vae", cfg)
-    if not isinstance(vae, AdversarialVAE):
-        raise TypeError("the vae stage must build an AdversarialVAE")
-    reid = load_network("reid", cfg)
     target = out or Path(cfg.workdir) / "audit" / generated.resolve().name
     with start_run(cfg, "audit"):
-        outcome = run_audit(vae=vae, reid=reid, train=load_split(cfg, ["TRAIN"]),
-                            heldout=load_split(cfg, ["VAL", "TEST"]), generated_dir=generated, out=target,
-                            index_dir=Path(cfg.workdir) / "audit" / "indexes",
-                            settings=settings)
+        outcome = audit_videos(cfg, Models.load(cfg), Cohort.of(cfg), generated, target)
         log_to_mlflow(outcome.report, outcome.paths)
     counts = outcome.report["counts"]
     if outcome.result.failed:
@@ -53,6 +43,6 @@ def run(
         raise AuditFailedError(f"{target / 'audit.json'}: audit failed, nothing released ({reasons})")
     typer.echo(f"{len(outcome.released)}/{len(outcome.decisions)} videos released to {target / 'released'} "
                f"({counts['withheld']} of {counts['generated']} audited frames withheld); report {outcome.paths[1]}")
-    if settings.canaries:
+    if audit_settings(cfg).canaries:
         caught, planted = outcome.report["canaries"]["all"]["caught"], outcome.report["canaries"]["all"]["planted"]
         typer.echo(f"canaries caught: {caught}/{planted}")

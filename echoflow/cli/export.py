@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from echoflow.export import ExportResult
+    from echoflow.data.export import ExportResult
 
 export_app = typer.Typer(help="Export a released dataset folder (EchoNet layout) for other tools.",
                          no_args_is_help=True)
@@ -28,7 +28,7 @@ def echonet(
     out: Annotated[Path, typer.Option("--out", help="Output folder for EchoNet-Dynamic's own loader.")],
 ) -> None:
     """EchoNet-Dynamic layout their `echonet.datasets.Echo` loads unchanged (placeholder tracings: EF only)."""
-    from echoflow.export import export_echonet
+    from echoflow.data.export import export_echonet
 
     _print(export_echonet(src, out), "videos", out)
 
@@ -39,6 +39,6 @@ def dicom(
     out: Annotated[Path, typer.Option("--out", help="Output folder, one .dcm per video.")],
 ) -> None:
     """Ultrasound Multi-frame DICOM (MONOCHROME2, 8-bit), marked synthetic, fresh UIDs, EF in ImageComments."""
-    from echoflow.export import export_dicom
+    from echoflow.data.export import export_dicom
 
     _print(export_dicom(src, out), "DICOM files", out)

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from echoflow.cli.common import MULTIRUN, OVERRIDES, apply_runtime, sweep
 from echoflow.config import load_config
-from echoflow.pipeline import run_pipeline
+from echoflow.study.run import run_pipeline
 from echoflow.tracking import start_run
 
 

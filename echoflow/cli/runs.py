@@ -7,8 +7,8 @@ from rich.console import Console
 from rich.table import Table
 
 from echoflow.cli.common import OVERRIDES
-from echoflow.compare import HEADLINE, compare_runs, find_runs
 from echoflow.config import load_config
+from echoflow.runs import HEADLINE, compare_runs, find_runs
 
 runs_app = typer.Typer(help="Compare finished runs (MLflow) side by side.", no_args_is_help=True)
 

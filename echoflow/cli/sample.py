@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
 
-import numpy as np
 import torch
 import typer
 
-from echoflow.centralized import load_network
 from echoflow.cli.common import OVERRIDES, apply_runtime
 from echoflow.config import load_config
-from echoflow.generate import animate_frames, decode_clips, sample_latent_frames, to_uint8, write_synthetic
-from echoflow.models.vae import AdversarialVAE
+from echoflow.study.generate import Sampling, generate_videos, write_synthetic
+from echoflow.study.models import Models
 
 
 def sample(
@@ -31,17 +28,7 @@ def sample(
     """
     cfg = load_config(overrides)
     apply_runtime(cfg)
-    vae = cast(AdversarialVAE, load_network("vae", cfg))
-    s = cfg.train.sampling
-    generator = torch.Generator().manual_seed(cfg.seed)
-    latent_size = cfg.data.size // (vae.downsample)
-    first = sample_latent_frames(load_network("image_flow", cfg), n, shape=(vae.latent_channels, latent_size,
-                                 latent_size), steps=s.steps, method=s.method,
-                                 target=cfg.train.image_flow.loss.target, generator=generator)
-    ef = torch.linspace(ef_min, ef_max, n)
-    latents = animate_frames(load_network("video_flow", cfg), first, ef, frames=frames,
-                             window=cfg.data.clip_frames, steps=s.steps, method=s.method,
-                             target=cfg.train.video_flow.loss.target, guidance=s.guidance, generator=generator)
-    videos = to_uint8(decode_clips(vae, latents))
-    write_synthetic(out, videos, np.asarray(ef), fps=cfg.data.clip_fps)
+    out_videos = generate_videos(Models.load(cfg), n, lambda count, _: torch.linspace(ef_min, ef_max, count),
+                                 Sampling.of(cfg, frames=frames), generator=torch.Generator().manual_seed(cfg.seed))
+    write_synthetic(out, out_videos.videos, out_videos.ef, fps=cfg.data.clip_fps)
     typer.echo(f"wrote {n} synthetic videos to {out} (unaudited)")

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from echoflow.cli.common import MULTIRUN, OVERRIDES, sweep
 from echoflow.config import load_config
 from echoflow.errors import EchoFlowError
-from echoflow.federation import federate, run_config, run_config_toml, stages_of
-from echoflow.federation.pipeline import stage_folders
+from echoflow.federation.config import run_config, run_config_toml
+from echoflow.federation.federate import federate, stage_folders, stages_of
 from echoflow.tracking import start_run
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from echoflow.centralized import train_stages
 from echoflow.cli.common import OVERRIDES, QUIET, apply_runtime
 from echoflow.config import load_config
 from echoflow.stages import STAGES
+from echoflow.study.centralized import train_stages
+from echoflow.study.models import Cohort
 from echoflow.tracking import start_run
 
 
@@ -27,5 +28,5 @@ def train(
     cfg = load_config(overrides)
     apply_runtime(cfg)
     with start_run(cfg, f"train-{stage}"):
-        for name in train_stages(cfg, names, quiet=quiet):
+        for name in train_stages(cfg, names, Cohort.of(cfg), quiet=quiet):
             typer.echo(f"{name}: trained; weights in {cfg.workdir}/{name}/model.safetensors")

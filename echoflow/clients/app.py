@@ -27,34 +27,21 @@ from echoflow.clients.faults import inject_faults
 from echoflow.clients.secagg import secagg_mod
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import evaluate, latent_moments, train_round
+from echoflow.federation.protocol import LATENT_STATS, PROXIMAL_MU, ROLL_CALL, SERVER_ROUND, message_run_config
 
 LEDGER_KEY = "privacy-ledger"
 LEDGER_FILE = "privacy_ledger.json"
-LATENT_STATS = "latent_stats"  #: query action: moments of the global VAE's latents on the site's frames
-ROLL_CALL = "roll_call"  #: query action: the site names its index (the server maps node ids to sites)
-RUN_CONFIG = "run-config"  #: key of the server's run config (JSON) in a message's ``config`` record
 
 
-def run_config_record(run_config: Mapping[str, Any]) -> ConfigRecord:
-    """The ``config`` record our ServerApp sends with every message: the stage's whole run config, as JSON."""
-    return ConfigRecord({RUN_CONFIG: json.dumps(dict(run_config))})
-
-
-def message_run_config(msg: Message) -> dict[str, Any]:
-    """The run config a message carries (empty when its sender sent none)."""
-    records = msg.content.config_records
-    if "config" not in records or RUN_CONFIG not in records["config"]:
-        return {}
-    return dict(json.loads(str(records["config"][RUN_CONFIG])))
-
-
-def make_client_app(defaults: Mapping[str, Any] | None = None, *,
+def make_client_app(defaults: Mapping[str, Any] | None = None, *, faults: bool = False,
                     site_config: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose run config is ``defaults`` overridden by ``context.run_config``.
 
-    ``site_config``: node-config entries every site of a simulation holds as its own (its DP policy and
-    ``state-dir``, `echoflow.clients.policy`); ``context.node_config`` overrides them. They are baked into the
-    app the launcher builds, never read from a message.
+    ``faults``: install the fault-injection mod (`echoflow.clients.faults`), for test and soak simulations that
+    plan faults; the deployed ``app`` never has it. ``site_config``: node-config entries every site of a
+    simulation holds as its own (its DP policy and ``state-dir``, `echoflow.clients.policy`);
+    ``context.node_config`` overrides them. They are baked into the app the launcher builds, never read from a
+    message.
     """
     base = dict(defaults or {})
     own = dict(site_config or {})
@@ -62,7 +49,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
     def run_config_of(msg: Message, context: Context) -> dict[str, Any]:
         return {**base, **context.run_config, **message_run_config(msg)}
 
-    app = ClientApp(mods=[inject_faults(run_config_of)])  # inert unless the run config plans faults (tests)
+    app = ClientApp(mods=[inject_faults(run_config_of)] if faults else [])
 
     def settings_of(msg: Message, context: Context) -> ClientSettings:
         torch.set_num_threads(1)  # one core per simulated site; sites run side by side
@@ -74,8 +61,8 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *,
         arrays = msg.content.array_records["arrays"].to_torch_state_dict()
         config = msg.content.config_records["config"]
         result, ledger = train_round(
-            settings, arrays, server_round=int(str(config["server-round"])), ledger=load_ledger(settings, context),
-            proximal_mu=float(str(config.get("proximal-mu", 0.0))),
+            settings, arrays, server_round=int(str(config[SERVER_ROUND])), ledger=load_ledger(settings, context),
+            proximal_mu=float(str(config.get(PROXIMAL_MU, 0.0))),
         )
         if ledger is not None:
             save_ledger(settings, context, ledger)

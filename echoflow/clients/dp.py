@@ -52,7 +52,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset, default_collate
 from echoflow.clients.dp_engine import FastDPOptimizer, FastGradSampleModule
 from echoflow.data.sites import ClipDataset, FrameDataset, PatientPairDataset
 from echoflow.errors import EchoFlowError
-from echoflow.training import Batch, Stage, Trainer
+from echoflow.stages.trainer import Batch, Stage, Trainer
 
 #: σ is searched in [SIGMA_MIN, SIGMA_MAX]; a stage needing more noise than SIGMA_MAX has no usable budget.
 SIGMA_MIN, SIGMA_MAX = 0.05, 1e4

@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, Context, Message
 from torch import Tensor
 
 from echoflow.errors import EchoFlowError
+from echoflow.federation.protocol import SERVER_ROUND
 
 FAULT_PLAN = "fault-plan"  #: run-config key holding the plan (JSON)
 FAULT_SCALE = "fault-scale"  #: run-config key: factor of a ``scale`` fault
@@ -43,7 +44,7 @@ def inject_faults(run_config_of: Callable[[Message, Context], Mapping[str, Any]]
         if not plan:
             return call_next(msg, context)
         site = int(str(context.node_config.get("site-id", context.node_config.get("partition-id", -1))))
-        server_round = int(str(msg.content.config_records["config"]["server-round"]))
+        server_round = int(str(msg.content.config_records["config"][SERVER_ROUND]))
         kind = fault_at(plan, site, server_round)
         if kind in ("crash", "drop"):
             raise EchoFlowError(f"site {site}: injected {kind} in round {server_round}")

@@ -21,8 +21,7 @@ from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, pa
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-#: FitIns config key: the names of the global arrays, in the order of the legacy parameter list.
-ARRAY_KEYS = "array-keys"
+from echoflow.federation.protocol import ARRAY_KEYS
 
 ClientAppCallable = Callable[[Message, Context], Message]
 

@@ -20,15 +20,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from echoflow.clients.dp import PrivacyLedger, make_private, patient_groups, poisson_batches
 from echoflow.clients.policy import PolicyRefusal, secret_generator
 from echoflow.clients.settings import ClientSettings
-from echoflow.clients.task import group_arrays, load_group_arrays, load_task
 from echoflow.errors import EchoFlowError
+from echoflow.federation.task import group_arrays, load_group_arrays, load_task
 from echoflow.models.vae import AdversarialVAE
-from echoflow.training import Batch, Stage, TrainConfig, Trainer, random_batches, set_step_seed
+from echoflow.stages.trainer import Batch, Stage, TrainConfig, Trainer, random_batches, set_step_seed
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +158,11 @@ def mean_loss(stage: Stage, dataset: Dataset[Batch], *, batch_size: int, seed: i
     for net in nets:
         net.eval()
     total, count = 0.0, 0
+    n = len(dataset)  # type: ignore[arg-type]
     with torch.no_grad():
-        for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size)):
-            set_step_seed(seed, i)
+        for i, start in enumerate(range(0, n, batch_size)):
+            set_step_seed(seed, i)  # before the items are drawn: random clip starts or pairs are seeded too
+            batch = default_collate([dataset[j] for j in range(start, min(start + batch_size, n))])
             loss, _ = stage.loss("model", batch, step=0)
             size = len(next(iter(batch.values())))
             total, count = total + float(loss) * size, count + size

@@ -17,9 +17,14 @@ import torch
 from torch.utils.data import Dataset
 
 from echoflow.data.echonet import VideoRecord, load_video, read_cohort
+from echoflow.data.intensity import to_unit
 from echoflow.errors import EchoFlowError
 
 Item = dict[str, torch.Tensor]
+
+
+Decoded = dict[tuple[Path, int], np.ndarray]
+"""Videos decoded in this process, by (file, size): see `load_sites`."""
 
 
 @dataclass
@@ -46,15 +51,20 @@ class SiteData:
     problems: list[str] = field(default_factory=list)
 
 
-def load_site(root: Path, *, size: int, splits: Sequence[str] = ("TRAIN",), require_ef: bool = True) -> SiteData:
+def load_site(root: Path, *, size: int, splits: Sequence[str] = ("TRAIN",), require_ef: bool = True,
+              decoded: Decoded | None = None) -> SiteData:
     """Decode the videos of ``splits`` in ``root`` to (T, size, size) uint8; bad rows/videos become problems."""
-    return load_sites([root], size=size, splits=splits, require_ef=require_ef)[0]
+    return load_sites([root], size=size, splits=splits, require_ef=require_ef, decoded=decoded)[0]
 
 
 def load_sites(
-    roots: Sequence[Path], *, size: int, splits: Sequence[str] = ("TRAIN",), require_ef: bool = True
+    roots: Sequence[Path], *, size: int, splits: Sequence[str] = ("TRAIN",), require_ef: bool = True,
+    decoded: Decoded | None = None,
 ) -> list[SiteData]:
     """Load several site folders with one global ``patient_index`` and global video numbering.
+
+    ``decoded``: videos already decoded by this process, ``(path, size) -> pixels``; loads through the same
+    mapping decode each video once (the pipeline loads the TRAIN split for several steps).
 
     Raises:
         EchoFlowError: a folder is no dataset, or holds no decodable video in ``splits``.
@@ -70,7 +80,7 @@ def load_sites(
             if record.split not in wanted:
                 continue
             try:
-                site.videos.append(load_video(record.path, size=size))
+                site.videos.append(_decode(record.path, size, decoded))
             except EchoFlowError as err:
                 site.problems.append(str(err))
                 continue
@@ -91,8 +101,16 @@ def _to_unit(frames: np.ndarray) -> torch.Tensor:
     """
     tensor = torch.from_numpy(np.ascontiguousarray(frames))
     if frames.dtype == np.uint8:
-        return (tensor.float() / 127.5 - 1.0).unsqueeze(0)
+        return to_unit(tensor).unsqueeze(0)
     return tensor.movedim(-3, 0)
+
+
+def _decode(path: Path, size: int, decoded: Decoded | None) -> np.ndarray:
+    if decoded is None:
+        return load_video(path, size=size)
+    if (path, size) not in decoded:
+        decoded[path, size] = load_video(path, size=size)
+    return decoded[path, size]
 
 
 class _Videos:

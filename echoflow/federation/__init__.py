@@ -1,8 +1,7 @@
-"""Running a federation: sites on Flower's simulation engine (Ray, local or cluster), stage sequencing."""
+"""Running a federation: the shared protocol and task contract, Hydra config -> run config, simulation on Ray.
 
-from echoflow.federation.config import run_config, run_config_toml, simulation_config
-from echoflow.federation.pipeline import STAGE_ORDER, federate, stages_of
-from echoflow.federation.simulation import SimulationConfig, simulate
-
-__all__ = ["STAGE_ORDER", "SimulationConfig", "federate", "run_config", "run_config_toml", "simulate",
-           "simulation_config", "stages_of"]
+- `protocol`: message actions and keys both `echoflow.clients` and `echoflow.server` use (they never import each
+  other); `task`: the `SiteTask` contract and the weights' wire naming.
+- `config`: the Hydra config as Flower run config; `simulation`: sites on Flower's simulation engine (Ray, local
+  or cluster); `federate`: one stage or the stages in pipeline order; `echo_task`: the EchoFlow stages as a site task.
+"""

@@ -2,7 +2,8 @@
 
 Latent stages (image_flow, reid, video_flow) encode the site's videos with the GLOBAL VAE of the federated
 ``vae`` stage (``config["stage_checkpoints"]["vae"]``), at the site: latents never leave it. Decoded (and
-encoded) site data is cached per process, since every round asks for the same data again. A site without
+encoded) site data is cached per process, since every round asks for the same data again, and each video is
+decoded once per process whatever the stage. A site without
 VAL videos trains as usual and gets an empty validation set, so federated evaluation skips it.
 """
 
@@ -16,18 +17,23 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from echoflow.centralized import LATENT_STAGES, encode_sites, plain, stage_dataset, stage_sites
-from echoflow.data.sites import SiteData, load_site
+from echoflow.checkpoints import latest_round
+from echoflow.config import plain
+from echoflow.data.sites import Decoded, SiteData, load_site
 from echoflow.errors import EchoFlowError
 from echoflow.models.vae import AdversarialVAE
-from echoflow.server.checkpoint import latest_round
-from echoflow.stages import build_network, build_stage
-from echoflow.training import Batch, Stage, load_checkpoint
+from echoflow.stages import LATENT_STAGES
+from echoflow.stages.data import encode_sites, stage_dataset, stage_sites
+from echoflow.stages.networks import global_network
+from echoflow.stages.objectives import build_stage
+from echoflow.stages.trainer import Batch, Stage
 
 log = logging.getLogger(__name__)
+
+_DECODED: Decoded = {}
+"""This process's decoded videos: every stage of a site reads the same split again."""
 
 
 class EchoTask:
@@ -58,27 +64,20 @@ def _site_data(name: str, site_dir: str, config_json: str) -> tuple[Dataset[Batc
     cfg = _cfg(json.loads(config_json))
     vae = global_vae(cfg) if name in LATENT_STAGES else None
 
+    clip = {"clip_frames": cfg.data.clip_frames, "clip_fps": cfg.data.clip_fps}
+
     def dataset(site: SiteData, *, training: bool) -> Dataset[Batch]:
         if training:  # re-id trains on the site's videos plus their transformed twins
-            return stage_dataset(name, stage_sites(name, [site], vae, seed=cfg.seed), cfg)
-        return stage_dataset(name, encode_sites(vae, [site]) if vae is not None else [site], cfg)
+            return stage_dataset(name, stage_sites(name, [site], vae, seed=cfg.seed), **clip)
+        return stage_dataset(name, encode_sites(vae, [site]) if vae is not None else [site], **clip)
 
-    train = dataset(load_site(Path(site_dir), size=cfg.data.size, splits=["TRAIN"]), training=True)
+    train = dataset(load_site(Path(site_dir), size=cfg.data.size, splits=["TRAIN"], decoded=_DECODED), training=True)
     try:
-        val = dataset(load_site(Path(site_dir), size=cfg.data.size, splits=["VAL"]), training=False)
+        val = dataset(load_site(Path(site_dir), size=cfg.data.size, splits=["VAL"], decoded=_DECODED), training=False)
     except EchoFlowError as err:  # no (usable) VAL videos: the site trains but is not evaluated
         log.warning("%s: no validation set for %s, evaluation skips this site (%s)", site_dir, name, err)
         val = Subset(train, [])
     return train, val
-
-
-def global_network(stage: str, model: Mapping[str, Any], round_folder: Path) -> nn.Module:
-    """Stage ``stage``'s network (``model`` config) with the global ``model`` weights of a round checkpoint."""
-    tensors, _ = load_checkpoint(round_folder)
-    prefix = "global/model."
-    net = build_network(stage, model)
-    net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    return net
 
 
 def global_vae(cfg: DictConfig) -> AdversarialVAE:

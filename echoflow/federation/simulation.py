@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from echoflow.clients.app import make_client_app
+from echoflow.clients.faults import FAULT_PLAN
 from echoflow.errors import EchoFlowError
 from echoflow.server.app import make_server_app
 from echoflow.server.checkpoint import FederationState, load_latest
@@ -82,9 +83,10 @@ def simulate_stages(run_configs: Sequence[Mapping[str, Any]], sim: SimulationCon
     level = flwr_logger.level
     flwr_logger.setLevel(logging.INFO if sim.verbose else logging.WARNING)
     flwr_logger.addFilter(_no_deprecation_notice)
+    faults = any(FAULT_PLAN in run_config for run_config in run_configs)  # test and soak runs only
     try:
         run_simulation(
-            server_app=make_server_app(run_configs), client_app=make_client_app(site_config=site_config),
+            server_app=make_server_app(run_configs), client_app=make_client_app(faults=faults, site_config=site_config),
             num_supernodes=sim.sites, backend_config=backend_config,
         )
     finally:

@@ -20,7 +20,7 @@ def _fold(x: Tensor, patch: int, shuffle: Callable[[Tensor, int], Tensor]) -> Te
     return shuffle(x, patch)
 
 
-class Stage(nn.Module):
+class UNetLevel(nn.Module):
     """Residual blocks at one resolution, each optionally followed by attention."""
 
     def __init__(
@@ -83,7 +83,7 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: {len(attention)} attention flags for {len(channels)} levels")
         self.patch = patch
         self.conv_in = conv(in_channels * patch**2, channels[0], video=video)
-        stage = partial(Stage, blocks=blocks, emb_dim=emb_dim, heads=heads, video=video)
+        stage = partial(UNetLevel, blocks=blocks, emb_dim=emb_dim, heads=heads, video=video)
         self.down = nn.ModuleList(
             stage(channels[max(i - 1, 0)], c, attention=attn)
             for i, (c, attn) in enumerate(zip(channels, attention, strict=True))

@@ -6,7 +6,6 @@ leaves the previous round resumable. The two newest rounds are kept.
 
 from __future__ import annotations
 
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
-from echoflow.errors import EchoFlowError
-from echoflow.training import load_checkpoint, save_checkpoint
+from echoflow.checkpoints import LATEST, latest_round, load_checkpoint, save_checkpoint
 
-LATEST = "LATEST"
 KEEP = 2
 
 
@@ -70,20 +67,6 @@ def save_round(directory: Path, state: FederationState) -> Path:
     pointer.replace(directory / LATEST)
     for old in sorted(directory.glob("round_*"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def latest_round(directory: Path) -> Path | None:
-    """The folder of the newest complete round in ``directory``, or None when there is none."""
-    pointer = directory / LATEST
-    if not pointer.exists():
-        return None
-    name = pointer.read_text().strip()
-    if not re.fullmatch(r"round_\d{4,}", name):  # a pointer must not lead out of the checkpoint folder
-        raise EchoFlowError(f"{pointer}: expected a round folder name, got {name[:40]!r}")
-    folder = directory / name
-    if not folder.is_dir():
-        raise EchoFlowError(f"{pointer}: points at missing {folder.name}")
     return folder
 
 

@@ -15,8 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from torch import Tensor
 
-from echoflow.clients.app import LATENT_STATS
 from echoflow.errors import EchoFlowError
+from echoflow.federation.protocol import LATENT_STATS
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def federated_latent_scale(
 ) -> float:
     """Ask every connected site for its latent moments under ``arrays``; returns 1 / pooled std.
 
-    ``config`` is the stage's run config record (`echoflow.clients.app.run_config_record`).
+    ``config`` is the stage's run config record (`echoflow.federation.protocol.run_config_record`).
 
     Raises:
         EchoFlowError: when no site answers.

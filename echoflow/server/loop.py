@@ -21,9 +21,9 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from echoflow.clients.app import run_config_record
-from echoflow.clients.task import group_arrays, load_task
 from echoflow.errors import EchoFlowError
+from echoflow.federation.protocol import run_config_record
+from echoflow.federation.task import group_arrays, load_task
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
 from echoflow.server.gather import Training, gather_cyclic_training, gather_evaluation, gather_training
 from echoflow.server.latent_scale import federated_latent_scale

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from echoflow.clients.app import ROLL_CALL
 from echoflow.errors import EchoFlowError
+from echoflow.federation.protocol import ROLL_CALL
 from echoflow.server.screening import site_order
 
 log = logging.getLogger(__name__)

@@ -52,8 +52,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
-from echoflow.clients.secagg import ARRAY_KEYS
 from echoflow.errors import EchoFlowError
+from echoflow.federation.protocol import ARRAY_KEYS
 from echoflow.server.gather import Training, sample_training
 from echoflow.server.roster import Roster, require_quorum
 from echoflow.server.settings import ServerSettings

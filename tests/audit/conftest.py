@@ -6,7 +6,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from echoflow.audit import build_index, calibrate
-from echoflow.audit.synthetic import PatientSpace
+from tests.audit.synthetic import PatientSpace
 
 faiss.omp_set_num_threads(1)
 threadpool_limits(1)

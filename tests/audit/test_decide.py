@@ -3,8 +3,8 @@ import time
 import numpy as np
 import pytest
 
-from echoflow.audit import AuditFailedError, Neighbours, audit
-from echoflow.audit.synthetic import near_copies
+from echoflow.audit import AuditFailedError, Neighbours, decide_samples
+from tests.audit.synthetic import near_copies
 
 
 def test_planted_copies_withheld_and_fresh_released(cohort: dict) -> None:
@@ -13,7 +13,7 @@ def test_planted_copies_withheld_and_fresh_released(cohort: dict) -> None:
     exact = cohort["train"]["a"][rng.choice(len(cohort["train"]["a"]), 20, replace=False)]
     noisy, src = near_copies(cohort["train"]["b"], 20, noise=0.005, rng=rng)
     generated = np.concatenate([exact, noisy, cohort["fresh"]])
-    result = audit(generated, cohort["indexes"], tau)
+    result = decide_samples(generated, cohort["indexes"], tau)
     assert not result.release[:40].any()  # every copy withheld
     assert (result.site[:20] == "a").all() and (result.site[20:40] == "b").all()
     np.testing.assert_array_equal(result.real_id[20:40], src)
@@ -23,7 +23,7 @@ def test_planted_copies_withheld_and_fresh_released(cohort: dict) -> None:
 
 
 def test_site_thresholds_are_used_per_site(cohort: dict) -> None:
-    result = audit(cohort["fresh"], cohort["indexes"], {"a": 2.0, "b": -2.0})
+    result = decide_samples(cohort["fresh"], cohort["indexes"], {"a": 2.0, "b": -2.0})
     assert not result.release.any() and (result.site == "b").all()
 
 
@@ -41,7 +41,7 @@ class _Slow:
 @pytest.mark.parametrize("bad", [_Broken(), _Slow()])
 def test_a_failing_site_fails_the_audit_closed(cohort: dict, bad: object) -> None:
     sites = dict(cohort["indexes"]) | {"c": bad}
-    result = audit(cohort["fresh"], sites, 0.99, timeout_s=0.5)
+    result = decide_samples(cohort["fresh"], sites, 0.99, timeout_s=0.5)
     assert result.failed and list(result.failures) == ["c"]
     assert not result.release.any()
     with pytest.raises(AuditFailedError, match="c"):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from echoflow.audit.embed import embed, embed_pixels, embed_videos, pick_frames, to_unit
+from echoflow.audit.embed import embed, embed_pixels, embed_videos, frame_batch, pick_frames
 from echoflow.errors import EchoFlowError
 from echoflow.models.reid import ReidEncoder
 from echoflow.models.vae import AdversarialVAE
@@ -36,9 +36,9 @@ def test_embed_videos_provenance_and_same_path(nets: tuple[AdversarialVAE, ReidE
     assert got.vectors.shape == (5, 16) and got.vectors.dtype == np.float32
     assert [got.refs.name(i) for i in range(5)] == [("a", 0), ("a", 2), ("a", 4), ("b", 0), ("b", 2)]
     # row 4 is video b frame 2, embedded the same way as a lone pixel frame or its latent
-    alone = embed_pixels(vae, reid, to_unit(videos[1][2:3]))
+    alone = embed_pixels(vae, reid, frame_batch(videos[1][2:3]))
     np.testing.assert_allclose(got.vectors[4], alone[0], atol=1e-5)
-    latent = vae.encode_latent(torch.from_numpy(to_unit(videos[1][2:3])))
+    latent = vae.encode_latent(torch.from_numpy(frame_batch(videos[1][2:3])))
     np.testing.assert_allclose(embed(reid, latent).numpy()[0], alone[0], atol=1e-5)
     assert not np.allclose(got.vectors[0], got.vectors[3], atol=1e-3)  # different frames differ
     first = embed_videos(vae, reid, videos, ["a", "b"], first_only=True)

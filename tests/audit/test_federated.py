@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flwr.app import RecordDict
 
-from echoflow.audit import audit, build_index, calibrate
+from echoflow.audit import build_index, calibrate, decide_samples
 from echoflow.audit.federated import InProcessTransport, RemoteSite, SiteAuditor, remote_calibration, serve_simulation
-from echoflow.audit.synthetic import PatientSpace, near_copies
 from echoflow.errors import EchoFlowError
+from tests.audit.synthetic import PatientSpace, near_copies
 
 DIM, TRAIN_ROWS = 24, 240
 
@@ -51,7 +51,7 @@ def test_only_decisions_leave_a_site(sites: dict) -> None:
     transport = Recording(InProcessTransport.of_folders(sites["folders"]))
     remote = {n: RemoteSite(n, transport) for n in sites["folders"]}
     cal = remote_calibration(list(remote.values()), percentile=95.0)
-    result = audit(sites["queries"], remote, cal.thresholds())
+    result = decide_samples(sites["queries"], remote, cal.thresholds())
     assert not result.release[:10].any() and set(result.site[:10]) == {"site_b"}
     np.testing.assert_array_equal(result.real_id[:10], sites["copied"])
     assert result.release[10:].mean() >= 0.8
@@ -72,7 +72,7 @@ def test_matches_the_local_audit(sites: dict) -> None:
     local = {n: SiteAuditor.load(f).index for n, f in sites["folders"].items()}
     remote = {n: RemoteSite(n, InProcessTransport.of_folders(sites["folders"])) for n in sites["folders"]}
     tau = {n: 0.99 for n in local}
-    a, b = audit(sites["queries"], local, tau), audit(sites["queries"], remote, tau)
+    a, b = decide_samples(sites["queries"], local, tau), decide_samples(sites["queries"], remote, tau)
     np.testing.assert_array_equal(a.release, b.release)
     withheld = ~a.release
     assert withheld.sum() >= 10  # the copies: only there do the similarity and the real id leave a site
@@ -87,7 +87,7 @@ def test_matches_the_local_audit(sites: dict) -> None:
 def test_a_broken_site_fails_the_audit_closed(sites: dict, tmp_path: Path) -> None:
     folders = dict(sites["folders"]) | {"site_c": tmp_path / "site_c"}  # never prepared: its handler raises
     remote = {n: RemoteSite(n, InProcessTransport.of_folders(folders)) for n in folders}
-    result = audit(sites["queries"], remote, 0.99)
+    result = decide_samples(sites["queries"], remote, 0.99)
     assert result.failed and set(result.failures) == {"site_c"} and not result.release.any()
     with pytest.raises(EchoFlowError, match="site_c"):
         remote_calibration(list(remote.values()), percentile=95.0)
@@ -97,7 +97,7 @@ def test_a_broken_site_fails_the_audit_closed(sites: dict, tmp_path: Path) -> No
 def test_flower_simulation(sites: dict) -> None:
     def job(transport: object) -> tuple:
         remote = {n: RemoteSite(n, transport) for n in sites["folders"]}  # type: ignore[arg-type]
-        return audit(sites["queries"], remote, 0.99).release, transport.nodes  # type: ignore[attr-defined]
+        return decide_samples(sites["queries"], remote, 0.99).release, transport.nodes  # type: ignore[attr-defined]
 
     release, nodes = serve_simulation(sites["folders"], job, timeout_s=120)
     assert set(nodes) == set(sites["folders"]) and not release[:10].any() and release[10:].mean() >= 0.8

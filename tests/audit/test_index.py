@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from echoflow.audit import BoundedIVFIndex, ExactIndex, build_index, load_index, prepare, threshold_recall
-from echoflow.audit.synthetic import PatientSpace, near_copies
 from echoflow.errors import EchoFlowError
+from tests.audit.synthetic import PatientSpace, near_copies
 
 
 def test_pearson_is_cosine_of_centred() -> None:

@@ -16,8 +16,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from echoflow.audit import build_index
 from echoflow.audit.federated import InProcessTransport, RemoteSite, SiteAuditor, remote_calibration
-from echoflow.audit.synthetic import PatientSpace, near_copies
 from echoflow.errors import EchoFlowError
+from tests.audit.synthetic import PatientSpace, near_copies
 
 DIM, PATIENTS, FRAMES = 128, 50, 10  # 500 real embeddings
 

@@ -4,14 +4,14 @@ import re
 import jsonschema
 import numpy as np
 
-from echoflow.audit import audit, build_report, dcr_stats, write_report
+from echoflow.audit import build_report, dcr_stats, decide_samples, write_report
 from echoflow.audit.report import SCHEMA_PATH, SIMILARITY_PNG
 from tests.ef_videos import write_ef_videos
 
 
 def test_json_validates_and_html_is_self_contained(cohort: dict, tmp_path) -> None:
     generated = np.concatenate([cohort["train"]["a"][:5], cohort["fresh"][:50]])
-    result = audit(generated, cohort["indexes"], cohort["calibration"].thresholds())
+    result = decide_samples(generated, cohort["indexes"], cohort["calibration"].thresholds())
     report = build_report(
         result, cohort["calibration"],
         index_info={s: {"index": i.kind, "ntotal": i.ntotal, "threshold_recall": 1.0}
@@ -43,7 +43,7 @@ def test_failed_audit_report_validates(cohort: dict, tmp_path) -> None:
         def search(self, queries, *, k, threshold):
             raise OSError("unreachable")
 
-    result = audit(cohort["fresh"][:10], {"a": cohort["indexes"]["a"], "x": Broken()}, 0.9)
+    result = decide_samples(cohort["fresh"][:10], {"a": cohort["indexes"]["a"], "x": Broken()}, 0.9)
     report = build_report(result, cohort["calibration"])
     jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
     assert report["status"] == "failed" and report["counts"]["released"] == 0

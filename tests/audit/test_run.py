@@ -20,14 +20,14 @@ import echoflow.audit.run as run_module
 from echoflow.audit.release import read_generated, release_videos
 from echoflow.audit.report import SCHEMA_PATH
 from echoflow.audit.run import AuditSettings, run_audit
-from echoflow.centralized import save_network
 from echoflow.cli import app
 from echoflow.data.echonet import read_cohort
 from echoflow.data.phantom import generate_cohort
 from echoflow.data.sites import SiteData, load_sites
-from echoflow.generate import write_synthetic
 from echoflow.models.reid import ReidEncoder
 from echoflow.models.vae import AdversarialVAE
+from echoflow.stages.networks import save_network
+from echoflow.study.generate import write_synthetic
 
 torch.set_num_threads(1)
 SIZE, FRAMES = 32, 12

@@ -34,7 +34,7 @@ class LocalGrid(Grid):
                  node_config: dict[str, Any] | None = None) -> None:
         # the process-wide identity Flower stamps on new messages (the simulation engine sets it likewise)
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-        self.app = make_client_app()
+        self.app = make_client_app(faults=True)  # inert unless a test's run config plans faults
         self.contexts = {NODE_BASE + i: Context(run_id=1, node_id=NODE_BASE + i,
                                                 node_config={"partition-id": i, "num-partitions": sites,
                                                              **(node_config or {})},

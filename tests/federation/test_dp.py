@@ -14,7 +14,6 @@ from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 from torch.utils.data import Dataset
 
-from echoflow.centralized import plain
 from echoflow.clients.dp import (
     PrivacyLedger,
     StageMechanism,
@@ -26,12 +25,12 @@ from echoflow.clients.dp import (
 from echoflow.clients.dp_engine import FastDPOptimizer, FastGradSampleModule, grouped_conv_grad_sample
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import train_round
-from echoflow.clients.task import group_arrays
-from echoflow.config import load_config
+from echoflow.config import load_config, plain
 from echoflow.data.sites import FrameDataset
 from echoflow.errors import EchoFlowError
-from echoflow.stages import build_stage
-from echoflow.training import TrainConfig, Trainer
+from echoflow.federation.task import group_arrays
+from echoflow.stages.objectives import build_stage
+from echoflow.stages.trainer import TrainConfig, Trainer
 from tests.federation.conftest import TASK, toy_run_config
 from tests.federation.toy import TASK as TOY
 

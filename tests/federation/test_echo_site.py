@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import evaluate, latent_moments, train_round
-from echoflow.clients.task import group_arrays
 from echoflow.config import load_config
 from echoflow.data.phantom import generate_cohort
 from echoflow.federation.echo_task import TASK as ECHO
+from echoflow.federation.task import group_arrays
 from echoflow.models.vae import measure_latent_scale
 from echoflow.server.latent_scale import pooled_std
 

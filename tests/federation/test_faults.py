@@ -14,8 +14,8 @@ import torch
 import echoflow.server.loop as loop
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import train_round
-from echoflow.clients.task import group_arrays
 from echoflow.errors import EchoFlowError
+from echoflow.federation.task import group_arrays
 from echoflow.server.checkpoint import FederationState, load_latest
 from echoflow.server.roster import Roster, take_attendance
 from echoflow.server.settings import ServerSettings

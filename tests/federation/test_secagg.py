@@ -13,9 +13,9 @@ from flwr.server.workflow.secure_aggregation import secaggplus_workflow
 
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import train_round
-from echoflow.clients.task import group_arrays
 from echoflow.errors import EchoFlowError
 from echoflow.federation.simulation import SimulationConfig, simulate
+from echoflow.federation.task import group_arrays
 from echoflow.server.roster import Roster
 from echoflow.server.secagg import SecAggConfig, gather_secure_training
 from echoflow.server.settings import ServerSettings

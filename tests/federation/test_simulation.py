@@ -15,8 +15,8 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 import echoflow.server.loop as loop
 from echoflow.clients.dp import PrivacyLedger, StageMechanism
 from echoflow.clients.faults import fault_at, random_fault_plan
-from echoflow.clients.task import group_arrays
 from echoflow.federation.simulation import SimulationConfig, simulate
+from echoflow.federation.task import group_arrays
 from echoflow.server.checkpoint import FederationState
 from tests.federation.conftest import crash_after_round
 from tests.federation.toy import TASK

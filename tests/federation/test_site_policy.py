@@ -22,8 +22,8 @@ import echoflow.server.loop as loop
 from echoflow.clients.dp_engine import FastDPOptimizer
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import train_round
-from echoflow.clients.task import group_arrays
 from echoflow.errors import EchoFlowError
+from echoflow.federation.task import group_arrays
 from echoflow.server.checkpoint import FederationState
 from echoflow.server.settings import ServerSettings
 from tests.federation.conftest import toy_run_config

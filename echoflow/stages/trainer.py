@@ -1,14 +1,10 @@
 """One training loop for every stage: centralized runs and federated clients call the same `Trainer`.
 
-A *stage* (VAE, image flow, re-id, video flow, EF regressor — see `echoflow.stages`) owns its networks and
-says how a batch becomes losses, one loss per optimiser group (the adversarial VAE has two groups: the
-autoencoder and its discriminator). The trainer adds what every stage needs: AdamW, gradient clipping, an
-EMA of the main network, seed-determinism, progress, MLflow metrics, safetensors checkpoints and resume.
-
-Checkpoints never unpickle: tensors are safetensors, metadata JSON, and every file is listed with its sha256 in
-a manifest (``checkpoint.sha256``, `sha256sum -c` format) written last and checked before anything is parsed, so
-a flipped byte, an edited JSON or a pickle dropped in a checkpoint's place is refused in one line. The manifest
-guards against corruption and tampering with single files, not against someone able to rewrite the manifest too.
+A *stage* (VAE, image flow, re-id, video flow, EF regressor — see `echoflow.stages.objectives`) owns its
+networks and says how a batch becomes losses, one loss per optimiser group (the adversarial VAE has two groups:
+the autoencoder and its discriminator). The trainer adds what every stage needs: AdamW, gradient clipping, an
+EMA of the main network, seed-determinism, progress, MLflow metrics, and resumable checkpoints (the file format
+is `echoflow.checkpoints`: safetensors + JSON under a SHA-256 manifest, never pickle).
 
 Determinism: all randomness of step ``s`` (batch choice, noise, flow times, augmentations) is drawn after
 seeding torch and numpy with ``(seed, s)``, so a run resumed from step k equals an uninterrupted run.
@@ -16,7 +12,6 @@ seeding torch and numpy with ``(seed, s)``, so a run resumed from step k equals 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -25,14 +20,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import save
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import Dataset, default_collate
 
+from echoflow.checkpoints import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
 from echoflow.errors import EchoFlowError
 from echoflow.progress import progress_bar
-from echoflow.verified import json_object, load_safetensors, read_verified, write_verified
 
 Batch = dict[str, Tensor]
 TensorList = tuple[Tensor, ...] | list[Tensor]
@@ -239,60 +233,3 @@ class Trainer:
 def _mean(window: list[dict[str, float]]) -> dict[str, float]:
     keys = window[0].keys() if window else ()
     return {k: float(np.mean([w[k] for w in window])) for k in keys}
-
-
-def flatten_state(state: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Split a nested state dict into tensors (for safetensors) and a JSON-able skeleton referring to them."""
-    tensors: dict[str, Tensor] = {}
-
-    def walk(node: Any, path: str) -> Any:
-        if isinstance(node, Tensor):
-            tensors[path] = node.detach().cpu().contiguous()
-            return {"__tensor__": path}
-        if isinstance(node, Mapping):
-            return {"__keys__": [[_key(k), walk(v, f"{path}.{k}")] for k, v in node.items()]}
-        if isinstance(node, list | tuple):
-            return [walk(v, f"{path}.{i}") for i, v in enumerate(node)]
-        return node
-
-    skeleton = walk(state, prefix or "state")
-    return tensors, {"state": skeleton}
-
-
-def _key(key: Any) -> Any:
-    return key if isinstance(key, str | int) else str(key)
-
-
-def unflatten_state(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of `flatten_state`."""
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict) and "__tensor__" in node:
-            return tensors[node["__tensor__"]]
-        if isinstance(node, dict) and "__keys__" in node:
-            return {k: walk(v) for k, v in node["__keys__"]}
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        return node
-
-    result = walk(meta["state"])
-    if not isinstance(result, dict):
-        raise EchoFlowError("checkpoint: malformed state skeleton")
-    return result
-
-
-CHECKPOINT_MANIFEST = "checkpoint.sha256"
-
-
-def save_checkpoint(directory: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
-    """Write tensors (safetensors), metadata (JSON) and their manifest (`write_verified`); returns the weights."""
-    write_verified(directory / CHECKPOINT_MANIFEST, {"checkpoint.safetensors": save(tensors),
-                                                     "checkpoint.json": json.dumps(meta, indent=1).encode()})
-    return directory / "checkpoint.safetensors"
-
-
-def load_checkpoint(directory: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a checkpoint written by `save_checkpoint`, verified against its manifest (no pickle involved)."""
-    files = read_verified(directory / CHECKPOINT_MANIFEST, {"checkpoint.safetensors", "checkpoint.json"})
-    return load_safetensors(directory / "checkpoint.safetensors", files["checkpoint.safetensors"]), json_object(
-        directory / "checkpoint.json", files["checkpoint.json"])

@@ -1,24 +1,29 @@
 """Generation: latent frames from the image flow, animated by the video flow at requested EFs, decoded to pixels.
 
-The order is the paper's: sample latent frames (new "patients"), screen them with the re-id model (in the
-audit), animate the survivors, decode. Each step is a function so the pipeline can put the audit between them.
+The order is the paper's: sample latent frames (new "patients"), screen them with the re-id model (the
+pipeline's screen asks every site's audit index), animate the survivors, decode. `generate_videos` is the one
+recipe: the pipeline, ``echoflow sample`` and the evaluation call it; each step is also a function of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from echoflow.data.echonet import VideoRecord, write_avi, write_filelist
+from echoflow.data.intensity import to_uint8
 from echoflow.errors import EchoFlowError
 from echoflow.models.flow import Method, Target, sample
 from echoflow.models.vae import AdversarialVAE
 from echoflow.models.video_flow import LatentVideoFlow, animate
 from echoflow.progress import progress_bar
+from echoflow.study.models import Models
 
 
 @torch.no_grad()
@@ -64,9 +69,64 @@ def decode_clips(vae: AdversarialVAE, latents: Tensor, *, batch_size: int = 8) -
     return torch.cat(decoded)
 
 
-def to_uint8(clips: Tensor) -> np.ndarray:
-    """Pixel clips (N, 1, T, H, W) in [-1, 1] -> videos (N, T, H, W) uint8."""
-    return ((clips[:, 0] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample.
+
+    Attributes:
+        steps, method: the ODE solver. image_target, video_target: each flow's training target.
+        guidance: classifier-free guidance scale. window: the clip length the video flow was trained on.
+        frames: frames per generated video. size: frame size in pixels.
+    """
+
+    steps: int
+    method: Method
+    image_target: Target
+    video_target: Target
+    guidance: float
+    window: int
+    frames: int
+    size: int
+
+    @classmethod
+    def of(cls, cfg: DictConfig, *, frames: int) -> Sampling:
+        """The run's ``train.sampling`` settings for videos of ``frames`` frames."""
+        s = cfg.train.sampling
+        return cls(steps=s.steps, method=s.method, image_target=cfg.train.image_flow.loss.target,
+                   video_target=cfg.train.video_flow.loss.target, guidance=s.guidance, window=cfg.data.clip_frames,
+                   frames=frames, size=cfg.data.size)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """Generated videos (N, T, H, W) uint8 and their requested EFs (N,); latent frames drawn and screened out."""
+
+    videos: np.ndarray
+    ef: np.ndarray
+    drawn: int
+    screened_out: int
+
+
+def generate_videos(models: Models, n: int, requested_ef: Callable[[int, torch.Generator], Tensor],
+                    sampling: Sampling, *, generator: torch.Generator, oversample: float = 1.0,
+                    screen: Callable[[Tensor], np.ndarray] | None = None) -> Generated:
+    """Up to ``n`` videos: the generation recipe of the pipeline, ``echoflow sample`` and the evaluation.
+
+    Samples ``oversample`` × n latent frames, keeps those ``screen`` passes (all without one), animates the first
+    ``n`` survivors at ``requested_ef(count, generator)`` EFs, and decodes them.
+    """
+    vae, drawn = models.vae, round(n * oversample)
+    latent = sampling.size // vae.downsample
+    frames = sample_latent_frames(models.image_flow, drawn, shape=(vae.latent_channels, latent, latent),
+                                  steps=sampling.steps, method=sampling.method, target=sampling.image_target,
+                                  generator=generator)
+    keep = np.ones(drawn, dtype=bool) if screen is None else screen(frames)
+    survivors = frames[torch.from_numpy(keep)][:n]
+    ef = requested_ef(len(survivors), generator)
+    latents = animate_frames(models.video_flow, survivors, ef, frames=sampling.frames, window=sampling.window,
+                             steps=sampling.steps, method=sampling.method, target=sampling.video_target,
+                             guidance=sampling.guidance, generator=generator)
+    return Generated(to_uint8(decode_clips(vae, latents)[:, 0]), ef.numpy(), drawn, int((~keep).sum()))
 
 
 def write_synthetic(out: Path, videos: np.ndarray, ef: np.ndarray, *, fps: float, prefix: str = "SYN",

@@ -9,14 +9,12 @@ from typing import Any
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from echoflow.centralized import cohort_roots
+from echoflow.data.cohort import cohort_roots
 from echoflow.errors import EchoFlowError
 from echoflow.federation.config import run_config, simulation_config, site_config
 from echoflow.federation.simulation import final_state, simulate_stages
 from echoflow.server.checkpoint import FederationState, load_latest
-
-#: Pipeline order (as in `echoflow.stages.STAGES`): the VAE first, since the latent stages encode with it.
-STAGE_ORDER = ("vae", "image_flow", "reid", "video_flow", "ef")
+from echoflow.stages import STAGES
 
 
 def federate(cfg: DictConfig, stages: Sequence[str], *,
@@ -34,16 +32,17 @@ def federate(cfg: DictConfig, stages: Sequence[str], *,
         stages: stage names (run in pipeline order).
         per_stage: config values for one stage only, as ``{stage: {"federation.local_steps": 50, ...}}``.
     """
-    unknown = [s for s in stages if s not in STAGE_ORDER]
+    unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise EchoFlowError(f"stage: unknown {unknown[0]!r}; choose from {', '.join(STAGE_ORDER)} or all")
-    cohort_roots(cfg)  # the phantom cohort is generated here on first use; sites read their own folder
+        raise EchoFlowError(f"stage: unknown {unknown[0]!r}; choose from {', '.join(STAGES)} or all")
+    # the phantom cohort is generated here on first use; sites read their own folder
+    cohort_roots(cfg.data, workdir=Path(cfg.workdir), seed=cfg.seed)
     active = mlflow.active_run()
     parent = active.info.run_id if active is not None else ""
     configs: dict[str, dict[str, Any]] = {}
     planned: dict[str, int] = {}
     todo = []
-    for stage in STAGE_ORDER:
+    for stage in STAGES:
         stage_cfg = cfg.copy()
         for key, value in (per_stage or {}).get(stage, {}).items():
             OmegaConf.update(stage_cfg, key, value)
@@ -62,9 +61,9 @@ def federate(cfg: DictConfig, stages: Sequence[str], *,
 
 def stage_folders(cfg: DictConfig, *, before: str) -> dict[str, str]:
     """Checkpoint folders of the stages federated before stage ``before`` (each holds its rounds and ``LATEST``)."""
-    return {s: str(Path(cfg.federation.checkpoint_dir) / s) for s in STAGE_ORDER[: STAGE_ORDER.index(before)]}
+    return {s: str(Path(cfg.federation.checkpoint_dir) / s) for s in STAGES[: STAGES.index(before)]}
 
 
 def stages_of(name: str) -> list[str]:
     """``"all"`` -> every stage in pipeline order; otherwise the one stage named."""
-    return list(STAGE_ORDER) if name == "all" else [name]
+    return list(STAGES) if name == "all" else [name]

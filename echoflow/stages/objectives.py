@@ -1,4 +1,4 @@
-"""The five EchoFlow training stages as `training.Stage`s: how a batch becomes the loss of each network.
+"""The five EchoFlow training stages as `trainer.Stage`s: how a batch becomes the loss of each network.
 
 ========== ======================= ============================== ==================================
 stage      network(s)              batch (from `data.sites`)      loss
@@ -13,16 +13,14 @@ ef         EFRegressor             pixel clips (B,1,T,H,W) + EF   MSE on EF/100,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from echoflow.errors import EchoFlowError
 from echoflow.models.ef import EFRegressor, augment_clip, ef_loss
 from echoflow.models.flow import Schedule, Target, flow_matching_loss
-from echoflow.models.image_flow import LatentImageFlow
 from echoflow.models.reid import ReidEncoder, augment_latent, info_nce_loss
 from echoflow.models.vae import (
     AdversarialVAE,
@@ -35,10 +33,8 @@ from echoflow.models.vae import (
     reconstruction_loss,
 )
 from echoflow.models.video_flow import LatentVideoFlow
-from echoflow.training import Batch, Stage
-
-STAGES = ("vae", "image_flow", "reid", "video_flow", "ef")
-"""Stage names, in the order the pipeline trains them."""
+from echoflow.stages.networks import build_network
+from echoflow.stages.trainer import Batch, Stage
 
 
 class VAEStage:
@@ -160,22 +156,6 @@ class EFStage:
         clip = augment_clip(batch["clip"]) if self.augment else batch["clip"]
         pred = self.regressor(clip)
         return ef_loss(pred, batch["ef"]), {"mae": float((pred.detach() - batch["ef"]).abs().mean())}
-
-
-_NETWORKS: dict[str, Callable[..., nn.Module]] = {
-    "vae": AdversarialVAE,
-    "image_flow": LatentImageFlow,
-    "reid": ReidEncoder,
-    "video_flow": LatentVideoFlow,
-    "ef": EFRegressor,
-}
-
-
-def build_network(name: str, model: Mapping[str, Any]) -> nn.Module:
-    """The main network of stage ``name`` from the ``model`` config group (constructor kwargs per network)."""
-    if name not in _NETWORKS:
-        raise EchoFlowError(f"stage: unknown {name!r}; choose one of {', '.join(STAGES)}")
-    return _NETWORKS[name](**model[name])
 
 
 def build_stage(name: str, model: Mapping[str, Any], loss: Mapping[str, Any]) -> Stage:

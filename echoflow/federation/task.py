@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from echoflow.errors import EchoFlowError
-from echoflow.training import Batch, Stage
+from echoflow.stages.trainer import Batch, Stage
 
 
 class SiteTask(Protocol):

@@ -1,0 +1,269 @@
+"""What the trained models are worth, measured on held-out real data, and the paper's proof: EF-regression parity.
+
+Metrics: EF regression errors with bootstrap intervals; the Fréchet distance of embeddings.
+
+Held-out measurements of the models (``echoflow evaluate models``):
+- EF regressor: MAE/RMSE/R² on held-out real clips.
+- VAE keeps what matters: EF measured on VAE-reconstructed clips vs on the originals.
+- Re-id generalises: same- vs different-patient verification AUC on patients never seen in training.
+- Image flow: Fréchet distance, in re-id embedding space, of sampled latents to held-out real latents, next to
+  the real-vs-real floor and a trivial baseline (Gaussian latents).
+- Video flow obeys EF: clips generated at requested EFs, decoded, measured by the real-trained regressor.
+
+Parity: EF regressors trained on real, on released synthetic, and on both share one recipe (``train.ef``) and
+are tested on every site's held-out real TEST split, per site and pooled, with bootstrap 95 % intervals. Trained
+regressors live in ``<workdir>/parity/<source>/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from scipy import linalg
+from torch import Tensor, nn
+
+from echoflow.audit.embed import embed
+from echoflow.data.sites import ClipDataset, SiteData
+from echoflow.errors import EchoFlowError
+from echoflow.models.flow import Method, Target
+from echoflow.models.reid import verification_auc
+from echoflow.models.vae import AdversarialVAE
+from echoflow.stages.data import encode_sites
+from echoflow.study.centralized import train_stage
+from echoflow.study.generate import animate_frames, decode_clips, sample_latent_frames
+from echoflow.study.models import Cohort, Models, trained_network
+
+
+@dataclass(frozen=True)
+class Regression:
+    """EF regression quality on one test set (EF in percent).
+
+    Attributes:
+        mae, rmse: EF points. r2: coefficient of determination. n: number of videos.
+        mae_ci, rmse_ci, r2_ci: bootstrap 95 % intervals (low, high).
+    """
+
+    mae: float
+    rmse: float
+    r2: float
+    n: int
+    mae_ci: tuple[float, float]
+    rmse_ci: tuple[float, float]
+    r2_ci: tuple[float, float]
+
+
+def _errors(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float, float]:
+    residual = pred - truth
+    total = float(np.sum((truth - truth.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(residual**2)) / total if total > 0 else float("nan")
+    return float(np.mean(np.abs(residual))), float(np.sqrt(np.mean(residual**2))), r2
+
+
+def regression(truth: np.ndarray, pred: np.ndarray, *, bootstrap: int = 1000, seed: int = 0) -> Regression:
+    """MAE, RMSE and R² of ``pred`` against ``truth`` (both (N,) EF percent) with percentile-bootstrap 95 % CIs."""
+    truth, pred = np.asarray(truth, np.float64), np.asarray(pred, np.float64)
+    if truth.shape != pred.shape or truth.ndim != 1 or len(truth) < 2:
+        raise EchoFlowError(f"metrics: need two equal (N>=2,) arrays, got {truth.shape} and {pred.shape}")
+    rng = np.random.default_rng(seed)
+    draws = np.array([_errors(truth[i], pred[i]) for i in rng.integers(0, len(truth), (bootstrap, len(truth)))])
+    low, high = np.nanpercentile(draws, 2.5, axis=0), np.nanpercentile(draws, 97.5, axis=0)
+    mae, rmse, r2 = _errors(truth, pred)
+    return Regression(mae, rmse, r2, len(truth), (low[0], high[0]), (low[1], high[1]), (low[2], high[2]))
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to embeddings ``a`` (N, D) and ``b`` (M, D) (as FID does)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise EchoFlowError(f"metrics: need (N, D) and (M, D) embeddings, got {a.shape} and {b.shape}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = np.real(linalg.sqrtm(cov_a @ cov_b))  # tiny imaginary parts are numerical noise
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2.0 * root))
+
+
+def first_clips(sites: Sequence[SiteData], *, frames: int, fps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Every video's first clip (N, C, T, H, W), its EF (N,) percent and its site index (N,)."""
+    dataset = ClipDataset(sites, frames=frames, fps=fps, random_start=False)
+    items = [dataset[i] for i in range(len(dataset))]
+    return tuple(torch.stack([item[key] for item in items]) for key in ("clip", "ef", "site"))  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def measure_ef(regressor: nn.Module, clips: Tensor, *, batch_size: int = 32) -> Tensor:
+    """EF (N,) percent that ``regressor`` reads from pixel clips (N, 1, T, H, W)."""
+    regressor.eval()
+    return torch.cat([regressor(chunk) for chunk in clips.split(batch_size)])
+
+
+def ef_regression(regressor: nn.Module, sites: Sequence[SiteData], *, frames: int, fps: float) -> Regression:
+    """The regressor on real held-out clips."""
+    clips, ef, _ = first_clips(sites, frames=frames, fps=fps)
+    return regression(ef.numpy(), measure_ef(regressor, clips).numpy())
+
+
+@torch.no_grad()
+def vae_ef_gap(vae: AdversarialVAE, regressor: nn.Module, sites: Sequence[SiteData], *, frames: int,
+               fps: float) -> dict[str, float]:
+    """EF MAE on original clips vs on their VAE reconstructions (and the reconstructions' pixel L1)."""
+    clips, ef, _ = first_clips(sites, frames=frames, fps=fps)
+    vae.eval()
+    recon = torch.cat([vae.decode_latent(vae.encode_latent(c)).clamp(-1, 1) for c in clips.split(8)])
+    on_real, on_recon = measure_ef(regressor, clips), measure_ef(regressor, recon)
+    return {
+        "mae_original": float((on_real - ef).abs().mean()),
+        "mae_reconstructed": float((on_recon - ef).abs().mean()),
+        "mae_between": float((on_recon - on_real).abs().mean()),
+        "pixel_l1": float((recon - clips).abs().mean()),
+    }
+
+
+def frames_of(latent_sites: Sequence[SiteData], *, every: int) -> tuple[Tensor, Tensor]:
+    """Every ``every``-th latent frame of every video (N, C, h, w) and its patient index (N,)."""
+    frames, patients = [], []
+    for site in latent_sites:
+        for record, video in zip(site.records, site.videos, strict=True):
+            picked = torch.from_numpy(video[::every])
+            frames.append(picked)
+            patients += [site.patient_index[record.patient_id]] * len(picked)
+    return torch.cat(frames), torch.tensor(patients)
+
+
+def reid_auc(encoder: nn.Module, latent_sites: Sequence[SiteData], *, every: int = 8) -> float:
+    """Same- vs different-patient verification AUC on the given (held-out) sites' latent frames."""
+    frames, patients = frames_of(latent_sites, every=every)
+    return verification_auc(embed(encoder, frames), patients)
+
+
+def image_flow_fd(flow: nn.Module, encoder: nn.Module, train: Sequence[SiteData], held_out: Sequence[SiteData],
+                  *, n: int, steps: int, method: Method, target: Target) -> dict[str, float]:
+    """Fréchet distance to held-out real latents in re-id space: generated, real-train floor, Gaussian baseline."""
+    real, _ = frames_of(held_out, every=4)
+    floor, _ = frames_of(train, every=4)
+    generated = sample_latent_frames(flow, n, shape=real.shape[1:], steps=steps, method=method, target=target)
+    reference = embed(encoder, real).numpy()
+    fd = {
+        "generated": frechet_distance(embed(encoder, generated).numpy(), reference),
+        "real_floor": frechet_distance(embed(encoder, floor[torch.randperm(len(floor))[:n]]).numpy(), reference),
+        "gaussian_baseline": frechet_distance(embed(encoder, torch.randn(n, *real.shape[1:])).numpy(), reference),
+    }
+    fd["baseline_over_generated"] = fd["gaussian_baseline"] / max(fd["generated"], 1e-12)
+    return fd
+
+
+def video_flow_ef(video_flow: nn.Module, vae: AdversarialVAE, regressor: nn.Module,
+                  held_out: Sequence[SiteData], *, n: int, frames: int, steps: int, method: Method, target: Target,
+                  guidance: float, ef_range: tuple[float, float] = (20.0, 75.0), seed: int = 0
+                  ) -> tuple[Regression, np.ndarray, np.ndarray]:
+    """Animate held-out first latent frames at requested EFs; R² of regressor-measured EF vs requested.
+
+    Returns the regression summary and the (requested, measured) EF arrays for plotting.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    firsts = torch.stack([torch.from_numpy(video[0]) for site in held_out for video in site.videos])
+    firsts = firsts[torch.randint(len(firsts), (n,), generator=generator)]
+    requested = ef_range[0] + (ef_range[1] - ef_range[0]) * torch.rand(n, generator=generator)
+    latents = animate_frames(video_flow, firsts, requested, frames=frames, window=frames, steps=steps,
+                             method=method, target=target, guidance=guidance, generator=generator)
+    measured = measure_ef(regressor, decode_clips(vae, latents))
+    return regression(requested.numpy(), measured.numpy()), requested.numpy(), measured.numpy()
+
+
+SOURCES = ("real", "synthetic", "real+synthetic")
+"""What each EF regressor trains on."""
+
+
+def score(pred: np.ndarray, truth: np.ndarray, site: np.ndarray, names: Sequence[str]) -> dict[str, Regression]:
+    """Regression quality pooled and per site."""
+    scores = {"pooled": regression(truth, pred)}
+    for index, name in enumerate(names):
+        mask = site == index
+        if mask.sum() >= 2:
+            scores[name] = regression(truth[mask], pred[mask])
+    return scores
+
+
+def train_regressors(cfg: DictConfig, cohort: Cohort, released: Path | None, *,
+                     quiet: bool = False) -> dict[str, nn.Module]:
+    """EF regressors on each source; ``released`` None (nothing released) trains the real one only."""
+    out = Path(cfg.workdir) / "parity"
+    data = {"real": list(cohort.roots)}
+    if released is not None:
+        data |= {"synthetic": [released], "real+synthetic": [*cohort.roots, released]}
+    return {source: train_stage("ef", cfg, cohort.sites(roots, "TRAIN"), out=out / source, quiet=quiet)
+            for source, roots in data.items()}
+
+
+def score_regressors(cfg: DictConfig, regressors: dict[str, nn.Module], cohort: Cohort) -> dict[str, Any]:
+    """Every regressor on the real TEST splits: ``{source: {pooled|site: Regression as dict}}`` + predictions."""
+    test = cohort.split("TEST")
+    clips, ef, sites = first_clips(test, frames=cfg.data.clip_frames, fps=cfg.data.clip_fps)
+    truth, site = ef.numpy(), sites.numpy()
+    names = [s.name for s in test]
+    results: dict[str, Any] = {"truth": truth.tolist(), "site": site.tolist(), "sources": {}}
+    for source, regressor in regressors.items():
+        pred = measure_ef(regressor, clips).numpy()
+        results["sources"][source] = {"prediction": pred.tolist(),
+                                      "scores": {k: asdict(v) for k, v in score(pred, truth, site, names).items()}}
+    return results
+
+
+FEDERATED_EF = "federated real"
+"""The parity row of the EF regressor the sites federate on their real videos."""
+
+
+def parity_study(cfg: DictConfig, models: Models, cohort: Cohort, released: Path, released_count: int
+                 ) -> dict[str, Any]:
+    """EF regressors on real / synthetic / both (and federated on real); EF consistency and re-id Fréchet distance.
+
+    EF consistency (requested vs measured EF of the released videos) uses the pooled real-trained regressor.
+    """
+    if released_count < 2:
+        raise EchoFlowError(f"{released}: {released_count} videos released; too few to train an EF regressor")
+    recipe = cfg.copy()
+    OmegaConf.update(recipe, "train.ef.optim.steps", cfg.pipeline.ef_steps)
+    regressors = train_regressors(recipe, cohort, released)
+    if cfg.pipeline.training == "federated":
+        regressors[FEDERATED_EF] = trained_network(cfg, "ef")
+    results = score_regressors(cfg, regressors, cohort)
+    synthetic = cohort.sites([released], "TRAIN")
+    clips, requested, _ = first_clips(synthetic, frames=cfg.data.clip_frames, fps=cfg.data.clip_fps)
+    measured = measure_ef(regressors["real"], clips)
+    consistency = regression(requested.numpy(), measured.numpy())
+    first = [encode_sites(models.vae, sites) for sites in (synthetic, cohort.split("TEST"))]
+    gen, real = (embed(models.reid, torch.stack([torch.from_numpy(v[0]) for s in sites for v in s.videos])).numpy()
+                 for sites in first)
+    results["consistency"] = {"requested": requested.tolist(), "measured": measured.tolist(),
+                              "r2": consistency.r2, "mae": consistency.mae}
+    results["frechet_reid"] = frechet_distance(gen, real)
+    return results
+
+
+def evaluate_models(cfg: DictConfig, models: Models, cohort: Cohort, *, samples: int, fd_samples: int
+                    ) -> dict[str, Any]:
+    """Every trained stage measured on the VAL+TEST patients (never seen in training); see the module docstring."""
+    clip = {"frames": cfg.data.clip_frames, "fps": cfg.data.clip_fps}
+    sampling = {"steps": cfg.train.sampling.steps, "method": cfg.train.sampling.method}
+    ef_model = trained_network(cfg, "ef")
+    held_out, train = cohort.split("VAL", "TEST"), cohort.split("TRAIN")
+    latent_held_out, latent_train = encode_sites(models.vae, held_out), encode_sites(models.vae, train)
+    regressor = ef_regression(ef_model, held_out, **clip)
+    video, _, _ = video_flow_ef(models.video_flow, models.vae, ef_model, latent_held_out, n=samples,
+                                frames=cfg.data.clip_frames, target=cfg.train.video_flow.loss.target,
+                                guidance=cfg.train.sampling.guidance, **sampling)
+    results: dict[str, Any] = {
+        "ef_regressor": {"mae": regressor.mae, "rmse": regressor.rmse, "r2": regressor.r2, "n": regressor.n},
+        "vae_ef": vae_ef_gap(models.vae, ef_model, held_out, **clip),
+        "reid_auc_unseen_patients": reid_auc(models.reid, latent_held_out),
+        "image_flow_fd": image_flow_fd(models.image_flow, models.reid, latent_train, latent_held_out, n=fd_samples,
+                                       target=cfg.train.image_flow.loss.target, **sampling),
+        "video_flow_ef": {"r2": video.r2, "mae": video.mae, "n": video.n},
+    }
+    results["vae_ef"]["mae_gap"] = results["vae_ef"]["mae_reconstructed"] - results["vae_ef"]["mae_original"]
+    return results

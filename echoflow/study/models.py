@@ -1,0 +1,75 @@
+"""What a study works with, loaded once per run: the cohort's splits and the four trained EchoFlow models.
+
+`DictConfig` stops here: below the study, code receives these typed objects and plain settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+from omegaconf import DictConfig
+from torch import nn
+
+from echoflow.config import plain
+from echoflow.data.cohort import cohort_roots
+from echoflow.data.sites import Decoded, SiteData, load_sites
+from echoflow.models.vae import AdversarialVAE
+from echoflow.models.video_flow import LatentVideoFlow
+from echoflow.stages import GENERATIVE
+from echoflow.stages.networks import load_network
+
+
+@dataclass
+class Cohort:
+    """The run's site folders; every split loaded through it decodes each video once per process.
+
+    Attributes:
+        roots: one folder per site (EchoNet layout). size: frame size the videos are decoded at.
+    """
+
+    roots: list[Path]
+    size: int
+    decoded: Decoded = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> Cohort:
+        """The cohort of ``cfg`` (the phantom is generated on first use)."""
+        return cls(cohort_roots(cfg.data, workdir=Path(cfg.workdir), seed=cfg.seed), cfg.data.size)
+
+    def split(self, *splits: str) -> list[SiteData]:
+        """Every site's videos of ``splits``."""
+        return self.sites(self.roots, *splits)
+
+    def sites(self, roots: Sequence[Path], *splits: str) -> list[SiteData]:
+        """The videos of ``splits`` in other site folders (e.g. released synthetic videos), loaded together."""
+        return load_sites(roots, size=self.size, splits=splits, decoded=self.decoded)
+
+
+@dataclass(frozen=True)
+class Models:
+    """The four trained EchoFlow networks of a run, in eval mode."""
+
+    vae: AdversarialVAE
+    image_flow: nn.Module
+    reid: nn.Module
+    video_flow: LatentVideoFlow
+
+    @classmethod
+    def load(cls, cfg: DictConfig) -> Models:
+        """Each stage's saved weights (``<workdir>/<stage>/model.safetensors``), read once."""
+        nets = {name: trained_network(cfg, name) for name in GENERATIVE}
+        return cls(cast(AdversarialVAE, nets["vae"]), nets["image_flow"], nets["reid"],
+                   cast(LatentVideoFlow, nets["video_flow"]))
+
+
+def stage_folder(cfg: DictConfig, name: str) -> Path:
+    """Where stage ``name``'s trained model of this run lives."""
+    return Path(cfg.workdir) / name
+
+
+def trained_network(cfg: DictConfig, name: str) -> nn.Module:
+    """Stage ``name``'s trained network of this run (``<workdir>/<name>/model.safetensors``)."""
+    return load_network(name, plain(cfg.model), stage_folder(cfg, name) / "model.safetensors")
