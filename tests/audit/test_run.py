@@ -6,6 +6,7 @@ copies of real training frames are caught (similarity 1 ≥ τ), canaries never 
 released when a site fails, and the report validates and has no external URL.
 """
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -21,7 +22,7 @@ from echoflow.audit.release import read_generated, release_videos
 from echoflow.audit.report import SCHEMA_PATH
 from echoflow.audit.run import AuditSettings, run_audit
 from echoflow.cli import app
-from echoflow.data.echonet import read_cohort
+from echoflow.data.echonet import load_video, read_cohort
 from echoflow.data.phantom import generate_cohort
 from echoflow.data.sites import SiteData, load_sites
 from echoflow.models.reid import ReidEncoder
@@ -165,3 +166,26 @@ def test_cli_failing_site_exits_nonzero_releases_nothing(world: dict, workdir: P
     jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
     assert report["status"] == "failed" and "disk on fire" in json.dumps(report["failures"])
     assert "site_01" in json.dumps(report["failures"])
+
+
+def test_the_audited_pixels_are_decoded_from_exactly_the_bytes_hashed(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file swapped between the hash and the decode must not get the first file's hash with its own pixels."""
+    generated = as_generated(tmp_path / "gen", [world["fresh"]])
+    victim = sorted((generated / "Videos").glob("*.avi"))[0]
+    original, swap = victim.read_bytes(), sorted((generated / "Videos").glob("*.avi"))[1].read_bytes()
+    (tmp_path / "original.avi").write_bytes(original)
+    read_bytes = Path.read_bytes
+
+    def read_then_swap(path: Path) -> bytes:
+        data = read_bytes(path)
+        if path == victim:
+            victim.write_bytes(swap)  # the swap lands right after the audit read the file
+        return data
+
+    monkeypatch.setattr(Path, "read_bytes", read_then_swap)
+    gen = read_generated(generated, size=SIZE)
+    row = [r.path for r in gen.records].index(victim)
+    assert gen.sha256[row] == hashlib.sha256(original).hexdigest()
+    np.testing.assert_array_equal(gen.videos[row], load_video(tmp_path / "original.avi", size=SIZE))
