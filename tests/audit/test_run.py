@@ -97,6 +97,14 @@ def test_fresh_patients_released_canaries_caught_never_released(world: dict, tmp
     html = (out / "audit.html").read_text()
     assert "data:image/png;base64" in html and not re.search(r"(src|href)=['\"](https?:)?//", html)
     assert "http://" not in html and "https://" not in html
+    # counts: videos and frames apart, canaries never counted as generated, every=k and partial videos shown
+    counts, frames = report["counts"], len(genuine)
+    assert counts["generated"] == frames and counts["released"] + counts["withheld"] == frames
+    assert counts["released"] == sum(s["release"] for s in genuine)
+    assert counts["canaries"] == 20 and counts["every"] == 2
+    assert counts["videos"] == len(outcome.decisions) and counts["videos_released"] == len(released)
+    assert counts["videos_partially_audited"] == len(outcome.decisions)  # every=2: each video's odd frames skipped
+    assert "every 2nd frame" in html and f"{counts['videos']} videos" in html
 
 
 def test_video_withheld_if_any_frame_is(world: dict, tmp_path: Path) -> None:
