@@ -24,9 +24,9 @@ therefore covered by the same guarantee as the autoencoder.
 
 What a stage must do for DP: a forward through another group's network whose output is detached must run
 under ``torch.no_grad()`` (Opacus counts forwards and backwards per layer), batch statistics are not
-allowed (GroupNorm, not BatchNorm), no second gradient pass (the VAE's adaptive GAN weight) is used, and a
-loss must be a sum of per-item terms (no coupling between the items of a batch: re-id under DP, see
-`echoflow.stages`).
+allowed (GroupNorm, not BatchNorm), and no second gradient pass (the VAE's adaptive GAN weight) is used. A loss
+that couples a batch's items (re-id's InfoNCE: the other patients are negatives) gets batch-level clipping
+instead (`echoflow.clients.dp_batch`): per-item clipping would bound nothing per patient there.
 
 Speed: `make_private` uses Opacus through `echoflow.clients.dp_engine` (grouped-convolution per-sample
 gradients, output-tensor hooks, no discarded summed weight gradients, vectorised clipping and noise) — the same
@@ -49,6 +49,7 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset, Subset, default_collate
 
+from echoflow.clients.dp_batch import COUPLED_STAGES, BatchClippedOptimizer
 from echoflow.clients.dp_engine import FastDPOptimizer, FastGradSampleModule
 from echoflow.data.sites import ClipDataset, FrameDataset, PatientPairDataset
 from echoflow.errors import EchoFlowError
@@ -284,6 +285,15 @@ def make_private(trainer: Trainer, ledger: PrivacyLedger, *, stage: str, max_gra
     """
     groups = trainer.stage.groups()
     hooks: dict[str, GradSampleModule] = {}
+    if stage in COUPLED_STAGES:  # the loss couples a batch's items: batch-level clipping (`dp_batch`)
+        if len(groups) != 1:
+            raise EchoFlowError(f"dp: stage {stage} couples its items and has {len(groups)} groups; one is supported")
+        name = next(iter(trainer.optimizers))
+        trainer.optimizers[name] = BatchClippedOptimizer(  # type: ignore[assignment]
+            trainer.optimizers[name], noise_multiplier=ledger.stages[stage].noise_multiplier,
+            max_grad_norm=max_grad_norm, generator=generator, on_step=lambda: ledger.count_step(stage))
+        trainer.stage = PrivateStage(trainer.stage, hooks)
+        return
     for name, net in groups.items():
         problems = ModuleValidator.validate(net, strict=False)
         if problems:
