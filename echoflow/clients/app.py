@@ -24,9 +24,10 @@ from flwr.clientapp import ClientApp
 
 from echoflow.clients.dp import PrivacyLedger
 from echoflow.clients.faults import inject_faults
+from echoflow.clients.moments import latent_moments
 from echoflow.clients.secagg import secagg_mod
 from echoflow.clients.settings import ClientSettings
-from echoflow.clients.site import evaluate, latent_moments, train_round
+from echoflow.clients.site import evaluate, train_round
 from echoflow.federation.protocol import LATENT_STATS, PROXIMAL_MU, ROLL_CALL, SERVER_ROUND, message_run_config
 
 LEDGER_KEY = "privacy-ledger"
@@ -81,7 +82,10 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *, faults: bool =
     @app.query(LATENT_STATS)
     def latent_stats(msg: Message, context: Context) -> Message:
         settings = settings_of(msg, context)
-        moments = latent_moments(settings, msg.content.array_records["arrays"].to_torch_state_dict())
+        moments, ledger = latent_moments(settings, msg.content.array_records["arrays"].to_torch_state_dict(),
+                                         load_ledger(settings, context))
+        if ledger is not None:
+            save_ledger(settings, context, ledger)
         return Message(content=RecordDict({"metrics": MetricRecord({**moments, "site": settings.site})}), reply_to=msg)
 
     @app.query(ROLL_CALL)

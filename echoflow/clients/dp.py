@@ -87,6 +87,7 @@ class PrivacyLedger:
         self.epsilon_target, self.delta = epsilon, delta
         self.stages: dict[str, StageMechanism] = {}
         self.stage_steps: dict[str, int] = {}
+        self.releases: dict[str, dict[str, float]] = {}  # one-off releases kept to answer repeats identically
         self.accountant = RDPAccountant()
 
     def begin_stage(self, stage: str, *, share: float, sample_rate: float, planned_steps: int) -> StageMechanism:
@@ -165,6 +166,7 @@ class PrivacyLedger:
             "delta": self.delta,
             "stages": {name: asdict(m) for name, m in self.stages.items()},
             "stage_steps": dict(self.stage_steps),
+            "releases": {name: dict(values) for name, values in self.releases.items()},
             "history": [list(h) for h in self.accountant.state_dict()["history"]],
         }
 
@@ -175,6 +177,8 @@ class PrivacyLedger:
         self.epsilon_target, self.delta = float(state["epsilon_target"]), float(state["delta"])
         self.stages = {name: StageMechanism(**m) for name, m in state["stages"].items()}
         self.stage_steps = {name: int(n) for name, n in state.get("stage_steps", {}).items()}
+        self.releases = {name: {k: float(v) for k, v in values.items()}
+                         for name, values in state.get("releases", {}).items()}
         history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
         self.accountant.load_state_dict({"history": history, "mechanism": RDPAccountant.mechanism()})
 

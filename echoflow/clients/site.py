@@ -20,14 +20,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
 from echoflow.clients.dp import PrivacyLedger, make_private, patient_groups, poisson_batches
 from echoflow.clients.policy import PolicyRefusal, secret_generator
 from echoflow.clients.settings import ClientSettings
-from echoflow.errors import EchoFlowError
 from echoflow.federation.task import group_arrays, load_group_arrays, load_task
-from echoflow.models.vae import AdversarialVAE
 from echoflow.stages.trainer import Batch, Stage, TrainConfig, Trainer, random_batches, set_step_seed
 
 log = logging.getLogger(__name__)
@@ -125,31 +123,6 @@ def evaluate(settings: ClientSettings, arrays: Mapping[str, Tensor]) -> dict[str
     load_group_arrays(stage, arrays)
     return {"num-examples": float(n), "eval-loss": mean_loss(stage, val, batch_size=settings.batch_size,
                                                              seed=settings.seed)}
-
-
-def latent_moments(settings: ClientSettings, arrays: Mapping[str, Tensor]) -> dict[str, float]:
-    """Moments of the global VAE's latent means over the site's TRAIN frames, for the shared ``latent_scale``.
-
-    Only three aggregate scalars leave the site (they are not covered by the DP-SGD ledger).
-
-    Returns:
-        ``count`` (latent elements), ``mean`` and ``var`` (population variance) of the latent means.
-    """
-    task = load_task(settings.task)
-    stage = task.build_stage(settings.stage, settings.config)
-    load_group_arrays(stage, arrays)
-    vae = stage.groups()["model"]
-    if not isinstance(vae, AdversarialVAE):
-        raise EchoFlowError(f"stage {settings.stage}: latent statistics need an AdversarialVAE as group 'model'")
-    train, _ = task.site_data(settings.stage, settings.site_dir, settings.config)
-    vae.eval()
-    total, total_sq, count = 0.0, 0.0, 0
-    with torch.no_grad():
-        for batch in DataLoader(train, batch_size=64):
-            z = vae.encode(batch["frame"]).mode().double()
-            total, total_sq, count = total + z.sum().item(), total_sq + z.square().sum().item(), count + z.numel()
-    mean = total / max(count, 1)
-    return {"count": float(count), "mean": mean, "var": max(total_sq / max(count, 1) - mean**2, 0.0)}
 
 
 def mean_loss(stage: Stage, dataset: Dataset[Batch], *, batch_size: int, seed: int) -> float:
