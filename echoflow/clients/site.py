@@ -71,10 +71,12 @@ def train_round(
         log.warning("site %d refuses round %d of %s: %s", settings.site, server_round, settings.stage, refusal)
         raise PolicyRefusal(f"site {settings.site} refuses {settings.stage}: {refusal}")
     task = load_task(settings.task)
-    stage = task.build_stage(settings.stage, settings.config)
+    policy = settings.policy
+    # the stage is built for the site's own DP decision (the VAE drops its second-gradient-pass GAN weight)
+    built = {**settings.config, "dp": {**dict(settings.config.get("dp") or {}), "enabled": policy.enabled}}
+    stage = task.build_stage(settings.stage, built)
     load_group_arrays(stage, arrays)
     train, _ = task.site_data(settings.stage, settings.site_dir, settings.config)
-    policy = settings.policy
     config = TrainConfig(
         steps=server_round * settings.local_steps, batch_size=settings.batch_size, lr=settings.lr,
         grad_clip=0.0 if policy.enabled else 1.0, ema_decay=0.0, log_every=settings.local_steps,
