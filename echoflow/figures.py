@@ -61,7 +61,7 @@ def png_base64(fig: Figure, *, path: Path | None = None) -> str:
 
 def img_tag(data: bytes, *, mime: str, alt: str, size: int | None = None) -> str:
     """An ``<img>`` holding ``data`` inline (``data:<mime>;base64``), optionally shown ``size`` CSS px square."""
-    shown = (f" width='{size}' height='{size}' style='image-rendering: pixelated'" if size else "")
+    shown = f" class='pixel' width='{size}' height='{size}'" if size else ""
     encoded = base64.b64encode(data).decode("ascii")
     return f"<img alt='{html.escape(alt)}'{shown} src='data:{mime};base64,{encoded}'>"
 
@@ -136,8 +136,10 @@ def ef_previews(generated: Sequence[VideoRecord], real: Sequence[VideoRecord], o
         f"{_cells(ref, 'real', ef_range, out)}</tr>"
         for ef_range, gen, ref in zip(EF_RANGES, pick_by_ef(generated), pick_by_ef(real), strict=True)
     )
-    return ("<h2>Generated and real videos by EF</h2><p>Per EF range, the video with the range's median EF: "
-            f"first frame, then the clip ({PREVIEW_FRAMES} frames at most, {PREVIEW_SIZE}x{PREVIEW_SIZE}). "
-            "Real videos are site data: this page stays in the operator's working directory.</p>"
-            "<table border='1'><tr><th>EF range</th><th colspan='2'>generated</th><th colspan='2'>real</th></tr>"
-            f"{rows}</table>")
+    how = ("Per EF range, the video with the range's median EF: first frame, then the clip "
+           f"({PREVIEW_FRAMES} frames at most, {PREVIEW_SIZE}x{PREVIEW_SIZE} px, playing in real time). Real videos "
+           "are site data: this page stays in the operator's working directory.")
+    return ("<section><h2>Generated and real videos by EF</h2>"
+            f"<p class='how'>{html.escape(how)}</p><div class='scroll'>"
+            "<table><tr><th>EF range (%)</th><th colspan='2'>generated</th><th colspan='2'>real</th></tr>"
+            f"{rows}</table></div></section>")

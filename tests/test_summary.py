@@ -55,7 +55,7 @@ def test_summary_files_ratio_and_previews(tmp_path: Path) -> None:
     assert "http" not in html and "<script" not in html
     # 2 figures + the audit's histogram + 5 first frames, and 5 GIFs: no generated video has an EF in 40-55 %
     assert html.count("data:image/png;base64,") == 3 + 5 and html.count("data:image/gif;base64,") == 5
-    assert "<h2>audit similarity</h2><img alt='audit_similarity'" in html
+    assert "<h2>Audit similarities</h2>" in html and "<img alt='audit_similarity'" in html
     assert html.count("no video in this range") == 1
     assert "site_01V001 (site_01), EF 52 %" in html  # the real 40-55 % pick: upper median of 44 and 52
     gifs = sorted(p.name for p in (out / "previews").glob("*.gif"))

@@ -46,6 +46,7 @@ def _update_as_fitres(msg: Message, context: Context, train: ClientAppCallable) 
     local = trained.to_numpy_ndarrays() if trained is not None else None
     update = [np.zeros_like(v, dtype=np.float64) if local is None else local[i].astype(np.float64) - v
               for i, v in enumerate(global_arrays.values())]
-    metrics = cast(dict[str, Scalar], dict(reply.content["metrics"]))
+    # a legacy FitRes carries scalars only: the round's training curve (lists) stays at the site under SecAgg+
+    metrics = cast(dict[str, Scalar], {k: v for k, v in reply.content["metrics"].items() if not isinstance(v, list)})
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), int(local is not None), metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

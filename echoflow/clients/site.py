@@ -10,7 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from math import nan
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -22,6 +24,9 @@ from echoflow.federation.task import group_arrays, load_group_arrays, load_task
 from echoflow.models.vae import AdversarialVAE
 from echoflow.stages.trainer import Batch, Stage, TrainConfig, Trainer, random_batches, set_step_seed
 
+CURVE_POINTS = 10
+"""Most points of a round's training curve that a site reports (window means of its local steps)."""
+
 
 @dataclass(frozen=True)
 class RoundResult:
@@ -30,11 +35,14 @@ class RoundResult:
     Attributes:
         arrays: updated weights (``"<group>.<param>"``), or None when the site's privacy budget is spent.
         metrics: num-examples, train-loss, wall-s (seconds), epsilon (cumulative; 0 without DP), the DP
-            parameters (dp-noise-multiplier, dp-sample-rate, dp-steps, dp-delta) and budget-exhausted (0/1).
+            parameters (dp-noise-multiplier, dp-sample-rate, dp-steps, dp-delta) and budget-exhausted (0/1);
+            without DP also the round's training curve: train-loss-curve (mean loss of up to `CURVE_POINTS`
+            consecutive windows of local steps) and train-loss-steps (the global step ending each window).
+            Under DP no curve is sent: it would be one more unaccounted output of the site's data.
     """
 
     arrays: dict[str, Tensor] | None
-    metrics: dict[str, float]
+    metrics: dict[str, float | list[float]]
 
 
 def train_round(
@@ -65,11 +73,11 @@ def train_round(
         ledger = PrivacyLedger.calibrate(settings.dp, n_examples=n, batch_size=settings.batch_size,
                                          planned_steps=settings.rounds * settings.local_steps)
     if ledger is not None and not ledger.can_spend(settings.local_steps):
-        return RoundResult(None, _metrics(n=0, loss=0.0, started=started, ledger=ledger, exhausted=True)), ledger
+        return RoundResult(None, {**_metrics(n=0, loss=0.0, started=started, ledger=ledger, exhausted=True)}), ledger
 
     config = TrainConfig(
         steps=server_round * settings.local_steps, batch_size=settings.batch_size, lr=settings.lr,
-        grad_clip=0.0 if ledger is not None else 1.0, ema_decay=0.0, log_every=settings.local_steps,
+        grad_clip=0.0 if ledger is not None else 1.0, ema_decay=0.0, log_every=1,
         seed=settings.seed * 1009 + settings.site, amp=False,
     )
     trainer = Trainer(stage, config)
@@ -81,9 +89,21 @@ def train_round(
         draw = poisson_batches(train, sample_rate=ledger.sample_rate)
     else:
         draw = random_batches(train, batch_size=settings.batch_size)
-    means = trainer.fit(draw, quiet=True)
-    metrics = _metrics(n=n, loss=means.get("model", float("nan")), started=started, ledger=ledger, exhausted=False)
-    return RoundResult(group_arrays(stage), metrics), ledger
+    losses: list[tuple[int, float]] = []
+    trainer.fit(draw, quiet=True, on_metrics=lambda step, values: losses.append((step, values.get("model", nan))))
+    loss = float(np.mean([value for _, value in losses])) if losses else nan  # the round's mean, as before
+    metrics = _metrics(n=n, loss=loss, started=started, ledger=ledger, exhausted=False)
+    return RoundResult(group_arrays(stage), metrics | ({} if ledger is not None else curve(losses))), ledger
+
+
+def curve(losses: Sequence[tuple[int, float]], *, points: int = CURVE_POINTS) -> dict[str, list[float]]:
+    """A round's per-step ``(global step, loss)`` pairs as at most ``points`` window means (equal-sized windows).
+
+    Returns ``{"train-loss-curve": [...], "train-loss-steps": [...]}``, the steps being each window's last step.
+    """
+    windows = [w for w in np.array_split(np.arange(len(losses)), min(points, len(losses))) if len(w)]
+    return {"train-loss-curve": [float(np.mean([losses[i][1] for i in w])) for w in windows],
+            "train-loss-steps": [float(losses[w[-1]][0]) for w in windows]}
 
 
 def evaluate(settings: ClientSettings, arrays: Mapping[str, Tensor]) -> dict[str, float]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import Message
@@ -64,6 +64,7 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
                 entry = state.history[-1]
                 tracker.log_round(server_round, round_metrics(entry["sites"], entry["aggregate"],
                                                               wall_s=entry["wall_s"]))
+                tracker.log_curves(entry["sites"])
                 tracker.log_faults(server_round, missing=entry["missing"], rejected=entry["rejected"])
             if not entry_trained(state.history[-1]):
                 log.warning("round %d: no site could train (budgets spent); stopping", server_round)
@@ -151,11 +152,13 @@ def _ok(replies: Iterable[Message]) -> list[Message]:
     return good
 
 
-def _site_metrics(replies: Iterable[Message]) -> dict[int, dict[str, float]]:
+def _site_metrics(replies: Iterable[Message]) -> dict[int, dict[str, Any]]:
+    """Per site, its reply's metrics: numbers as float, lists (a round's training curve) as lists of float."""
     result = {}
     for message in _ok(replies):
-        metrics = {k: float(v) for k, v in message.content["metrics"].items()}  # type: ignore[arg-type]
-        result[int(metrics["site"])] = metrics
+        metrics = {k: [float(x) for x in v] if isinstance(v, list) else float(v)  # type: ignore[arg-type]
+                   for k, v in message.content["metrics"].items()}
+        result[int(cast(float, metrics["site"]))] = metrics
     return result
 
 
