@@ -36,7 +36,8 @@ UNDECODED_IMAGES = ("Promise.all(Array.from(document.images, i => i.decode().cat
                     ".then(() => Array.from(document.images).filter(i => i.naturalWidth === 0)"
                     ".map(i => i.alt || i.src.slice(-80)))")  # a src ends with its file name
 SCROLL_WIDTH = "document.documentElement.scrollWidth"
-TEXT = "document.body ? document.body.innerText : ''"
+TEXT = ("[document, ...Array.from(document.querySelectorAll('iframe'), f => { try { return f.contentDocument; } "
+        "catch (e) { return null; } })].filter(d => d && d.body).map(d => d.body.innerText).join('\\n')")
 
 
 def find_chromium() -> str | None:
@@ -52,7 +53,8 @@ class Page:
         errors: one line per console error, uncaught exception, error log entry or undecoded image.
         scroll_width: ``document.documentElement.scrollWidth``, CSS px; above the viewport width means the page
             overflows sideways (a horizontal scroll bar).
-        text: ``document.body.innerText`` once loaded (and once every ``wait_for`` text showed).
+        text: ``document.body.innerText`` (then that of every same-origin iframe) once loaded and once every
+            ``wait_for`` text showed.
     """
 
     errors: list[str]
@@ -61,11 +63,13 @@ class Page:
 
 
 def open_page(url: str, png_path: Path, *, width: int = 1280, height: int = 2000, timeout_s: float = 60.0,
-              wait_for: Sequence[str] = ()) -> Page:
+              wait_for: Sequence[str] = (), settle_s: float = 0.0) -> Page:
     """Load ``url`` (``file://`` or ``http://127.0.0.1``) in headless Chromium, save a full-page PNG, return a `Page`.
 
     ``wait_for``: texts the page must show before the screenshot (a single-page app such as MLflow's UI fills
     itself in after the load event); polled every 0.25 s until ``timeout_s`` runs out, then EchoFlowError.
+    ``settle_s``: seconds to wait after that before the screenshot (e.g. for a sandboxed iframe, whose text
+    cannot be read, to draw).
     """
     executable = find_chromium()
     if executable is None:
@@ -73,7 +77,7 @@ def open_page(url: str, png_path: Path, *, width: int = 1280, height: int = 2000
     with tempfile.TemporaryDirectory(prefix="echoflow-chromium-") as profile:
         browser = _Browser(executable, Path(profile), deadline=time.monotonic() + timeout_s)
         try:
-            return browser.render(url, png_path, width=width, height=height, wait_for=wait_for)
+            return browser.render(url, png_path, width=width, height=height, wait_for=wait_for, settle_s=settle_s)
         finally:
             browser.close()
 
@@ -121,7 +125,8 @@ class _Browser:
         os.close(to_child)
         os.close(from_child)
 
-    def render(self, url: str, png_path: Path, *, width: int, height: int, wait_for: Sequence[str] = ()) -> Page:
+    def render(self, url: str, png_path: Path, *, width: int, height: int, wait_for: Sequence[str] = (),
+               settle_s: float = 0.0) -> Page:
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for method in ("Page.enable", "Runtime.enable", "Log.enable"):
@@ -138,6 +143,7 @@ class _Browser:
             if time.monotonic() > self.deadline:
                 raise EchoFlowError(f"{url}: never showed {missing!r}")
             time.sleep(0.25)
+        time.sleep(min(settle_s, max(self.deadline - time.monotonic(), 0.0)))
         undecoded = self.call("Runtime.evaluate", {"expression": UNDECODED_IMAGES, "awaitPromise": True,
                                                    "returnByValue": True}, session=session)["result"]["value"]
         size = self.call("Page.getLayoutMetrics", session=session)["cssContentSize"]

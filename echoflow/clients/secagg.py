@@ -21,7 +21,7 @@ from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, pa
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from echoflow.federation.protocol import ARRAY_KEYS
+from echoflow.federation.protocol import ARRAY_KEYS, PRIOR_RECORD
 
 ClientAppCallable = Callable[[Message, Context], Message]
 
@@ -39,8 +39,9 @@ def _update_as_fitres(msg: Message, context: Context, train: ClientAppCallable) 
     config = dict(fitins.config)
     keys = json.loads(str(config.pop(ARRAY_KEYS)))
     global_arrays = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
+    priors = {k: v for k, v in msg.content.array_records.items() if k.startswith(PRIOR_RECORD)}  # kept for the task
     msg.content = RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in global_arrays.items()}),
-                              "config": ConfigRecord(cast(dict[str, Any], config))})
+                              "config": ConfigRecord(cast(dict[str, Any], config)), **priors})
     reply = train(msg, context)
     trained = reply.content.array_records.get("arrays")
     local = trained.to_numpy_ndarrays() if trained is not None else None

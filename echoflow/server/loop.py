@@ -26,6 +26,7 @@ from echoflow.federation.task import group_arrays, load_task
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
 from echoflow.server.gather import Training, gather_cyclic_training, gather_evaluation, gather_training
 from echoflow.server.latent_scale import federated_latent_scale
+from echoflow.server.priors import with_priors
 from echoflow.server.roster import Roster, merge_missing
 from echoflow.server.secagg import SecAggConfig, gather_secure_training
 from echoflow.server.settings import ServerSettings
@@ -55,6 +56,7 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
         log.info("resuming %s after round %d", settings.checkpoint_dir, state.round)
         load_strategy_state(strategy, state.strategy)
     tracker = _tracker(settings, state)
+    grid = with_priors(grid, load_task(settings.task), settings.stage, settings.config)  # e.g. the VAE, to sites
     roster = Roster()
     try:
         for server_round in range(state.round + 1, settings.rounds + 1):

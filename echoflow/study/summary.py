@@ -132,8 +132,13 @@ def _page(rows: Sequence[Mapping[str, Any]], pooled: Mapping[str, Mapping[str, A
     """The whole ``summary.html``: the parity verdict, cards, the parity table, figures, video previews."""
     real, synthetic = pooled["real"]["mae"], pooled["synthetic"]["mae"]
     ratio = synthetic / real
-    verdict = ("synthetic data matches real data" if ratio <= PARITY_GOAL else "synthetic data does not yet match "
-               "real data")
+    if pooled["real"]["r2"] <= 0:  # the yardstick itself predicts no better than the mean EF
+        verdict = f"not measurable, the real-trained regressor does not predict EF (R² {pooled['real']['r2']:.2f})"
+        tone = ""
+    elif ratio <= PARITY_GOAL:
+        verdict, tone = "synthetic data matches real data", "ok"
+    else:
+        verdict, tone = "synthetic data does not yet match real data", ""
     items = [Card(f"{audited['released']} / {audited['videos']}", "videos released / generated"),
              Card(f"{real:.2f}", "MAE, EF %, regressor trained on real videos"),
              Card(f"{synthetic:.2f}", "MAE, EF %, regressor trained on released synthetic videos only"),
@@ -157,7 +162,7 @@ def _page(rows: Sequence[Mapping[str, Any]], pooled: Mapping[str, Mapping[str, A
                 headline=f"EF parity: {verdict} (synthetic-only MAE {synthetic:.2f} vs real {real:.2f}, {ratio:.2f}×)",
                 verdict=f"{headline['released videos']}. An EF regressor trained only on released synthetic videos "
                         f"is compared with one trained on real videos, both tested on real TEST videos.",
-                tone="ok" if ratio <= PARITY_GOAL else "", sections=[cards(items), parity, *figures, videos])
+                tone=tone, sections=[cards(items), parity, *figures, videos])
 
 
 def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mapping[str, Any],

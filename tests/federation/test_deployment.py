@@ -1,15 +1,29 @@
-"""A real deployment on 127.0.0.1: SuperLink (TLS, node authentication) + 2 SuperNodes run 2 toy rounds (slow)."""
+"""Deployment: earlier stages' weights travel in messages (no folder shared with the server), and a real
+deployment on 127.0.0.1: SuperLink (TLS, node authentication) + SuperNodes, each in its own folder (slow)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from echoflow.server.checkpoint import load_latest
+import echoflow.federation.echo_task as echo_task
+from echoflow.config import load_config
+from echoflow.data.phantom import generate_cohort
+from echoflow.errors import EchoFlowError
+from echoflow.federation.config import run_config
+from echoflow.federation.echo_task import TASK
+from echoflow.federation.task import group_arrays
+from echoflow.server import loop
+from echoflow.server.checkpoint import FederationState, load_latest, save_round
+from echoflow.server.settings import ServerSettings
+from tests.federation.grid import LocalGrid
 from tests.federation.processes import REPO, free_port, process_pool
 
 DEPLOY = REPO / "deploy"
@@ -21,6 +35,39 @@ def wait_for(condition: object, *, timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         time.sleep(1.0)
+
+
+def test_the_global_vae_travels_in_messages_and_sites_never_read_the_server_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Federate image_flow (1 round) over an in-process grid; a site that opened a checkpoint folder would fail."""
+    cfg = load_config(["data.size=32", "data.frames=16", "model.vae.base_channels=4", "model.image_flow.channels=[4,8]",
+                       "model.discriminator.base_channels=4", f"workdir={tmp_path}/server",
+                       f"federation.checkpoint_dir={tmp_path}/server/federation", "federation.sites=2",
+                       "federation.rounds=1", "federation.local_steps=2", "federation.batch_size=4",
+                       "federation.evaluate=false", "mlflow.tracking_uri="])
+    generate_cohort(tmp_path / "sites", sites=2, patients_per_site=2, seed=0, size=32, frames=16)
+    config = run_config(cfg, stage="image_flow", stage_checkpoints={"vae": f"{tmp_path}/server/federation/vae"}) | {
+        "data-root": str(tmp_path / "sites")}
+    task_config = json.loads(config["config-json"])
+    torch.manual_seed(0)
+    vae = group_arrays(TASK.build_stage("vae", task_config))
+    save_round(tmp_path / "server" / "federation" / "vae", FederationState(round=1, arrays=vae))
+    received: list[dict[str, torch.Tensor]] = []
+    monkeypatch.setattr(echo_task, "global_network", lambda *a: pytest.fail(f"a site read a server folder: {a}"))
+    monkeypatch.setattr(echo_task, "recall", lambda stage, key, recall=echo_task.recall: received.append(
+        recall(stage, key)) or received[-1])
+    grid = LocalGrid(2)
+    try:
+        state = loop.run_federation(grid, ServerSettings.from_run_config(config), config)
+    finally:
+        grid.close()
+    assert state.round == 1 and sorted(state.history[0]["sites"]) == [0, 1] and state.history[0]["trained"] == 2
+    # each site encoded its latents with exactly the server's global VAE (its model group), received by message
+    assert len(received) == 2 and all(set(r) == {k for k in vae if k.startswith("model.")} for r in received)
+    assert all(torch.equal(r[k], vae[k]) for r in received for k in r)
+    with pytest.raises(EchoFlowError, match=r"stage_checkpoints\.vae"):  # without the message, the folder it is
+        shutil.rmtree(tmp_path / "server")
+        TASK.site_data("image_flow", tmp_path / "sites" / "site_00", task_config)
 
 
 @pytest.mark.slow
