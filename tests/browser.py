@@ -63,11 +63,12 @@ class Page:
 
 
 def open_page(url: str, png_path: Path, *, width: int = 1280, height: int = 2000, timeout_s: float = 60.0,
-              wait_for: Sequence[str] = (), settle_s: float = 0.0) -> Page:
+              wait_for: Sequence[str] = (), ready: str = "", settle_s: float = 0.0) -> Page:
     """Load ``url`` (``file://`` or ``http://127.0.0.1``) in headless Chromium, save a full-page PNG, return a `Page`.
 
     ``wait_for``: texts the page must show before the screenshot (a single-page app such as MLflow's UI fills
     itself in after the load event); polled every 0.25 s until ``timeout_s`` runs out, then EchoFlowError.
+    ``ready``: a JavaScript expression that must also be truthy (polled alike), e.g. that an element exists.
     ``settle_s``: seconds to wait after that before the screenshot (e.g. for a sandboxed iframe, whose text
     cannot be read, to draw).
     """
@@ -77,7 +78,8 @@ def open_page(url: str, png_path: Path, *, width: int = 1280, height: int = 2000
     with tempfile.TemporaryDirectory(prefix="echoflow-chromium-") as profile:
         browser = _Browser(executable, Path(profile), deadline=time.monotonic() + timeout_s)
         try:
-            return browser.render(url, png_path, width=width, height=height, wait_for=wait_for, settle_s=settle_s)
+            return browser.render(url, png_path, width=width, height=height, wait_for=wait_for, ready=ready,
+                                  settle_s=settle_s)
         finally:
             browser.close()
 
@@ -126,7 +128,7 @@ class _Browser:
         os.close(from_child)
 
     def render(self, url: str, png_path: Path, *, width: int, height: int, wait_for: Sequence[str] = (),
-               settle_s: float = 0.0) -> Page:
+               ready: str = "", settle_s: float = 0.0) -> Page:
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for method in ("Page.enable", "Runtime.enable", "Log.enable"):
@@ -139,7 +141,8 @@ class _Browser:
         self.wait_for("Page.loadEventFired", session)
         settle = "new Promise(done => requestAnimationFrame(() => setTimeout(done, 50)))"  # late errors surface
         self.call("Runtime.evaluate", {"expression": settle, "awaitPromise": True}, session=session)
-        while (missing := [t for t in wait_for if t not in self.evaluate(TEXT, session)]):
+        while (missing := [t for t in wait_for if t not in self.evaluate(TEXT, session)]
+               + ([ready] if ready and not self.evaluate(f"Boolean({ready})", session) else [])):
             if time.monotonic() > self.deadline:
                 raise EchoFlowError(f"{url}: never showed {missing!r}")
             time.sleep(0.25)
