@@ -10,12 +10,18 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import echoflow.federation.echo_task as echo_task
-from echoflow.config import load_config
+from echoflow.audit.federated import SiteAuditor
+from echoflow.audit.run import AuditSettings, embed_sites
+from echoflow.cli import app
+from echoflow.config import load_config, plain
 from echoflow.data.phantom import generate_cohort
+from echoflow.data.sites import load_site
 from echoflow.errors import EchoFlowError
 from echoflow.federation.config import run_config
 from echoflow.federation.echo_task import TASK
@@ -23,6 +29,7 @@ from echoflow.federation.task import group_arrays
 from echoflow.server import loop
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
 from echoflow.server.settings import ServerSettings
+from echoflow.stages.networks import build_network, load_network, save_network
 from tests.federation.grid import LocalGrid
 from tests.federation.processes import REPO, free_port, process_pool
 
@@ -68,6 +75,30 @@ def test_the_global_vae_travels_in_messages_and_sites_never_read_the_server_fold
     with pytest.raises(EchoFlowError, match=r"stage_checkpoints\.vae"):  # without the message, the folder it is
         shutil.rmtree(tmp_path / "server")
         TASK.site_data("image_flow", tmp_path / "sites" / "site_00", task_config)
+
+
+def test_a_site_builds_its_audit_index_from_its_own_folder(tmp_path: Path) -> None:
+    overrides = [f"workdir={tmp_path}/models", "data.size=32", "model.vae.base_channels=8", "model.reid.channels=8",
+                 "model.reid.dim=16"]
+    cfg = load_config(overrides)
+    torch.manual_seed(0)
+    for stage in ("vae", "reid"):
+        save_network(build_network(stage, plain(cfg.model)), tmp_path / "models" / stage / "model.safetensors")
+    site = generate_cohort(tmp_path / "hospital", sites=1, patients_per_site=4, seed=3, size=32, frames=12)[0]
+    result = CliRunner().invoke(app, ["audit", "index", "--site", str(site), *overrides])
+    assert result.exit_code == 0, result.output
+    auditor = SiteAuditor.load(site / "audit_index")
+    train = load_site(site, size=32, splits=["TRAIN"])
+    heldout = load_site(site, size=32, splits=["VAL", "TEST"])
+    assert auditor.index.ntotal == sum(len(v) for v in train.videos) and len(auditor.heldout) == sum(
+        len(v) for v in heldout.videos)  # every TRAIN frame indexed; every held-out frame kept for calibration
+    vae, reid = (load_network(s, plain(cfg.model), tmp_path / "models" / s / "model.safetensors")
+                 for s in ("vae", "reid"))
+    expected = embed_sites(vae, reid, [train], [heldout], AuditSettings())[train.name]  # type: ignore[arg-type]
+    assert np.allclose(auditor.index.vectors(), expected.train.vectors, atol=1e-5)
+    assert f"{auditor.index.ntotal} TRAIN frames" in result.output
+    missing = CliRunner().invoke(app, ["audit", "index", "--site", str(tmp_path / "nowhere"), *overrides])
+    assert missing.exit_code != 0 and "nowhere" in str(missing.exception or missing.output)
 
 
 @pytest.mark.slow
