@@ -32,6 +32,7 @@ from echoflow.server.settings import ServerSettings
 from echoflow.stages.networks import build_network, load_network, save_network
 from tests.federation.grid import LocalGrid
 from tests.federation.processes import REPO, free_port, process_pool
+from tests.test_pipeline import TINY as PIPELINE_TINY
 
 DEPLOY = REPO / "deploy"
 
@@ -136,3 +137,64 @@ def test_superlink_and_two_supernodes_with_tls_and_node_auth_run_two_rounds(tmp_
     state = load_latest(tmp_path / "ckpt")
     assert state is not None and [sorted(e["sites"]) for e in state.history] == [["0", "1"], ["0", "1"]]
     assert all("eval-loss" in site for e in state.history for site in e["sites"].values())
+
+
+@pytest.mark.slow
+def test_stage_all_deployed_with_each_supernode_in_its_own_folder_and_no_path_in_common(tmp_path: Path) -> None:
+    """SuperLink + 2 SuperNodes (TLS, node auth) federate all five stages in one `flwr run`.
+
+    The server, the operator and each node work in their own folder; a site's data lives only in its node's
+    folder, and the server's checkpoints only in the server's. The latent stages get the global VAE in messages.
+    """
+    server, nodes = tmp_path / "server", [tmp_path / f"node{i}" for i in (0, 1)]
+    certs = server / "certs"
+    server.mkdir()
+    subprocess.run([str(DEPLOY / "certificates.sh"), str(certs), "2"], check=True, capture_output=True)
+    sites = generate_cohort(tmp_path / "phantom", sites=2, patients_per_site=8, seed=0, size=64, frames=32)
+    for node, site in zip(nodes, sites, strict=True):
+        (node / "data").mkdir(parents=True)
+        shutil.move(str(site), node / "data" / site.name)  # the site's videos exist only in its node's folder
+    shutil.rmtree(tmp_path / "phantom")
+    overrides = [o for o in PIPELINE_TINY if not o.startswith("pipeline.")] + [
+        f"workdir={server}/work", f"federation.checkpoint_dir={server}/federation", "federation.rounds=1",
+        "federation.local_steps=3", "mlflow.tracking_uri=", "stage=all"]
+    exported = CliRunner().invoke(app, ["simulate", "--export-run-config", str(server / "run.toml"), *overrides])
+    assert exported.exit_code == 0, exported.output
+    port = free_port()
+    env = os.environ | {"PYTHONPATH": str(REPO), "ECHOFLOW_QUIET": "1"}
+    homes = {place: place / "flwr" for place in (server, *nodes)}
+    for home in homes.values():
+        home.mkdir(parents=True)
+    (homes[server] / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{certs / "ca.crt"}"\n')
+    operator = env | {"FLWR_HOME": str(homes[server])}
+    with process_pool(env) as start:
+        start(["flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile",
+               str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth",
+               "--disable-runtime-dependency-installation", "--port", str(port)], server / "link.log", cwd=server,
+              env_extra={"FLWR_HOME": str(homes[server])})
+        wait_for(lambda: "Uvicorn running on https" in (server / "link.log").read_text(), timeout_s=60,
+                 what="SuperLink start")
+        for i, node in enumerate(nodes):
+            shutil.copy(certs / f"site_{i:02d}", node / "key")
+            shutil.copy(certs / f"site_{i:02d}.pub", node / "key.pub")
+            shutil.copy(certs / "ca.crt", node / "ca.crt")
+            subprocess.run(["flwr", "supernode", "register", str(node / "key.pub"), "local"], env=operator,
+                           check=True, capture_output=True, timeout=60)
+            node_config = (f'partition-id={i} site-dir="{node / "data" / sites[i].name}" '
+                           f'state-dir="{node / "state"}"')
+            start(["flower-supernode", "--root-certificates", str(node / "ca.crt"), "--superlink",
+                   f"127.0.0.1:{port}", "--auth-supernode-private-key", str(node / "key"), "--port",
+                   str(free_port()), "--node-config", node_config], node / "node.log", cwd=node,
+                  env_extra={"FLWR_HOME": str(homes[node])})
+        run = subprocess.run(["flwr", "run", str(DEPLOY), "local", "--run-config", str(server / "run.toml")],
+                             env=operator, capture_output=True, text=True, timeout=60, cwd=server)
+        assert run.returncode == 0 and "Successfully started run" in run.stdout, run.stdout + run.stderr
+        wait_for(lambda: (s := load_latest(server / "federation" / "ef")) is not None and s.round == 1,
+                 timeout_s=1500, what="the last stage's round")
+    for stage in ("vae", "image_flow", "reid", "video_flow", "ef"):
+        state = load_latest(server / "federation" / stage)
+        assert state is not None and state.history[0]["trained"] == 2, stage
+    assert not (server / "work" / "cohort").exists()  # the server never had the sites' data
+    assert str(tmp_path / "node") not in (server / "run.toml").read_text()  # nor did its run config name a site path
