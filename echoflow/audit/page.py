@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from echoflow.audit.calibrate import Calibration
-from echoflow.pages import Card, cards, figure, page, section, table
+from echoflow.figures import Card, cards, figure, page, section, table
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,7 @@ import mlflow
 
 from echoflow.audit.report import SIMILARITY_PNG
 from echoflow.data.echonet import VideoRecord, read_cohort
-from echoflow.figures import ef_previews, png_base64
-from echoflow.pages import Card, cards, figure, page, section, table
+from echoflow.figures import Card, cards, ef_previews, figure, page, png_base64, section, table
 
 PARITY_GOAL = 1.1
 """Synthetic-only / real-trained MAE at which the summary calls the synthetic data a match (the paper's claim)."""
