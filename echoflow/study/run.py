@@ -151,12 +151,12 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     cohort = Cohort.of(cfg)
     once(cfg, "cohort", lambda: {"sites": [str(root) for root in cohort.roots]})
     trained = once(cfg, "models", lambda: train_models(cfg, cohort))
-    models = functools.cache(lambda: Models.load(cfg))  # read once, by the first step that needs them
-    real = functools.cache(lambda: embed_real(cfg, models(), cohort))  # embedded once for screening and the audit
-    generated = once(cfg, "generate", lambda: generate(cfg, models(), cohort, real()))
-    audited = once(cfg, "audit", lambda: audit(cfg, models(), cohort, real()))
+    models = Models.load(cfg)  # each read once, by the first step that needs it
+    real = functools.cache(lambda: embed_real(cfg, models, cohort))  # embedded once for screening and the audit
+    generated = once(cfg, "generate", lambda: generate(cfg, models, cohort, real()))
+    audited = once(cfg, "audit", lambda: audit(cfg, models, cohort, real()))
     released = Path(cfg.workdir) / "audit" / "released"
-    evaluated = once(cfg, "evaluate", lambda: parity_study(cfg, models(), cohort, released, audited["released"]))
+    evaluated = once(cfg, "evaluate", lambda: parity_study(cfg, models, cohort, released, audited["released"]))
     summary = write_summary(Path(cfg.workdir), models=trained, generated=generated, audited=audited,
                             evaluated=evaluated, released=released, real_roots=cohort.roots)
     mlflow.log_artifacts(str(Path(cfg.workdir) / "summary"), "summary")
