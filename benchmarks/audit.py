@@ -43,10 +43,10 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reid_cohort import mixture_fill, reid_cohort  # noqa: E402
+from reid_cohort import mixture_fill, reid_cohort
 
-from echoflow.audit import build_index, calibrate, decide_samples, prepare  # noqa: E402
-from echoflow.audit.neighbours import SiteIndex  # noqa: E402
+from echoflow.audit import build_index, calibrate, decide_samples, prepare
+from echoflow.audit.neighbours import SiteIndex
 
 Timing = tuple[float, float]  # (wall s, process CPU s)
 
@@ -94,8 +94,11 @@ def make_data(args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str
     return train, cohort.heldout, generated, n_real
 
 
+Timings = dict[str, tuple[Timing, Timing]]
+
+
 def run_methods(train: dict[str, np.ndarray], generated: np.ndarray, tau: float,
-                repeats: int) -> tuple[dict[str, tuple[Timing, Timing]], dict[str, np.ndarray], Any, dict[str, SiteIndex]]:
+                repeats: int) -> tuple[Timings, dict[str, np.ndarray], Any, dict[str, SiteIndex]]:
     """Time every method ``repeats`` times, interleaved; returns median (build, search) timings and outputs."""
     q_cos = prepare(generated, similarity="cosine")
 
@@ -160,7 +163,7 @@ def main() -> None:
     tau = calibration.global_threshold
     print(f"index: {next(iter(auto.values())).kind}; calibration {t_cal[0]:.1f} s, tau = {tau:.4f}")
 
-    timings, outputs, result, indexes = run_methods(train, generated, tau, args.repeats)
+    timings, outputs, result, _indexes = run_methods(train, generated, tau, args.repeats)
     truth = outputs["exact faiss IndexFlatIP"]
     must = truth >= tau
     withheld = ~result.release
@@ -182,7 +185,8 @@ def main() -> None:
     for name, (build, search) in timings.items():
         wall, cpu = build[0] + search[0], build[1] + search[1]
         print(f"  {name:26s} build {build[0]:7.2f} ({build[1]:7.2f})  search {search[0]:7.2f} ({search[1]:7.2f})  "
-              f"total {wall:7.2f} ({cpu:7.2f})   best brute force / this {best / wall:6.2f}x ({best_cpu / cpu:.2f}x CPU)")
+              f"total {wall:7.2f} ({cpu:7.2f})   best brute force / this {best / wall:6.2f}x "
+              f"({best_cpu / cpu:.2f}x CPU)")
     print(f"  {'reference corrcoef':26s} {t_ref[0]:.2f} s at {g_ref:,} x {n_ref:,}, one thread; scaled by pairs "
           f"≈ {t_ref[0] * scale:.0f} s")
     audit_wall = sum(t[0] for t in timings["audit"])

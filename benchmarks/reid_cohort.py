@@ -30,8 +30,16 @@ import numpy as np
 import torch
 
 from echoflow.config import load_config, plain
-from echoflow.data.phantom import _ANATOMY, _STYLE, _VISIT, render_video, sample_anatomy, sample_patient_ef, \
-    sample_visit, stream_rng
+from echoflow.data.phantom import (
+    _ANATOMY,
+    _STYLE,
+    _VISIT,
+    render_video,
+    sample_anatomy,
+    sample_patient_ef,
+    sample_visit,
+    stream_rng,
+)
 from echoflow.data.phantom_look import sample_site_style
 from echoflow.models.vae import AdversarialVAE, measure_latent_scale
 from echoflow.stages.networks import build_network

@@ -40,8 +40,11 @@ class BoundedIVFIndex(SiteIndex):
 
     def __init__(self, ivf: faiss.IndexIVF, *, similarity: Similarity, nprobe: int = 1,
                  lists: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
-        """Wrap a trained ``ivf``; ``lists`` = (offsets, ids, vectors) as `_copy_lists` returns them, when the
-        builder already holds them list-sorted: ``ivf``'s own lists are then left empty until `save`."""
+        """Wrap a trained ``ivf``.
+
+        ``lists`` = (offsets, ids, vectors) as `_copy_lists` returns them, when the builder already holds them
+        list-sorted: ``ivf``'s own lists are then left empty until `save`.
+        """
         self.similarity = similarity
         self.nprobe = nprobe
         self._ivf = ivf

@@ -120,7 +120,7 @@ def two_level_lists(x: np.ndarray, *, nlist: int, seed: int = 0) -> tuple[np.nda
     """
     rng = np.random.default_rng(seed)
     n = len(x)
-    cells = max(1, min(int(round(np.sqrt(nlist))), n))
+    cells = max(1, min(round(np.sqrt(nlist)), n))
     coarse = _nearest(x, _spherical_kmeans(x, cells, rng=rng, niter=8, points_per_centroid=32))
     order = np.argsort(coarse, kind="stable")
     bounds = np.searchsorted(coarse[order], np.arange(cells + 1))
@@ -131,7 +131,7 @@ def two_level_lists(x: np.ndarray, *, nlist: int, seed: int = 0) -> tuple[np.nda
         if len(members) == 0:
             continue
         sub = x[members]
-        k = max(1, min(int(round(len(members) * nlist / n)), len(members)))
+        k = max(1, min(round(len(members) * nlist / n), len(members)))
         local = (np.zeros(len(sub), dtype=np.int64) if k == 1 else
                  _nearest(sub, _spherical_kmeans(sub, k, rng=rng, niter=4, points_per_centroid=8)))
         means, local = _member_means(sub, local, k)
