@@ -144,7 +144,7 @@ class BoundedIVFIndex(SiteIndex):
             vectors[lo:hi] = codes.view(np.float32).reshape(-1, d)
         return offsets, ids, vectors
 
-    def _list_extents(self, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    def _list_extents(self, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """Per list: ball radius r = max ‖x − c‖ and cone cos θ = min ⟨x, ĉ⟩; (0, 1) when empty. float64."""
         radius = np.zeros(self.nlist)
         min_cos = np.ones(self.nlist)
