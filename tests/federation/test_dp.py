@@ -16,8 +16,8 @@ from echoflow.clients.dp_engine import FastDPOptimizer, FastGradSampleModule, gr
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import train_round
 from echoflow.config import load_config, plain
-from echoflow.models.blocks import Attention
 from echoflow.federation.task import group_arrays
+from echoflow.models.blocks import Attention
 from echoflow.stages.objectives import build_stage
 from echoflow.stages.trainer import TrainConfig, Trainer
 from tests.federation.conftest import TASK, toy_run_config
