@@ -21,8 +21,15 @@ from tests.test_summary import write_fake_summary
 
 ARTIFACTS = Path(os.environ.get("ECHOFLOW_TEST_ARTIFACTS") or Path(__file__).resolve().parents[1] / "test-artifacts")
 
-pytestmark = pytest.mark.skipif(find_chromium() is None,
-                                reason="no chromium on PATH (Debian: apt-get install -y chromium)")
+NO_CHROMIUM = "no chromium on PATH (Debian: apt-get install -y chromium)"
+# Skipped on a developer machine without Chromium; in CI (the CI variable set) a missing Chromium fails instead.
+pytestmark = pytest.mark.skipif(find_chromium() is None and not os.environ.get("CI"), reason=NO_CHROMIUM)
+
+
+@pytest.fixture(autouse=True)
+def _chromium_in_ci() -> None:
+    if find_chromium() is None:
+        pytest.fail(f"CI is set but there is {NO_CHROMIUM}", pytrace=False)
 
 
 def small_audit_html(out: Path) -> Path:

@@ -127,7 +127,7 @@ def test_our_own_ingest_reads_the_dicom_export_back(released: Path, tmp_path: Pa
     square = tmp_path / "square"
     write_synthetic(square, rng.integers(0, 256, (2, 9, 32, 32), dtype=np.uint8), np.array([50.0, 60.0]), fps=25)
     export_dicom(square, tmp_path / "dicom_sq")
-    report = ingest_dicom(tmp_path / "dicom_sq", tmp_path / "ingested", salt="s", size=32)
+    report = ingest_dicom(tmp_path / "dicom_sq", tmp_path / "ingested", salt="site-secret-16-bytes", size=32)
     assert len(report.records) == 2 and not report.skipped
     back = sorted(read_avi(r.path).tobytes() for r in report.records)
     assert back == sorted(read_avi(r.path).tobytes() for r in read_cohort(square).records)

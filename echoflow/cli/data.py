@@ -18,19 +18,22 @@ def ingest(
     ef_csv: Annotated[Path | None, typer.Option("--ef-csv", help="CSV: EF + SOPInstanceUID or FileName.")] = None,
     size: Annotated[int, typer.Option("--size", min=8, help="Output frame height = width, pixels.")] = 112,
     salt: Annotated[str | None, typer.Option(
-        "--salt", envvar="ECHOFLOW_SALT", help="Secret hash salt; reuse it so a patient's studies link across runs.",
+        "--salt", envvar="ECHOFLOW_SALT",
+        help="Site secret (>= 16 bytes) keying the HMAC pseudonyms; reuse it so a patient's studies link across "
+             "runs. Without it a random key is used.",
     )] = None,
+    accept_burned_in_risk: Annotated[bool, typer.Option(
+        "--accept-burned-in-risk",
+        help="Also ingest single frames and low-motion cines, whose burned-in text cannot be told from the image "
+             "(only flat bright text is removed from them). The site accepts that risk; refused without it.",
+    )] = False,
 ) -> None:
-    """De-identify ultrasound DICOM into Videos/*.avi + FileList.csv; print one line per skipped file."""
-    import secrets
-
+    """De-identify ultrasound DICOM into Videos/*.avi + FileList.csv; print one line per skipped input."""
     from echoflow.data.ingest import ingest_dicom  # lazy: keeps `echoflow --help` free of torch
 
-    if salt is None:
-        salt = secrets.token_hex(16)
-        typer.echo("no --salt given: used a one-off random salt, so these patients will not link to other ingests")
-    report = ingest_dicom(dicom_dir, out, salt=salt, size=size, ef_csv=ef_csv)
-    for line in report.skipped:
+    report = ingest_dicom(dicom_dir, out, salt=salt, size=size, ef_csv=ef_csv,
+                          accept_burned_in_risk=accept_burned_in_risk)
+    for line in [*report.notes, *report.skipped]:
         typer.echo(line)
     typer.echo(report.summary())
 

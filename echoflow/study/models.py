@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import cast
 
@@ -18,7 +19,6 @@ from echoflow.data.cohort import cohort_roots
 from echoflow.data.sites import Decoded, SiteData, load_sites
 from echoflow.models.vae import AdversarialVAE
 from echoflow.models.video_flow import LatentVideoFlow
-from echoflow.stages import GENERATIVE
 from echoflow.stages.networks import load_network
 
 
@@ -48,21 +48,39 @@ class Cohort:
         return load_sites(roots, size=self.size, splits=splits, decoded=self.decoded)
 
 
-@dataclass(frozen=True)
 class Models:
-    """The four trained EchoFlow networks of a run, in eval mode."""
+    """The four trained EchoFlow networks of a run, in eval mode, each read from disk once, when first needed.
 
-    vae: AdversarialVAE
-    image_flow: nn.Module
-    reid: nn.Module
-    video_flow: LatentVideoFlow
+    (The audit needs only the VAE and re-id; generation all four.)
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
 
     @classmethod
     def load(cls, cfg: DictConfig) -> Models:
-        """Each stage's saved weights (``<workdir>/<stage>/model.safetensors``), read once."""
-        nets = {name: trained_network(cfg, name) for name in GENERATIVE}
-        return cls(cast(AdversarialVAE, nets["vae"]), nets["image_flow"], nets["reid"],
-                   cast(LatentVideoFlow, nets["video_flow"]))
+        """The models of ``cfg``'s workdir (``<workdir>/<stage>/model.safetensors``)."""
+        return cls(cfg)
+
+    @cached_property
+    def vae(self) -> AdversarialVAE:
+        """The adversarial VAE."""
+        return cast(AdversarialVAE, trained_network(self.cfg, "vae"))
+
+    @cached_property
+    def image_flow(self) -> nn.Module:
+        """The latent image flow."""
+        return trained_network(self.cfg, "image_flow")
+
+    @cached_property
+    def reid(self) -> nn.Module:
+        """The latent re-identification encoder."""
+        return trained_network(self.cfg, "reid")
+
+    @cached_property
+    def video_flow(self) -> LatentVideoFlow:
+        """The latent video flow."""
+        return cast(LatentVideoFlow, trained_network(self.cfg, "video_flow"))
 
 
 def stage_folder(cfg: DictConfig, name: str) -> Path:

@@ -161,14 +161,13 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     cohort = times.measure("cohort", lambda: Cohort.of(cfg))
     once(cfg, "cohort", lambda: {"sites": [str(root) for root in cohort.roots]})
     trained = step("models", lambda: train_models(cfg, cohort))
-    # read once, by the first step that needs them
-    models = functools.cache(lambda: times.measure("load models", lambda: Models.load(cfg)))
+    models = Models.load(cfg)  # each read once, by the first step that needs it
     # embedded once for screening and the audit
-    real = functools.cache(lambda: times.measure("embed real frames", lambda: embed_real(cfg, models(), cohort)))
-    generated = step("generate", lambda: generate(cfg, models(), cohort, real()))
-    audited = step("audit", lambda: audit(cfg, models(), cohort, real()))
+    real = functools.cache(lambda: times.measure("embed real frames", lambda: embed_real(cfg, models, cohort)))
+    generated = step("generate", lambda: generate(cfg, models, cohort, real()))
+    audited = step("audit", lambda: audit(cfg, models, cohort, real()))
     released = Path(cfg.workdir) / "audit" / "released"
-    evaluated = step("evaluate", lambda: parity_study(cfg, models(), cohort, released, audited["released"]))
+    evaluated = step("evaluate", lambda: parity_study(cfg, models, cohort, released, audited["released"]))
     summary = times.measure("summary", lambda: write_summary(
         Path(cfg.workdir), models=trained, generated=generated, audited=audited, evaluated=evaluated,
         released=released, real_roots=cohort.roots))

@@ -160,15 +160,15 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 # case -> (write the hostile file at the given path, words of its one skip line)
 DICOM_FUZZ: dict[str, tuple[Callable[[Path], object], str]] = {
-    "truncated": (cut, "cannot decode pixel data (Explicit VR Little Endian)"),
+    "truncated": (cut, "truncated file"),
     "huge declared size": (lambda p: dicom_edit(write_us(p, scan()), Rows=65535, Columns=65535),
-                           "too large: 12 frames of 65535x65535"),
+                           "too large: declared size over the limits (10000 frames, 4096 pixels a side"),
     "a million declared frames": (lambda p: dicom_edit(write_us(p, scan()), NumberOfFrames=1_000_000),
-                                  "too large: 1000000 frames"),
-    "zero frames": (lambda p: dicom_edit(write_us(p, scan()), NumberOfFrames=0), "unexpected pixel array shape"),
+                                  "too large: declared size over the limits"),
+    "zero frames": (lambda p: dicom_edit(write_us(p, scan()), NumberOfFrames=0), "no frames (NumberOfFrames)"),
     "broken JPEG stream": (lambda p: write_us(p, scan(), corrupt=True), "cannot decode pixel data (JPEG Baseline"),
     "unknown transfer syntax": (lambda p: with_syntax(p, "1.2.826.0.1.3680043.8.498.7"),
-                                "cannot decode pixel data (unknown transfer syntax)"),
+                                "transfer syntax unknown not supported"),
     "no pixel data": (lambda p: write_us(p, scan(), pixel_data=False), "no pixel data"),
     "CT": (lambda p: write_us(p, scan(), modality="CT"), "modality CT, not US"),
     "structured report": (lambda p: dicom_edit(write_us(p, scan(), pixel_data=False), SOPClassUID=SR),
@@ -178,7 +178,7 @@ DICOM_FUZZ: dict[str, tuple[Callable[[Path], object], str]] = {
     "malformed header": (bad_number_of_frames, "malformed header (ValueError)"),
     "no frame timing": (lambda p: dicom_edit(write_us(p, scan()), FrameTime=None), "no frame timing"),
     "burned-in text on a still frame": (lambda p: write_us(p, scan(1), BurnedInAnnotation="YES"),
-                                        "burned-in annotation cannot be removed"),
+                                        "single frame: burned-in text cannot be told from the image"),
     "not DICOM": (lambda p: p.write_text("CANARY^PHI called on 20240229\n"), "not DICOM"),
     "empty file": (lambda p: p.write_bytes(b""), "empty file"),
     "fifo": (fifo, "not a regular file"),
@@ -195,18 +195,18 @@ def test_dicom_ingest_skips_each_hostile_file_with_one_line(tmp_path: Path, case
     src = tmp_path / "in"
     src.mkdir()
     write_us(src / "good_a.dcm", scan(), instance="1.2.826.0.1.3680043.8.498.1")
-    write_us(src / "good_b.dcm", scan(1, seed=2), instance="1.2.826.0.1.3680043.8.498.2")
+    write_us(src / "good_b.dcm", scan(seed=2), instance="1.2.826.0.1.3680043.8.498.2")
     (src / "study.dcm").mkdir()  # a folder named like a file is searched, not read
     write_us(src / "study.dcm" / "good_c.dcm", scan(seed=3), instance="1.2.826.0.1.3680043.8.498.3")
     make_bad(src / "hostile.dcm")
     result = CliRunner().invoke(app, ["data", "ingest", str(src), "--out", str(tmp_path / "site"), "--size", "16",
-                                      "--salt", "pepper"])
+                                      "--salt", "pepper-site-secret-16"])
     assert result.exit_code == 0, result.output
     [line, summary] = result.output.splitlines()
     assert line.startswith("input #") and words in line and "hostile" not in line
     assert summary.startswith("ingested 3 clips (0 with EF); skipped 1")
     ingested = pd.read_csv(tmp_path / "site" / "FileList.csv")
-    assert len(ingested) == 3 and sorted(ingested.NumberOfFrames) == [1, 12, 12]
+    assert len(ingested) == 3 and sorted(ingested.NumberOfFrames) == [12, 12, 12]
     assert math.isnan(ingested.EF[0])
 
 
