@@ -28,6 +28,26 @@ IndexKind = Literal["auto", "exact", "bounded_ivf"]
 AUTO_EXACT_BELOW = 50_000
 
 
+def top1(q: np.ndarray, x: np.ndarray, *, tile: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Exact max inner product of each query with ``x`` and its row: ((Q,) float32, (Q,) int64).
+
+    (tile x tile) float32 GEMM blocks (16 MiB) and an argmax per block: on 2 CPU cores 3x less CPU time than
+    faiss ``IndexFlatIP.search(k=1)`` at 250k x 10k (benchmarks/audit.py), same float32 inner products.
+    """
+    best = np.full(len(q), -np.inf, dtype=np.float32)
+    arg = np.full(len(q), -1, dtype=np.int64)
+    for lo in range(0, len(q), tile):
+        rows = np.arange(min(tile, len(q) - lo))
+        for start in range(0, len(x), tile):
+            block = q[lo : lo + tile] @ x[start : start + tile].T
+            j = block.argmax(axis=1)
+            value = block[rows, j]
+            better = value > best[lo : lo + tile]
+            best[lo : lo + tile][better] = value[better]
+            arg[lo : lo + tile][better] = start + j[better]
+    return best, arg
+
+
 class ExactIndex(SiteIndex):
     """Brute-force inner product (``faiss.IndexFlatIP``); every answer exact. On GPU when faiss has one."""
 
@@ -37,6 +57,7 @@ class ExactIndex(SiteIndex):
         self.similarity = similarity
         self._cpu = flat
         self._search_index = faiss.index_cpu_to_all_gpus(flat) if faiss.get_num_gpus() > 0 else flat
+        self._vectors: np.ndarray | None = None
 
     @classmethod
     def build(cls, vectors: np.ndarray, *, similarity: Similarity = "cosine") -> ExactIndex:
@@ -44,7 +65,9 @@ class ExactIndex(SiteIndex):
         x = prepare(vectors, similarity=similarity, what="real embeddings")
         flat = faiss.IndexFlatIP(x.shape[1])
         flat.add(x)
-        return cls(flat, similarity=similarity)
+        index = cls(flat, similarity=similarity)
+        index._vectors = x
+        return index
 
     @property
     def ntotal(self) -> int:  # noqa: D102
@@ -56,6 +79,10 @@ class ExactIndex(SiteIndex):
 
     def search(self, queries: np.ndarray, *, k: int = 1, threshold: float | None = None) -> Neighbours:  # noqa: D102
         q = self._check_queries(queries, k)
+        if k == 1 and self._search_index is self._cpu:  # the audit's question, on CPU: tiled GEMM + argmax
+            sim, idx = top1(q, self.vectors())
+            return Neighbours(similarity=sim[:, None], ids=idx[:, None], exact=np.ones(len(q), dtype=bool),
+                              scanned=1.0)
         sims, ids = [], []
         with progress_bar(f"search exact index ({len(q)} queries)", total=len(q)) as advance:
             for start in range(0, len(q), QUERY_CHUNK):  # chunks only to show progress: faiss answers each in full
@@ -67,7 +94,9 @@ class ExactIndex(SiteIndex):
                           scanned=1.0)
 
     def vectors(self) -> np.ndarray:  # noqa: D102
-        return self._cpu.reconstruct_n(0, self.ntotal)
+        if self._vectors is None:
+            self._vectors = self._cpu.reconstruct_n(0, self.ntotal)
+        return self._vectors
 
     def _write(self, path: Path) -> dict[str, Any]:
         faiss.write_index(self._cpu, str(path))

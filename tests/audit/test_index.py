@@ -67,3 +67,14 @@ def test_auto_picks_exact_for_small_sites_and_rejects_bad_input() -> None:
     assert build_index(np.eye(4, dtype=np.float32)).kind == "exact"
     with pytest.raises(EchoFlowError, match="dimension"):
         build_index(np.eye(4, dtype=np.float32)).search(np.ones((1, 3)), k=1)
+
+
+def test_exact_top1_equals_faiss_flat_search() -> None:
+    rng = np.random.default_rng(5)
+    real, queries = rng.standard_normal((5000, 32)), rng.standard_normal((3000, 32))
+    index = build_index(real, kind="exact")
+    got = index.search(queries, k=1)
+    want_sim, _ = index._cpu.search(prepare(queries, similarity="cosine"), 1)
+    np.testing.assert_allclose(got.similarity, want_sim, atol=1e-6)
+    chosen = np.einsum("ij,ij->i", prepare(queries, similarity="cosine"), index.vectors()[got.ids[:, 0]])
+    np.testing.assert_allclose(chosen, want_sim[:, 0], atol=1e-6)  # the reported id holds the maximum
