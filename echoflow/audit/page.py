@@ -38,17 +38,16 @@ class Tally:
 
 
 def tally(report: Mapping[str, Any]) -> Tally:
-    """Count videos, genuine frames and canaries apart, from an ``audit.json`` document."""
-    samples = report.get("samples", [])
-    genuine = [s for s in samples if not s.get("canary", False)]
-    planted = report.get("canaries", {}).get("all", {"caught": 0, "planted": len(samples) - len(genuine)})
-    videos = report.get("videos")
+    """Videos, genuine frames and canaries apart, as the report's ``counts`` (`echoflow.audit.report.counts_of`)."""
+    counts = report["counts"]
+    planted = report.get("canaries", {}).get("all", {"caught": 0, "planted": counts["canaries"]})
+    per_video = "videos" in report  # an audit of bare embeddings has no video decisions
     return Tally(
-        videos=None if videos is None else len(videos),
-        videos_released=None if videos is None else sum(bool(v["release"]) for v in videos),
-        frames=len(genuine), frames_withheld=sum(not s["release"] for s in genuine),
+        videos=counts["videos"] if per_video else None,
+        videos_released=counts["videos_released"] if per_video else None,
+        frames=counts["generated"], frames_withheld=counts["withheld"],
         canaries=int(planted["planted"]), canaries_caught=int(planted["caught"]),
-        every=report.get("run", {}).get("every"),
+        every=counts.get("every"),
     )
 
 

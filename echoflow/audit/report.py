@@ -43,6 +43,9 @@ def build_report(
     index_info: Mapping[str, Mapping[str, Any]] | None = None,
     canaries: Mapping[str, tuple[int, int]] | None = None,
     dcr: DCRStats | None = None,
+    genuine: np.ndarray | None = None,
+    videos: Sequence[tuple[bool, int, int]] = (),
+    every: int = 1,
 ) -> dict[str, Any]:
     """The ``audit.json`` document (see the schema for every field).
 
@@ -52,6 +55,9 @@ def build_report(
         index_info: per site, e.g. ``{"index": "bounded_ivf", "ntotal": 250000, "threshold_recall": 1.0}``.
         canaries: `CanaryPlan.score` output.
         dcr: `dcr_stats` output.
+        genuine: (G,) bool, False for a planted canary row (default: every row is a generated frame).
+        videos: per generated video (released, frames audited, frames in the video).
+        every: the audit's frame stride k (every k-th frame of a video is audited).
     """
     withheld = ~result.release
     sites: dict[str, Any] = {}
@@ -66,11 +72,7 @@ def build_report(
         "version": 1,
         "status": "failed" if result.failed else "passed",
         "failures": dict(result.failures),
-        "counts": {
-            "generated": len(result.release),
-            "released": int(result.release.sum()),
-            "withheld": int(withheld.sum()),
-        },
+        "counts": counts_of(result, genuine=genuine, videos=videos, every=every),
         "sites": sites,
         "calibration": {
             "percentile": calibration.percentile,
@@ -99,6 +101,27 @@ def build_report(
     return report
 
 
+def counts_of(result: AuditResult, *, genuine: np.ndarray | None, videos: Sequence[tuple[bool, int, int]],
+              every: int) -> dict[str, int]:
+    """Generated frames (canaries apart), videos (released, withheld, partially audited) and the stride k."""
+    real = np.ones(len(result.release), dtype=bool) if genuine is None else np.asarray(genuine, dtype=bool)
+    return {
+        "generated": int(real.sum()),
+        "released": int((result.release & real).sum()),
+        "withheld": int((~result.release & real).sum()),
+        "canaries": int((~real).sum()),
+        "every": int(every),
+        "videos": len(videos),
+        "videos_released": sum(1 for released, _, _ in videos if released),
+        "videos_withheld": sum(1 for released, _, _ in videos if not released),
+        "videos_partially_audited": sum(1 for _, audited, total in videos if audited < total),
+    }
+
+
+def _ordinal(k: int) -> str:
+    return {1: "", 2: "2nd ", 3: "3rd "}.get(k, f"{k}th ")
+
+
 def _histogram(result: AuditResult, calibration: Calibration, path: Path) -> str:
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
@@ -107,7 +130,7 @@ def _histogram(result: AuditResult, calibration: Calibration, path: Path) -> str
     for values, label in ((finite, "generated → nearest real"), (real, "real held-out → real train")):
         ax.hist(values, bins=200, range=(-1.0, 1.0), alpha=0.6, density=True, label=label)
     ax.axvline(calibration.global_threshold, color="k", linestyle="--", label=f"τ = {calibration.global_threshold:.3f}")
-    lo = float(min(finite.min(initial=1.0), calibration.heldout_to_all.min()))
+    lo = float(min(finite.min(initial=1.0), calibration.heldout_to_all.min(initial=1.0)))  # federated: none sent
     ax.set_xlim(max(-1.0, lo - 0.05), 1.0)
     ax.set_xlabel("max similarity")
     ax.legend(loc="upper left", fontsize=8)

@@ -3,8 +3,9 @@
 Flower's ``Strategy.start`` always begins at round 1; ours begins after the latest checkpoint. Each round:
 train on the sampled sites, drop the replies of sites whose privacy budget is spent (they say so and send no
 weights), leave out sites that fail and updates that fail screening (`echoflow.server.gather`), aggregate the
-rest in site order, evaluate, checkpoint, log. The federation stops early only when no site can
-train any more. After the last round of a stage whose weights carry a VAE ``latent_scale``, the sites pool
+rest in site order, evaluate, checkpoint, log. A round in which no site could train (every privacy budget
+spent) stops the run with a one-line error: the stage — and the pipeline after it — never goes on with
+untrained weights. After the last round of a stage whose weights carry a VAE ``latent_scale``, the sites pool
 their latent statistics into that global scale, written into the final checkpoint.
 """
 
@@ -61,6 +62,8 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
     try:
         for server_round in range(state.round + 1, settings.rounds + 1):
             state = run_round(grid, strategy, state, server_round=server_round, settings=settings, roster=roster)
+            if not entry_trained(state.history[-1]):
+                raise EchoFlowError(stage_stopped(settings.stage, state.history[-1]))
             save_round(settings.checkpoint_dir, state)
             if tracker is not None:
                 entry = state.history[-1]
@@ -68,9 +71,6 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
                                                               wall_s=entry["wall_s"]))
                 tracker.log_curves(entry["sites"])
                 tracker.log_faults(server_round, missing=entry["missing"], rejected=entry["rejected"])
-            if not entry_trained(state.history[-1]):
-                log.warning("round %d: no site could train (budgets spent); stopping", server_round)
-                break
         if LATENT_SCALE_KEY in state.arrays and state.round > 0:  # the VAE: sites agree on one latent scale
             scale = federated_latent_scale(grid, state.arrays, run_config_record(settings.run_config),
                                             timeout_s=settings.timeout_s)
@@ -137,6 +137,15 @@ def check_same_federation(saved: Mapping[str, Any], current: Mapping[str, Any], 
         if str(saved.get(key)) != str(current.get(key)):
             raise EchoFlowError(f"{where}: holds a different federation ({key} {saved.get(key)!r}, now "
                                 f"{current.get(key)!r}); use another federation.checkpoint_dir or resume=false")
+
+
+def stage_stopped(stage: str, entry: Mapping[str, Any]) -> str:
+    """The one-line error of a round no site could train in: the stage would keep untrained weights."""
+    spent = sorted(str(site) for site, values in entry["sites"].items() if values.get("budget-exhausted", 0.0))
+    why = [f"site {site}: privacy budget spent" for site in spent]
+    why += [f"site {site}: {reason}" for site, reason in {**entry["missing"], **entry["rejected"]}.items()]
+    return (f"stage {stage}: round {entry['round']}: no site could train ({'; '.join(why) or 'none sampled'}); "
+            "stopping the run rather than going on with untrained weights")
 
 
 def entry_trained(entry: Mapping[str, Any]) -> bool:
