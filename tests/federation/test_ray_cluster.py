@@ -47,4 +47,4 @@ def test_simulate_runs_on_a_ray_head_started_with_ray_start(tmp_path: Path) -> N
         shutil.rmtree(ray_tmp, ignore_errors=True)
     state = load_latest(tmp_path / "federation" / "vae")
     assert state is not None and state.round == 2
-    assert all(sorted(entry["sites"]) == [0, 1] and entry["trained"] == 2 for entry in state.history)
+    assert all(sorted(entry["sites"]) == ["0", "1"] and entry["trained"] == 2 for entry in state.history)
