@@ -3,8 +3,11 @@
 For a list with centroid c and members x (unit vectors, as `prepare` makes them), and a unit query q:
 
 - ball bound: ⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩ ≤ ⟨q, c⟩ + r, with r = max ‖x − c‖ over the list;
-- cone bound: if every member lies within angle θ of ĉ = c/‖c‖ (cos θ = min ⟨x, ĉ⟩) and q at angle φ from ĉ,
-  then ⟨q, x⟩ ≤ cos(max(0, φ − θ)), which is tighter on the sphere.
+- cone bound: if every member lies within angle θ of ĉ = c/‖c‖ and q at angle φ from ĉ, then
+  ⟨q, x⟩ ≤ cos(max(0, φ − θ)), which is tighter on the sphere. θ = max 2·asin(‖x̂ − ĉ‖ / 2) in float64 over the
+  renormalised members x̂: arccos of a minimum cosine loses tight lists (members within ~1e-4 rad of ĉ) to
+  rounding — a float32 member of norm 1 + 3e-8 has a cosine that rounds to 1, so θ came out 0 and over-τ pairs
+  just beyond the list's edge were skipped.
 
 Per query we probe every list whose bound (the smaller of the two, plus a float32 safety margin) reaches τ, and
 the ``nprobe`` lists with the nearest centroids for an approximate nearest neighbour. Inner products with the
@@ -49,7 +52,8 @@ class BoundedIVFIndex(SiteIndex):
         self._lists = ivf.invlists
         self._sizes = np.array([self._lists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
         self._offsets, self._sorted_ids, self._sorted = self._copy_lists()
-        self._radius, self._min_cos = self._list_extents()
+        self._radius, self._theta = self._list_extents()
+        self._cos_theta, self._sin_theta = np.cos(self._theta), np.sin(self._theta)
         self._radius32 = (self._radius + BOUND_MARGIN).astype(np.float32)
 
     @classmethod
@@ -135,21 +139,23 @@ class BoundedIVFIndex(SiteIndex):
         return offsets, ids, vectors
 
     def _list_extents(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per list: ball radius r = max ‖x − c‖ and cone cos θ = min ⟨x, ĉ⟩; (0, 1) when empty."""
+        """Per list: ball radius r = max ‖x − c‖ and cone angle θ = max ∠(x̂, ĉ) (float64, chord form); 0 when empty."""
         radius = np.zeros(self.nlist)
-        min_cos = np.ones(self.nlist)
+        theta = np.zeros(self.nlist)
         for i in np.flatnonzero(self._sizes):
             x, c = self._members(int(i))[1].astype(np.float64), self._centroids[i].astype(np.float64)
             radius[i] = np.linalg.norm(x - c, axis=1).max()
-            min_cos[i] = (x @ c).min() / self._centroid_norms[i]
-        return radius, min_cos
+            unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+            chord = np.linalg.norm(unit - c / self._centroid_norms[i], axis=1).max()
+            theta[i] = 2.0 * np.arcsin(min(chord / 2.0, 1.0))
+        return radius, theta
 
     def _list_thresholds(self, tau: float) -> np.ndarray:
         """(nlist,) t such that a list may hold a member with ⟨q, x⟩ ≥ τ only if ⟨q, c⟩ ≥ t.
 
         Ball: ⟨q, c⟩ ≥ τ − r. Cone: φ ≤ θ + arccos τ ⇔ ⟨q, c⟩ ≥ ‖c‖ cos(θ + arccos τ) (always when θ + arccos τ ≥ π).
         """
-        angle = np.arccos(np.clip(self._min_cos, -1.0, 1.0)) + np.arccos(np.clip(tau, -1.0, 1.0))
+        angle = self._theta + np.arccos(np.clip(tau, -1.0, 1.0))
         cone = np.where(angle >= np.pi, -np.inf, self._centroid_norms * np.cos(np.minimum(angle, np.pi)))
         t = np.maximum(tau - self._radius, cone) - BOUND_MARGIN
         return np.where(self._sizes > 0, t, np.inf).astype(np.float32)
@@ -158,9 +164,8 @@ class BoundedIVFIndex(SiteIndex):
         """(Q, nlist) float64 upper bounds on ⟨q, x⟩ over each list's members, from ``qc = q @ centroids.T``."""
         qc = qc.astype(np.float64)
         cos_phi = np.clip(qc / self._centroid_norms, -1.0, 1.0)
-        cos_theta = np.clip(self._min_cos, -1.0, 1.0)
-        cone = cos_phi * cos_theta + np.sqrt(1.0 - cos_phi**2) * np.sqrt(1.0 - cos_theta**2)
-        bound = np.minimum(qc + self._radius, np.where(cos_phi >= cos_theta, 1.0, cone)) + BOUND_MARGIN
+        cone = cos_phi * self._cos_theta + np.sqrt(1.0 - cos_phi**2) * self._sin_theta
+        bound = np.minimum(qc + self._radius, np.where(cos_phi >= self._cos_theta, 1.0, cone)) + BOUND_MARGIN
         return np.where(self._sizes > 0, bound, -np.inf)
 
     def search(self, queries: np.ndarray, *, k: int = 1, threshold: float | None = None) -> Neighbours:

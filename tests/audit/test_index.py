@@ -63,3 +63,46 @@ def test_auto_picks_exact_for_small_sites_and_rejects_bad_input() -> None:
     assert build_index(np.eye(4, dtype=np.float32)).kind == "exact"
     with pytest.raises(EchoFlowError, match="dimension"):
         build_index(np.eye(4, dtype=np.float32)).search(np.ones((1, 3)), k=1)
+
+
+def tight_cluster(centre: np.ndarray, n: int, *, angle: float, rng: np.random.Generator) -> np.ndarray:
+    """``n`` prepared members exactly ``angle`` rad from ``centre``, each of float32 norm above 1 (rounding's
+    worst case for a cone angle taken from arccos of a minimum cosine: every cosine rounds up to 1)."""
+    kept: list[np.ndarray] = []
+    while len(kept) < n:
+        u = rng.standard_normal(len(centre))
+        u -= (u @ centre) * centre
+        x = prepare((np.cos(angle) * centre + np.sin(angle) * u / np.linalg.norm(u))[None], similarity="cosine")[0]
+        if np.linalg.norm(x.astype(np.float64)) > 1 + 2e-8:
+            kept.append(x)
+    return np.stack(kept)
+
+
+def test_bounded_ivf_never_misses_an_over_tau_pair_of_a_tight_list() -> None:
+    """Lists whose members lie within 1e-4 rad of their centroid; queries just over τ beyond their edge.
+
+    ``nprobe=0``: no list is probed for being nearest, so only the bounds decide (as for every list but the
+    nearest one of a query in general).
+    """
+    rng = np.random.default_rng(5)
+    dim, beta = 32, float(np.arccos(0.9))
+    centres = prepare(rng.standard_normal((8, dim)), similarity="cosine").astype(np.float64)
+    real = np.concatenate([tight_cluster(c, 48, angle=1e-4, rng=rng) for c in centres])
+    ivf = BoundedIVFIndex.build(real, nlist=8, nprobe=0, seed=0)
+    queries, taus = [], []
+    for row in real:  # q: β beyond the member, on the side away from its cluster's centre
+        x = row.astype(np.float64) / np.linalg.norm(row.astype(np.float64))
+        centre = centres[np.argmax(centres @ x)]
+        away = x - (x @ centre) * centre
+        away -= (away @ x) * x
+        q = prepare((np.cos(beta) * x + np.sin(beta) * away / np.linalg.norm(away))[None], similarity="cosine")[0]
+        queries.append(q)
+        taus.append(float(q @ row) - 1e-6)
+    queries_ = np.stack(queries)
+    missed = 0
+    for q, tau in zip(queries_, taus, strict=True):
+        truth = ExactIndex.build(real).search(q[None], k=1, threshold=tau).similarity[0, 0]
+        got = ivf.search(q[None], k=1, threshold=tau).similarity[0, 0]
+        assert truth >= tau
+        missed += int(got < tau)
+    assert missed == 0, f"{missed} of {len(taus)} over-τ pairs missed"
