@@ -133,8 +133,13 @@ def dp_overhead(steps: int) -> None:
                     times[dp].append(time.process_time() - start)
         plain_s, private_s = statistics.median(times[False]), statistics.median(times[True])
         label = name + (" (GAN term on)" if loss_overrides else "")
-        print(f"DP-SGD / plain step time, {label:<22} batch {batch}: plain {plain_s * 1e3:4.0f} ms, "
-              f"DP-SGD {private_s * 1e3:4.0f} ms, ratio {private_s / plain_s:.2f}x (goal <= 1.8x)")
+        print(f"RESULT DP-SGD / plain step time, {label}: {private_s / plain_s:.2f}x (plain {plain_s * 1e3:.0f} ms, "
+              f"DP-SGD {private_s * 1e3:.0f} ms CPU, batch {batch}, medians of {steps}; goal <= 1.8x; "
+              f"{load()})")
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def run_config(tmp: Path, *, task: str, rounds: int, local_steps: int, **extra: Any) -> dict[str, Any]:
@@ -160,6 +165,8 @@ def federated_vs_centralized(sites: int, rounds: int, local_steps: int) -> None:
     rounds_only = sum(entry["wall_s"] for entry in state.history)
     # round 1 also starts the Ray actors (a Python + torch import each); later rounds are the steady state
     steady = sum(entry["wall_s"] for entry in state.history[1:]) / max(rounds - 1, 1)
+    print(f"RESULT federated / centralized wall time: {federated / centralized:.2f}x ({total} local steps, "
+          f"{rounds_only / centralized:.2f}x without the Ray start; goal <= 1.2x; {load()})")
     print(f"{total} local steps: centralized {centralized:.1f} s (1 process); federated {sites} sites x {rounds} "
           f"rounds x {local_steps} steps on 2 Ray CPUs {federated:.1f} s (rounds only {rounds_only:.1f} s); "
           f"ratio {federated / centralized:.2f}x ({rounds_only / centralized:.2f}x without the Ray start, "
@@ -206,6 +213,7 @@ def peak_rss(sites: int, *, task: str, rounds: int) -> None:
         done.set()
         sampler.join()
     stage = "demo VAE" if task == VAE_TASK_PATH else "toy stage"
+    print(f"RESULT peak RSS, {sites} sites ({stage}): {peak[0] / 1024:.2f} GiB (driver + Ray; goal <= 24 GiB)")
     print(f"{sites} simulated sites ({stage}, {rounds} rounds, 2 Ray CPUs): peak RSS of driver + Ray "
           f"{peak[0] / 1024:.2f} GiB (goal <= 24 GiB), {time.perf_counter() - start:.1f} s")
 
@@ -243,6 +251,8 @@ def federated_vs_centralized_vae(rounds: int, local_steps: int, lr: float, overr
             losses[name] = mean_loss(stage, val, batch_size=64, seed=0)
             scales[name] = measure_latent_scale(stage.groups()["model"], frames.unsqueeze(1))  # type: ignore[arg-type]
     ratio = losses["federated"] / losses["centralized"]
+    print(f"RESULT federated / centralized VAE VAL loss: {ratio:.3f} (same total steps, measured in this run; "
+          f"goal <= 1.10)")
     print(f"VAE on 4 non-IID phantom sites, {total} total steps (federated {sites} sites x {rounds} rounds x "
           f"{local_steps} steps, {cfg.strategy.name}): VAL loss federated {losses['federated']:.4f} / centralized "
           f"{losses['centralized']:.4f} = {ratio:.3f} (goal <= 1.10), lr {lr}; vs centralized at "

@@ -41,7 +41,13 @@ class BoundedIVFIndex(SiteIndex):
 
     kind = "bounded_ivf"
 
-    def __init__(self, ivf: faiss.IndexIVF, *, similarity: Similarity, nprobe: int = 1) -> None:
+    def __init__(self, ivf: faiss.IndexIVF, *, similarity: Similarity, nprobe: int = 1,
+                 lists: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+        """Wrap a trained ``ivf``.
+
+        ``lists`` = (offsets, ids, vectors) as `_copy_lists` returns them, when the builder already holds them
+        list-sorted: ``ivf``'s own lists are then left empty until `save`.
+        """
         self.similarity = similarity
         self.nprobe = nprobe
         self._ivf = ivf
@@ -50,8 +56,12 @@ class BoundedIVFIndex(SiteIndex):
         if ivf.invlists is None:
             raise EchoFlowError("bounded IVF: the faiss index has no inverted lists")
         self._lists = ivf.invlists
-        self._sizes = np.array([self._lists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
-        self._offsets, self._sorted_ids, self._sorted = self._copy_lists()
+        if lists is None:
+            self._sizes = np.array([self._lists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+            self._offsets, self._sorted_ids, self._sorted = self._copy_lists()
+        else:
+            self._offsets, self._sorted_ids, self._sorted = lists
+            self._sizes = np.diff(self._offsets)
         self._radius, self._theta = self._list_extents()
         self._cos_theta, self._sin_theta = np.cos(self._theta), np.sin(self._theta)
         self._radius32 = (self._radius + BOUND_MARGIN).astype(np.float32)
@@ -106,7 +116,7 @@ class BoundedIVFIndex(SiteIndex):
 
     @property
     def ntotal(self) -> int:  # noqa: D102
-        return int(self._ivf.ntotal)
+        return len(self._sorted_ids)
 
     @property
     def dim(self) -> int:  # noqa: D102
@@ -127,10 +137,10 @@ class BoundedIVFIndex(SiteIndex):
 
         An owned contiguous copy: BLAS on views into faiss's list storage ran ~10× slower here.
         """
-        lists, d = self._lists, self.dim
+        lists, d, n = self._lists, self.dim, int(self._ivf.ntotal)
         offsets = np.concatenate([[0], np.cumsum(self._sizes)])
-        ids = np.empty(self.ntotal, dtype=np.int64)
-        vectors = np.empty((self.ntotal, d), dtype=np.float32)
+        ids = np.empty(n, dtype=np.int64)
+        vectors = np.empty((n, d), dtype=np.float32)
         for i in np.flatnonzero(self._sizes):
             lo, hi = int(offsets[i]), int(offsets[i + 1])
             ids[lo:hi] = faiss.rev_swig_ptr(lists.get_ids(int(i)), hi - lo)
@@ -138,16 +148,28 @@ class BoundedIVFIndex(SiteIndex):
             vectors[lo:hi] = codes.view(np.float32).reshape(-1, d)
         return offsets, ids, vectors
 
-    def _list_extents(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per list: ball radius r = max ‖x − c‖ and cone angle θ = max ∠(x̂, ĉ) (float64, chord form); 0 when empty."""
+    def _list_extents(self, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """Per list: ball radius r = max ‖x − c‖ and cone angle θ = max ∠(x̂, ĉ) (float64, chord form); 0 when empty.
+
+        Row-wise in chunks of all lists at once, then a max per list (a Python loop per list cost more than the
+        arithmetic at N / 64 lists).
+        """
         radius = np.zeros(self.nlist)
         theta = np.zeros(self.nlist)
-        for i in np.flatnonzero(self._sizes):
-            x, c = self._members(int(i))[1].astype(np.float64), self._centroids[i].astype(np.float64)
-            radius[i] = np.linalg.norm(x - c, axis=1).max()
+        if self.ntotal == 0:
+            return radius, theta
+        list_of = np.repeat(np.arange(self.nlist), self._sizes)
+        dist, chord = np.empty(self.ntotal), np.empty(self.ntotal)
+        for lo in range(0, self.ntotal, chunk):
+            rows = list_of[lo : lo + chunk]
+            x, c = self._sorted[lo : lo + chunk].astype(np.float64), self._centroids[rows].astype(np.float64)
+            dist[lo : lo + chunk] = np.linalg.norm(x - c, axis=1)
             unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-            chord = np.linalg.norm(unit - c / self._centroid_norms[i], axis=1).max()
-            theta[i] = 2.0 * np.arcsin(min(chord / 2.0, 1.0))
+            chord[lo : lo + chunk] = np.linalg.norm(unit - c / self._centroid_norms[rows, None], axis=1)
+        full = self._sizes > 0
+        starts = self._offsets[:-1][full]
+        radius[full] = np.maximum.reduceat(dist, starts)
+        theta[full] = 2.0 * np.arcsin(np.minimum(np.maximum.reduceat(chord, starts) / 2.0, 1.0))
         return radius, theta
 
     def _list_thresholds(self, tau: float) -> np.ndarray:
@@ -233,5 +255,9 @@ class BoundedIVFIndex(SiteIndex):
         return out
 
     def _write(self, path: Path) -> dict[str, Any]:
+        if self._ivf.ntotal != self.ntotal:  # built from sorted lists (see __init__): fill faiss's lists now
+            assign = np.repeat(np.arange(self.nlist, dtype=np.int64), self._sizes)
+            self._ivf.add_core(self.ntotal, faiss.swig_ptr(self._sorted), faiss.swig_ptr(self._sorted_ids),
+                               faiss.swig_ptr(assign))
         faiss.write_index(self._ivf, str(path))
         return {"nlist": self.nlist, "nprobe": self.nprobe, "radius": self._radius.tolist()}

@@ -31,7 +31,9 @@ from echoflow.study.centralized import train_stages
 from echoflow.study.evaluate import parity_study
 from echoflow.study.generate import Sampling, generate_videos, write_synthetic
 from echoflow.study.models import Cohort, Models, stage_folder
+from echoflow.study.protocol import draw_efs
 from echoflow.study.summary import write_summary
+from echoflow.study.timing import StepTimes, federated_stage_seconds, write_timing
 
 
 def once(cfg: DictConfig, step: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -92,12 +94,24 @@ def scaled_training(cfg: DictConfig) -> DictConfig:
 
 
 def requested_efs(cfg: DictConfig, cohort: Cohort, n: int, generator: torch.Generator) -> torch.Tensor:
-    """EFs to animate at: drawn from the real TRAIN EF distribution, or uniform over ``pipeline.ef_range``."""
-    if cfg.pipeline.ef == "real":
-        real = torch.tensor([r.ef for site in cohort.split("TRAIN") for r in site.records])
-        return real[torch.randint(len(real), (n,), generator=generator)]
-    low, high = cfg.pipeline.ef_range
-    return low + (high - low) * torch.rand(n, generator=generator)
+    """EFs to animate at (`draw_efs`), drawn by ``pipeline.ef``.
+
+    ``histogram``: a smoothed, optionally noised histogram of the sites' TRAIN EFs (no real EF value is copied);
+    ``uniform``: uniform over ``pipeline.ef_range``.
+    """
+    p = cfg.pipeline
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator)))
+    train = [r.ef for site in cohort.split("TRAIN") for r in site.records] if p.ef == "histogram" else []
+    return torch.from_numpy(draw_efs(train, n, source=p.ef, rng=rng, ef_range=tuple(p.ef_range),
+                                     noise=float(p.ef_noise))).float()
+
+
+def synthetic_count(cfg: DictConfig, cohort: Cohort) -> int:
+    """Videos to generate: ``pipeline.synthetic_factor`` x the real TRAIN videos, or ``pipeline.videos`` if unset."""
+    factor = cfg.pipeline.get("synthetic_factor")
+    if factor is None:
+        return int(cfg.pipeline.videos)
+    return max(1, round(float(factor) * sum(len(site.records) for site in cohort.split("TRAIN"))))
 
 
 def embed_real(cfg: DictConfig, models: Models, cohort: Cohort) -> dict[str, RealSite]:
@@ -122,7 +136,7 @@ def generate(cfg: DictConfig, models: Models, cohort: Cohort, real: Mapping[str,
             raise AuditFailedError(f"screening: sites failed: {screened.failures}")
         return screened.release
 
-    out = generate_videos(models, p.videos, lambda n, g: requested_efs(cfg, cohort, n, g),
+    out = generate_videos(models, synthetic_count(cfg, cohort), lambda n, g: requested_efs(cfg, cohort, n, g),
                           Sampling.of(cfg, frames=p.frames), generator=torch.Generator().manual_seed(cfg.seed),
                           oversample=p.oversample, screen=screen)
     write_synthetic(Path(cfg.workdir) / "generated", out.videos, out.ef, fps=cfg.data.clip_fps)
@@ -147,18 +161,30 @@ def audit(cfg: DictConfig, models: Models, cohort: Cohort, real: Mapping[str, Re
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
-    """The whole main job under one MLflow parent run (the caller starts it); returns the summary."""
-    cohort = Cohort.of(cfg)
+    """The whole main job under one MLflow parent run (the caller starts it); returns the summary.
+
+    Each step's wall time goes to ``<workdir>/summary/timing.{json,md}``, ``summary.json`` and MLflow
+    (`echoflow.study.timing`).
+    """
+    times = StepTimes(Path(cfg.workdir))
+
+    def step(name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        return once(cfg, name, lambda: times.measure(name, work))
+
+    cohort = times.measure("cohort", lambda: Cohort.of(cfg))
     once(cfg, "cohort", lambda: {"sites": [str(root) for root in cohort.roots]})
-    trained = once(cfg, "models", lambda: train_models(cfg, cohort))
+    trained = step("models", lambda: train_models(cfg, cohort))
     models = Models.load(cfg)  # each read once, by the first step that needs it
-    real = functools.cache(lambda: embed_real(cfg, models, cohort))  # embedded once for screening and the audit
-    generated = once(cfg, "generate", lambda: generate(cfg, models, cohort, real()))
-    audited = once(cfg, "audit", lambda: audit(cfg, models, cohort, real()))
+    # embedded once for screening and the audit
+    real = functools.cache(lambda: times.measure("embed real frames", lambda: embed_real(cfg, models, cohort)))
+    generated = step("generate", lambda: generate(cfg, models, cohort, real()))
+    audited = step("audit", lambda: audit(cfg, models, cohort, real()))
     released = Path(cfg.workdir) / "audit" / "released"
-    evaluated = once(cfg, "evaluate", lambda: parity_study(cfg, models, cohort, released, audited["released"]))
-    summary = write_summary(Path(cfg.workdir), models=trained, generated=generated, audited=audited,
-                            evaluated=evaluated, released=released, real_roots=cohort.roots)
+    evaluated = step("evaluate", lambda: parity_study(cfg, models, cohort, released, audited["released"]))
+    summary = times.measure("summary", lambda: write_summary(
+        Path(cfg.workdir), models=trained, generated=generated, audited=audited, evaluated=evaluated,
+        released=released, real_roots=cohort.roots))
+    summary["timing"] = write_timing(Path(cfg.workdir), times, extra=federated_stage_seconds(trained["history"]))
     mlflow.log_artifacts(str(Path(cfg.workdir) / "summary"), "summary")
     mlflow.log_artifacts(str(Path(cfg.workdir) / "audit"), "audit")
     return summary

@@ -29,6 +29,7 @@ from echoflow.config import load_config, plain
 from echoflow.data.sites import FrameDataset
 from echoflow.errors import EchoFlowError
 from echoflow.federation.task import group_arrays
+from echoflow.models.blocks import Attention
 from echoflow.stages.objectives import build_stage
 from echoflow.stages.trainer import TrainConfig, Trainer
 from tests.federation.conftest import TASK, toy_run_config
@@ -218,6 +219,45 @@ def test_dp_step_clips_every_sample_to_the_bound_before_summing() -> None:
     for p, want in zip(net.parameters(), expected, strict=True):
         assert torch.allclose(p.grad, want, atol=1e-5, rtol=1e-4)
     assert torch.sqrt(sum(p.grad.square().sum() for p in net.parameters())) <= 6 * bound + 1e-4
+
+
+class TwoViewNet(nn.Module):
+    """Every layer kind the engine samples itself: conv, GroupNorm, token attention (3D linear), a 2D linear
+    head, and a shared trunk run twice per sample (as the re-id encoder runs on both frames of a pair)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(2, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.SiLU(),
+                                   Attention(16, heads=2, video=False), nn.Conv2d(16, 8, 3, stride=2, padding=1))
+        self.head = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.trunk(x[:, :2]).flatten(1), self.trunk(x[:, 2:]).flatten(1)
+        return self.head(a) * self.head(b)
+
+
+@pytest.mark.parametrize("net_type", [ConvNet, TwoViewNet])
+def test_dp_step_clips_each_samples_own_gradient_computed_alone(net_type: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    net, bound = net_type(), 0.05
+    x = torch.randn(6, 2 if net_type is ConvNet else 4, 8, 8)
+    x[0] *= 30  # one sample far above the bound
+    alone = [torch.autograd.grad(net(x[i:i + 1]).square().sum(), list(net.parameters())) for i in range(6)]
+    norms = [torch.sqrt(sum(g.square().sum() for g in grads)) for grads in alone]
+    factors = [min(1.0, bound / (float(n) + 1e-6)) for n in norms]
+    assert min(norms) > bound
+    expected = [sum(grads[j] * f for grads, f in zip(alone, factors, strict=True)) for j in range(len(alone[0]))]
+    FastGradSampleModule(net, loss_reduction="sum")
+    optimizer = FastDPOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), noise_multiplier=0.0,
+                                max_grad_norm=bound, expected_batch_size=6, loss_reduction="sum")
+    net(x).square().sum(dim=1).sum().backward()
+    for j, p in enumerate(net.parameters()):  # the engine's per-sample rows are each sample's own gradient
+        for i in range(6):
+            assert torch.allclose(p.grad_sample[i], alone[i][j], atol=1e-5 * float(norms[i]), rtol=1e-3)
+    optimizer.step()
+    for p, want in zip(net.parameters(), expected, strict=True):
+        assert torch.allclose(p.grad, want, atol=1e-6, rtol=1e-3)
+    assert torch.sqrt(sum(p.grad.square().sum() for p in net.parameters())) <= 6 * bound * (1 + 1e-4)
 
 
 def test_fast_optimizer_noise_has_the_mechanisms_std_and_mean_scaling() -> None:
