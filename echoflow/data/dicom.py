@@ -71,7 +71,7 @@ from echoflow.errors import EchoFlowError
 
 HASH_CHARS = 32  # hex characters of a pseudonym: 128 bits of HMAC-SHA256
 MIN_KEY_BYTES = 16  # 128 bits
-MAX_PIXELS = 2**28  # frames x rows x columns of one file: its 8-bit grayscale clip (256 MiB) is held in memory
+MAX_PIXELS = 3 * 2**26  # frames x rows x columns of one file: its 8-bit grayscale clip (192 MiB) is in memory
 MAX_FILE_BYTES = 2**28 + 2**26  # a file (or an inflated Deflated dataset) larger than this (320 MiB) is refused
 ROW_BLOCK = 256  # rows of a frame converted to grayscale at a time
 FPS_RANGE = (1.0, 1000.0)
@@ -319,7 +319,7 @@ def _check_image(ds: Dataset, path: Path) -> None:
     if (frames > MAX_FRAMES or rows > MAX_SIDE or columns > MAX_SIDE
             or frames * rows * columns > MAX_PIXELS):
         raise UnusableDicom(path, f"too large: declared size over the limits ({MAX_FRAMES} frames, {MAX_SIDE} "
-                                  f"pixels a side, 2^{MAX_PIXELS.bit_length() - 1} pixels in all)")
+                                  f"pixels a side, {MAX_PIXELS >> 20} Mi pixels in all)")
 
 
 def _check_pixel_data(ds: Dataset, path: Path, frames: int) -> None:
