@@ -8,7 +8,6 @@ operator's working directory and never go under ``released/`` (see `echoflow.fig
 
 from __future__ import annotations
 
-import html
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -21,6 +20,7 @@ from matplotlib.figure import Figure
 from echoflow.audit.calibrate import Calibration
 from echoflow.audit.canaries import DCRStats
 from echoflow.audit.decide import AuditResult
+from echoflow.audit.page import audit_page
 from echoflow.data.echonet import VideoRecord
 from echoflow.figures import ef_previews, png_base64
 
@@ -138,10 +138,12 @@ def _histogram(result: AuditResult, calibration: Calibration, path: Path) -> str
 
 
 def _pairs_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]]) -> str:
-    fig = Figure(figsize=(4, 2 * len(pairs)))
-    axes = fig.subplots(len(pairs), 2, squeeze=False)
-    for row, (gen, real, caption) in zip(axes, pairs, strict=True):
-        for ax, image, title in ((row[0], gen, f"generated {caption}"), (row[1], real, "nearest real")):
+    """The pairs side by side: one column per pair, generated frame above its nearest real frame."""
+    fig = Figure(figsize=(1.7 * len(pairs), 3.9))
+    axes = fig.subplots(2, len(pairs), squeeze=False)
+    for column, (gen, real, caption) in enumerate(pairs):
+        for ax, image, title in ((axes[0][column], gen, caption.replace(": ", ":\n", 1)),
+                                 (axes[1][column], real, "nearest real")):
             ax.imshow(np.squeeze(image), cmap="gray", vmin=-1, vmax=1)
             ax.set_title(title, fontsize=7)
             ax.axis("off")
@@ -175,38 +177,11 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out_dir / "audit.json", out_dir / "audit.html"
     json_path.write_text(json.dumps(report, indent=1))
-    rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{s['withheld']}</td><td>{s['threshold']:.4f}</td>"
-        f"<td>{html.escape(str(s.get('index', '?')))}</td><td>{s.get('threshold_recall', '—')}</td>"
-        f"<td>{s['scanned']}</td></tr>"
-        for name, s in report["sites"].items()
-    )
-    failures = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in report["failures"].items())
-    canaries = "".join(f"<li>{html.escape(t)}: {c['caught']}/{c['planted']} caught</li>"
-                       for t, c in report.get("canaries", {}).items())
-    counts, approx = report["counts"], report["approximate"]
     videos = ef_previews(generated_videos, real_videos, out_dir / "previews") if generated_videos or real_videos else ""
     (out_dir / SIMILARITY_PNG).unlink(missing_ok=True)  # a failed audit draws none: no stale one may stand for it
     histogram = "" if result.failed else _histogram(result, calibration, out_dir / SIMILARITY_PNG)
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>EchoFlow audit</title></head><body>",
-        f"<h1>EchoFlow privacy audit: {report['status']}</h1>",
-        f"<ul>{failures}</ul>" if failures else "",
-        f"<p>{counts['videos']} videos: {counts['videos_released']} released, {counts['videos_withheld']} withheld, "
-        f"{counts['videos_partially_audited']} partially audited (every {_ordinal(counts['every'])}frame). "
-        f"Frames audited: {counts['generated']} generated ({counts['released']} released, {counts['withheld']} "
-        f"withheld) and {counts['canaries']} planted canaries, counted apart; "
-        f"fan-out {report['seconds']:.2f} s; τ = p{calibration.percentile:g} of held-out→train similarity.</p>",
-        "<table border='1'><tr><th>site</th><th>withheld</th><th>τ</th><th>index</th><th>threshold recall</th>"
-        f"<th>pairs compared</th></tr>{rows}</table>",
-        f"<p>{html.escape(approx['note'])} Inexact: {approx['inexact_similarities']}.</p>",
-        f"<h2>Canaries</h2><ul>{canaries}</ul>" if canaries else "",
-        f"<h2>Similarities</h2><img alt='histogram' src='data:image/png;base64,{histogram}'>" if histogram else "",
-        f"<h2>Closest pairs</h2><img alt='pairs' src='data:image/png;base64,{_pairs_figure(pairs)}'>" if pairs else "",
-        videos,
-        "</body></html>",
-    ]
-    html_path.write_text("".join(parts))
+    html_path.write_text(audit_page(report, calibration, histogram=histogram,
+                                    pairs=_pairs_figure(pairs) if pairs else "", videos=videos))
     return json_path, html_path
 
 

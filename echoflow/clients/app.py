@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -28,7 +29,15 @@ from echoflow.clients.moments import latent_moments
 from echoflow.clients.secagg import secagg_mod
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import evaluate, train_round
-from echoflow.federation.protocol import LATENT_STATS, PROXIMAL_MU, ROLL_CALL, SERVER_ROUND, message_run_config
+from echoflow.federation.priors import remember
+from echoflow.federation.protocol import (
+    LATENT_STATS,
+    PRIOR_DIGESTS,
+    PROXIMAL_MU,
+    ROLL_CALL,
+    SERVER_ROUND,
+    message_run_config,
+)
 
 LEDGER_KEY = "privacy-ledger"
 LEDGER_FILE = "privacy_ledger.json"
@@ -54,7 +63,9 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *, faults: bool =
 
     def settings_of(msg: Message, context: Context) -> ClientSettings:
         torch.set_num_threads(1)  # one core per simulated site; sites run side by side
-        return ClientSettings.from_context(run_config_of(msg, context), {**own, **context.node_config})
+        settings = ClientSettings.from_context(run_config_of(msg, context), {**own, **context.node_config})
+        priors = remember(msg)  # earlier stages' weights travel in the message: no folder shared with the server
+        return replace(settings, config={**settings.config, PRIOR_DIGESTS: priors}) if priors else settings
 
     @app.train(mods=[secagg_mod])  # inert unless the server runs the round under SecAgg+
     def train(msg: Message, context: Context) -> Message:

@@ -17,7 +17,9 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from math import nan
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
@@ -30,6 +32,9 @@ from echoflow.stages.trainer import Batch, Stage, TrainConfig, Trainer, random_b
 
 log = logging.getLogger(__name__)
 
+CURVE_POINTS = 10
+"""Most points of a round's training curve that a site reports (window means of its local steps)."""
+
 
 @dataclass(frozen=True)
 class RoundResult:
@@ -37,14 +42,17 @@ class RoundResult:
 
     Attributes:
         arrays: updated weights (``"<group>.<param>"``), or None when the site's privacy budget is spent.
-        metrics: without DP num-examples, train-loss, wall-s (seconds), epsilon 0, budget-exhausted 0; under
+        metrics: without DP num-examples, train-loss, wall-s (seconds), epsilon 0, budget-exhausted 0, and the
+            round's training curve: train-loss-curve (mean loss of up to `CURVE_POINTS` consecutive windows of
+            local steps) and train-loss-steps (the global step ending each window); under
             DP num-examples 1, epsilon (cumulative over the run, all stages), epsilon-cap (what the plan allows
             once this stage is done), the stage's mechanism (dp-noise-multiplier, dp-sample-rate, dp-delta),
             dp-steps (all stages), dp-stage-steps and budget-exhausted (0/1).
+            Under DP no curve is sent: it would be one more unaccounted output of the site's data.
     """
 
     arrays: dict[str, Tensor] | None
-    metrics: dict[str, float]
+    metrics: dict[str, float | list[float]]
 
 
 def train_round(
@@ -79,7 +87,7 @@ def train_round(
     train, _ = task.site_data(settings.stage, settings.site_dir, settings.config)
     config = TrainConfig(
         steps=server_round * settings.local_steps, batch_size=settings.batch_size, lr=settings.lr,
-        grad_clip=0.0 if policy.enabled else 1.0, ema_decay=0.0, log_every=settings.local_steps,
+        grad_clip=0.0 if policy.enabled else 1.0, ema_decay=0.0, log_every=1,
         seed=settings.seed * 1009 + settings.site, amp=False,
     )
     trainer = Trainer(stage, config)
@@ -87,10 +95,13 @@ def train_round(
     if proximal_mu > 0:
         _pull_toward(trainer, arrays, strength=settings.lr * proximal_mu)
     if not policy.enabled:
-        means = trainer.fit(random_batches(train, batch_size=settings.batch_size), quiet=True)
-        metrics = _metrics(n=len(train), loss=means.get("model", float("nan")),  # type: ignore[arg-type]
+        losses: list[tuple[int, float]] = []
+        trainer.fit(random_batches(train, batch_size=settings.batch_size), quiet=True,
+                    on_metrics=lambda step, values: losses.append((step, values.get("model", nan))))
+        loss = float(np.mean([value for _, value in losses])) if losses else nan  # the round's mean
+        metrics = _metrics(n=len(train), loss=loss,  # type: ignore[arg-type]
                            started=started, ledger=None, stage=settings.stage, exhausted=False)
-        return RoundResult(group_arrays(stage), metrics), ledger
+        return RoundResult(group_arrays(stage), {**metrics, **curve(losses)}), ledger
     patients = len(patient_groups(train))
     if ledger is None:
         ledger = PrivacyLedger(epsilon=policy.epsilon, delta=policy.delta_for(patients))
@@ -106,6 +117,16 @@ def train_round(
     trainer.fit(poisson_batches(train, sample_rate=mechanism.sample_rate, generator=generator), quiet=True)
     metrics = _metrics(n=0, loss=0.0, started=started, ledger=ledger, stage=settings.stage, exhausted=False)
     return RoundResult(group_arrays(stage), metrics), ledger
+
+
+def curve(losses: Sequence[tuple[int, float]], *, points: int = CURVE_POINTS) -> dict[str, list[float]]:
+    """A round's per-step ``(global step, loss)`` pairs as at most ``points`` window means (equal-sized windows).
+
+    Returns ``{"train-loss-curve": [...], "train-loss-steps": [...]}``, the steps being each window's last step.
+    """
+    windows = [w for w in np.array_split(np.arange(len(losses)), min(points, len(losses))) if len(w)]
+    return {"train-loss-curve": [float(np.mean([losses[i][1] for i in w])) for w in windows],
+            "train-loss-steps": [float(losses[w[-1]][0]) for w in windows]}
 
 
 def evaluate(settings: ClientSettings, arrays: Mapping[str, Tensor]) -> dict[str, float]:
@@ -159,7 +180,7 @@ def _pull_toward(trainer: Trainer, anchor: Mapping[str, Tensor], *, strength: fl
 
 
 def _metrics(*, n: int, loss: float, started: float, ledger: PrivacyLedger | None, stage: str,
-             exhausted: bool) -> dict[str, float]:
+             exhausted: bool) -> dict[str, float | list[float]]:
     """The round's reply metrics; under DP only functions of the site's policy and its ledger (module docstring)."""
     if ledger is None:
         return {"num-examples": float(n), "train-loss": float(loss), "wall-s": time.perf_counter() - started,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import Message
@@ -27,6 +27,7 @@ from echoflow.federation.task import group_arrays, load_task
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
 from echoflow.server.gather import Training, gather_cyclic_training, gather_evaluation, gather_training
 from echoflow.server.latent_scale import federated_latent_scale
+from echoflow.server.priors import with_priors
 from echoflow.server.roster import Roster, merge_missing
 from echoflow.server.secagg import SecAggConfig, gather_secure_training
 from echoflow.server.settings import ServerSettings
@@ -56,6 +57,7 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
         log.info("resuming %s after round %d", settings.checkpoint_dir, state.round)
         load_strategy_state(strategy, state.strategy)
     tracker = _tracker(settings, state)
+    grid = with_priors(grid, load_task(settings.task), settings.stage, settings.config)  # e.g. the VAE, to sites
     roster = Roster()
     try:
         for server_round in range(state.round + 1, settings.rounds + 1):
@@ -67,6 +69,7 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
                 entry = state.history[-1]
                 tracker.log_round(server_round, round_metrics(entry["sites"], entry["aggregate"],
                                                               wall_s=entry["wall_s"]))
+                tracker.log_curves(entry["sites"])
                 tracker.log_faults(server_round, missing=entry["missing"], rejected=entry["rejected"])
         if LATENT_SCALE_KEY in state.arrays and state.round > 0:  # the VAE: sites agree on one latent scale
             scale = federated_latent_scale(grid, state.arrays, run_config_record(settings.run_config),
@@ -160,11 +163,13 @@ def _ok(replies: Iterable[Message]) -> list[Message]:
     return good
 
 
-def _site_metrics(replies: Iterable[Message]) -> dict[int, dict[str, float]]:
+def _site_metrics(replies: Iterable[Message]) -> dict[int, dict[str, Any]]:
+    """Per site, its reply's metrics: numbers as float, lists (a round's training curve) as lists of float."""
     result = {}
     for message in _ok(replies):
-        metrics = {k: float(v) for k, v in message.content["metrics"].items()}  # type: ignore[arg-type]
-        result[int(metrics["site"])] = metrics
+        metrics = {k: [float(x) for x in v] if isinstance(v, list) else float(v)  # type: ignore[arg-type]
+                   for k, v in message.content["metrics"].items()}
+        result[int(cast(float, metrics["site"]))] = metrics
     return result
 
 
