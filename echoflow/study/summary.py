@@ -113,6 +113,13 @@ def _losses(history: Mapping[str, list[dict[str, Any]]]) -> Any:
     return fig
 
 
+def privacy_of(history: Mapping[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Stage -> the largest cumulative ε any site had spent after the stage (DP runs; {} without DP)."""
+    spent = {stage: max((float(v.get("epsilon", 0.0)) for v in rounds[-1]["sites"].values()), default=0.0)
+             for stage, rounds in history.items() if rounds}
+    return spent if any(spent.values()) else {}
+
+
 def _train_records(roots: Sequence[Path]) -> list[VideoRecord]:
     return [record for root in roots for record in read_cohort(root).records if record.split == "TRAIN"]
 
@@ -194,6 +201,10 @@ def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mappin
         "EF consistency of released videos (R²)": round(evaluated["consistency"]["r2"], 3),
         "Fréchet distance in re-id space (released vs real TEST first frames)": round(evaluated["frechet_reid"], 3),
     }
+    privacy = privacy_of(models["history"])
+    if privacy:
+        headline["differential privacy (unit: one patient, all their videos)"] = (
+            "cumulative ε per site after " + ", ".join(f"{stage} {eps:.2f}" for stage, eps in privacy.items()))
     figures = {"ef_scatter": _scatter(evaluated)}
     if models["history"]:  # federated rounds (centralized training has none)
         figures["loss_curves"] = _losses(models["history"])
@@ -207,7 +218,7 @@ def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mappin
     markdown = _markdown(rows, headline)
     (out / "summary.md").write_text(markdown)
     summary = {"headline": headline, "parity": rows, "generated": dict(generated), "audit": dict(audited),
-               "rounds": models["rounds"], "latent_scale": models["latent_scale"]}
+               "rounds": models["rounds"], "latent_scale": models["latent_scale"], "epsilon_after_stage": privacy}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     videos = ef_previews(read_cohort(released).records if released else [], _train_records(real_roots),
                          out / "previews") if released or real_roots else ""

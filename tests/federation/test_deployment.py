@@ -114,8 +114,7 @@ def test_superlink_and_two_supernodes_with_tls_and_node_auth_run_two_rounds(tmp_
         f'root-certificates = "{certs / "ca.crt"}"\n')
     (tmp_path / "run.toml").write_text(
         'task = "tests.federation.toy:TASK"\nstage = "toy"\nconfig-json = "{\\"n\\": 64}"\nrounds = 2\n'
-        f'local-steps = 5\ndata-root = "{tmp_path / "cohort"}"\ncheckpoint-dir = "{tmp_path / "ckpt"}"\n'
-        f'state-root = "{tmp_path / "state"}"\n')
+        f'local-steps = 5\ndata-root = "{tmp_path / "cohort"}"\ncheckpoint-dir = "{tmp_path / "ckpt"}"\n')
     with process_pool(env) as start:
         link = start(["flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile",
                       str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth",

@@ -6,6 +6,7 @@ every round and the pipeline went on with untrained image flow, re-id, video flo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,6 @@ def test_dp_pipeline_trains_every_stage_within_one_budget_per_site(tmp_path: Pat
         print(f"{stage}: ε per site after the stage {after} (plan share {plan[stage]})")
     assert 0.9 * epsilon * (1 - plan["latent_moments"]) < spent <= epsilon  # the run spends its budget, never more
     assert (tmp_path / "audit" / "released" / "FileList.csv").is_file()
+    summary = json.loads((tmp_path / "summary" / "summary.json").read_text())
+    assert list(summary["epsilon_after_stage"]) == list(STAGES) and summary["epsilon_after_stage"]["ef"] <= epsilon
+    assert "unit: one patient" in (tmp_path / "summary" / "summary.md").read_text()
