@@ -26,6 +26,7 @@ class Tally:
         frames, frames_withheld: genuine generated frames audited (canaries excluded) and how many reached τ.
         canaries, canaries_caught: planted real-frame copies and how many the audit withheld.
         every: every ``every``-th frame of each video was audited (None when unknown).
+        videos_partial: videos of which some frames were not audited (``every`` > 1).
     """
 
     videos: int | None
@@ -35,6 +36,7 @@ class Tally:
     canaries: int
     canaries_caught: int
     every: int | None
+    videos_partial: int = 0
 
 
 def tally(report: Mapping[str, Any]) -> Tally:
@@ -47,7 +49,7 @@ def tally(report: Mapping[str, Any]) -> Tally:
         videos_released=counts["videos_released"] if per_video else None,
         frames=counts["generated"], frames_withheld=counts["withheld"],
         canaries=int(planted["planted"]), canaries_caught=int(planted["caught"]),
-        every=counts.get("every"),
+        every=counts.get("every"), videos_partial=counts.get("videos_partially_audited", 0),
     )
 
 
@@ -73,7 +75,9 @@ def _cards(report: Mapping[str, Any], t: Tally, calibration: Calibration) -> str
         items += [Card(f"{t.videos_released} / {t.videos}", "videos released / generated", "ok"),
                   Card(str(t.videos - (t.videos_released or 0)), "videos withheld",
                        "bad" if t.videos != t.videos_released else "")]
-    every = f" (1 frame in every {t.every})" if t.every and t.every > 1 else ""
+    ordinal = {2: "2nd", 3: "3rd"}.get(t.every or 1, f"{t.every}th")
+    every = (f" (every {ordinal} frame: {t.videos_partial} of {t.videos} videos partially audited)"
+             if t.every and t.every > 1 else "")
     items.append(Card(f"{t.frames_withheld} / {t.frames}", f"generated frames withheld / audited{every}"))
     if t.canaries:
         share = 100.0 * t.canaries_caught / t.canaries

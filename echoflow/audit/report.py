@@ -118,10 +118,6 @@ def counts_of(result: AuditResult, *, genuine: np.ndarray | None, videos: Sequen
     }
 
 
-def _ordinal(k: int) -> str:
-    return {1: "", 2: "2nd ", 3: "3rd "}.get(k, f"{k}th ")
-
-
 def _histogram(result: AuditResult, calibration: Calibration, path: Path) -> str:
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()

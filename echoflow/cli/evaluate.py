@@ -1,4 +1,4 @@
-"""`echoflow evaluate models`: the trained models measured on held-out real data, printed and logged."""
+"""`echoflow evaluate models|video-flow`: the trained models measured on held-out real data, printed and logged."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.table import Table
 
 from echoflow.cli.common import OVERRIDES, apply_runtime
 from echoflow.config import load_config
+from echoflow.study.ef_following import DEFAULT_EFS, video_flow_report
 from echoflow.study.evaluate import evaluate_models
 from echoflow.study.models import Cohort, Models
 from echoflow.tracking import start_run
@@ -46,3 +47,45 @@ def models(
     for key, value in flat.items():
         table.add_row(key, f"{value:.4g}")
     Console().print(table)
+
+
+@evaluate_app.command("video-flow")
+def video_flow(
+    overrides: list[str] | None = OVERRIDES,
+    first_frames: int = typer.Option(8, help="Held-out real first frames (grid rows)."),
+    efs: str = typer.Option(",".join(f"{e:g}" for e in DEFAULT_EFS), help="Requested EFs (grid columns), percent."),
+    guidance: float | None = typer.Option(None, help="Guidance scale (default train.sampling.guidance)."),
+    meter_steps: int = typer.Option(600, help="Training steps of the LV-segmenter EF meter (trained once per run)."),
+) -> None:
+    """Does the video flow follow EF? A dose-response grid read by an LV segmenter, not by the EF regressor.
+
+    Animates N held-out first frames at M requested EFs; prints slope (95 % CI), intercept, R², residual SD
+    and MAE of measured vs requested EF, the error per requested EF, and the share of variance due to the first
+    frame vs the requested EF; the regressor's reading too when the run has one. Writes
+    <workdir>/video_flow_ef.json and logs to MLflow. The meter needs LV masks (the phantom's LVMasks/).
+    """
+    cfg = load_config(overrides)
+    apply_runtime(cfg)
+    requested = [float(e) for e in efs.split(",")]
+    scale = cfg.train.sampling.guidance if guidance is None else guidance
+    with start_run(cfg, "evaluate-video-flow"):
+        results = video_flow_report(cfg, Models.load(cfg), Cohort.of(cfg), first_frames=first_frames,
+                                    efs=requested, guidance=scale, meter_steps=meter_steps)
+        scalars = {f"{reader}.{key}": float(value) for reader in ("meter", "regressor") if reader in results
+                   for key, value in results[reader].items() if isinstance(value, float)}
+        mlflow.log_metrics(scalars | {"meter_error_on_real_clips": results["meter_error_on_real_clips"]})
+        path = Path(cfg.workdir) / "video_flow_ef.json"
+        path.write_text(json.dumps(results, indent=2))
+        mlflow.log_artifact(str(path))
+    table = Table("measured by", "slope [95 % CI]", "intercept", "R²", "resid SD", "MAE", "var: first frame",
+                  "var: EF", title=f"EF following, guidance {scale:g} ({cfg.workdir})")
+    for reader in ("meter", "regressor"):
+        if reader in results:
+            r = results[reader]
+            table.add_row(reader, f"{r['slope']:.2f} [{r['slope_low']:.2f}, {r['slope_high']:.2f}]",
+                          f"{r['intercept']:.1f}", f"{r['r2']:.2f}", f"{r['resid_sd']:.1f}", f"{r['mae']:.1f}",
+                          f"{r['share_first_frame']:.2f}", f"{r['share_requested_ef']:.2f}")
+    Console().print(table)
+    per_ef = "  ".join(f"{ef}: {err:.1f}" for ef, err in results["meter"]["per_ef_mae"].items())
+    Console().print(f"meter |error| per requested EF: {per_ef}; meter's own error on real clips: "
+                    f"{results['meter_error_on_real_clips']:.2f}")

@@ -167,6 +167,16 @@ def render_video(anatomy: Anatomy, visit: Visit, style: SiteStyle, *, size: int 
                         es_frame, 100.0 * (edv - esv) / edv, edv, esv)
 
 
+def read_lv_masks(video: Path) -> np.ndarray:
+    """The LV cavity masks (T, H, W) bool written beside a phantom video (``<site>/LVMasks/<stem>.npz``)."""
+    path = video.parent.parent / "LVMasks" / f"{video.stem}.npz"
+    try:
+        with np.load(path) as data:
+            return np.asarray(data["mask"], dtype=bool)
+    except (OSError, KeyError, ValueError) as err:
+        raise EchoFlowError(f"{path}: no readable LV mask ({err})") from err
+
+
 def split_of_patients(patients: int, rng: np.random.Generator) -> list[str]:
     """TRAIN/VAL/TEST per patient, about 70/15/15, in a random order."""
     cuts = [round(fraction * patients) for fraction in SPLIT_CUTS]

@@ -8,13 +8,13 @@ shared by all sites (keyed by ``PatientID``), ``video`` a position in the concat
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from echoflow.data.echonet import VideoRecord, load_video, read_cohort
 from echoflow.data.intensity import to_unit
@@ -199,6 +199,41 @@ class ClipDataset(Dataset[Item]):
         span = (self.frames - 1) * stride + 1
         start = int(torch.randint(len(pixels) - span + 1, ()).item()) if self.random_start else 0
         return {"clip": _to_unit(pixels[start : start + span : stride]), **self.table.labels(video)}
+
+
+def ef_balance_weights(ef: Sequence[float], *, bin_width: float = 10.0) -> np.ndarray:
+    """Sampling weight per video ∝ 1 / (videos in its EF bin), so every occupied bin is drawn equally often.
+
+    Args:
+        ef: percent 0-100 per video; NaN (unknown) videos form one bin of their own.
+        bin_width: EF bin width, percent (bins [0, w), [w, 2w), ...).
+
+    Returns:
+        (N,) float64 weights with mean 1.
+    """
+    values = np.asarray(ef, dtype=np.float64)
+    if values.size == 0 or bin_width <= 0:
+        raise EchoFlowError(f"ef_balance_weights: need videos and bin_width > 0 (got {values.size}, {bin_width})")
+    bins = np.where(np.isnan(values), -1, np.floor(np.nan_to_num(values) / bin_width)).astype(np.int64)
+    _, inverse, counts = np.unique(bins, return_inverse=True, return_counts=True)
+    weights = 1.0 / counts[inverse]
+    return weights / weights.mean()
+
+
+def balanced_batches(dataset: ClipDataset, *, batch_size: int, bin_width: float = 10.0) -> Callable[[], Item]:
+    """Like ``training.random_batches`` but EF-balanced: clips drawn with replacement, weights `ef_balance_weights`.
+
+    A tail video is then drawn as often as all the videos of a crowded bin together (each draw a new random
+    clip phase when ``dataset.random_start``). Not for DP-SGD: a video drawn twice in one batch breaks the
+    per-sample accounting, which assumes Poisson sampling of each video at most once.
+    """
+    weights = torch.from_numpy(ef_balance_weights([dataset.table.ef[v] for v in dataset.kept], bin_width=bin_width))
+
+    def draw() -> Item:
+        index = torch.multinomial(weights, batch_size, replacement=True)
+        return default_collate([dataset[int(i)] for i in index])
+
+    return draw
 
 
 class PatientPairDataset(Dataset[Item]):

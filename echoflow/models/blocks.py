@@ -8,6 +8,7 @@ see one input row per sample. ``video=True`` switches a block to clips: (2+1)D c
 """
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,53 @@ class ScalarEmbedding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Embed x: (B,) in [0, 1] -> (B, dim)."""
         return self.mlp(sinusoidal_embedding(x, self.dim))
+
+
+EFEmbeddingKind = Literal["smooth", "fourier"]
+EF_PERIODS = (20.0, 40.0, 80.0, 160.0)
+"""Periods, in EF points, of the smooth EF features: nearby EFs get nearby features (EF 50 vs 51 differ by
+≤ 0.31 per sine/cosine pair, 50 vs 60 by up to 2), so the network learns EF as a dose, not a per-video key."""
+
+
+def smooth_ef_features(ef: Tensor) -> Tensor:
+    """Features of EF that vary slowly with it.
+
+    Args:
+        ef: (B,) ejection fraction, percent 0-100.
+
+    Returns:
+        (B, 1 + 2·len(EF_PERIODS)): the linear coordinate (EF − 50) / 20, then cosines and sines of
+        2π·EF / period for each period in ``EF_PERIODS``.
+    """
+    ef = ef.float()
+    periods = torch.tensor(EF_PERIODS, device=ef.device)
+    args = 2 * math.pi * ef[:, None] / periods[None]
+    return torch.cat([((ef - 50.0) / 20.0)[:, None], torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class EFEmbedding(nn.Module):
+    """EF (percent) -> (B, dim) through features and a two-layer MLP.
+
+    ``kind="smooth"`` (default): :func:`smooth_ef_features` (a linear coordinate plus periods of 20-160 points).
+    ``kind="fourier"``: the timestep embedding of EF / 100 (:class:`ScalarEmbedding`); its shortest period is
+    0.63 EF points, so EF 50 and 51 embed about as far apart as 50 and 60 (kept to read older checkpoints).
+    """
+
+    def __init__(self, dim: int, *, kind: EFEmbeddingKind = "smooth") -> None:
+        super().__init__()
+        if kind not in ("smooth", "fourier"):
+            raise ValueError(f"EFEmbedding: unknown kind {kind!r}; choose smooth or fourier")
+        self.kind, self.dim = kind, dim
+        features = 1 + 2 * len(EF_PERIODS) if kind == "smooth" else dim
+        self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def features(self, ef: Tensor) -> Tensor:
+        """The MLP's input for ef: (B,) percent."""
+        return smooth_ef_features(ef) if self.kind == "smooth" else sinusoidal_embedding(ef / 100.0, self.dim)
+
+    def forward(self, ef: Tensor) -> Tensor:
+        """Embed ef: (B,) percent 0-100 -> (B, dim)."""
+        return self.mlp(self.features(ef))
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from echoflow.errors import EchoFlowError
-from echoflow.models.blocks import ScalarEmbedding
+from echoflow.models.blocks import EFEmbedding, EFEmbeddingKind, ScalarEmbedding
 from echoflow.models.flow import Method, Target, sample
 from echoflow.models.unet import UNet
 
@@ -15,9 +15,9 @@ class LatentVideoFlow(nn.Module):
     """Factorised space-time U-Net predicting the velocity (or x1) of latent clips.
 
     Conditioning: the first latent frame is repeated over T and concatenated to x_t as extra channels; EF
-    is embedded (Fourier features of EF/100 + MLP) and added to the time embedding. (2+1)D convolutions
-    and temporal attention at every level; space is downsampled, time never. The demo defaults have ~0.6M
-    parameters and fold 2x2 latent patches into channels; paper size e.g.
+    is embedded (smooth features of EF + MLP, see ``ef_embedding``) and added to the time embedding.
+    (2+1)D convolutions and temporal attention at every level; space is downsampled, time never. The demo
+    defaults have ~0.6M parameters and fold 2x2 latent patches into channels; paper size e.g.
     ``channels=(128, 256, 256), blocks=2, heads=8``. Opacus-compatible.
     """
 
@@ -30,6 +30,7 @@ class LatentVideoFlow(nn.Module):
         heads: int = 4,
         patch: int = 2,
         motion_scale: float = 1.0,
+        ef_embedding: EFEmbeddingKind = "smooth",
     ) -> None:
         """Build the network.
 
@@ -41,12 +42,15 @@ class LatentVideoFlow(nn.Module):
             patch: spatial patch size folded into channels first (1 = none); h, w must divide by it.
             motion_scale: std of a latent clip's motion (clip minus its first frame); the flow runs on motion
                 divided by it, so the whole loss is on how the heart moves, not on re-drawing the anatomy.
+            ef_embedding: ``"smooth"`` (features of EF with periods of 20-160 points plus a linear coordinate)
+                or ``"fourier"`` (the timestep embedding of EF/100, the earlier default), see
+                :class:`~echoflow.models.blocks.EFEmbedding`.
         """
         super().__init__()
         emb_dim = 4 * channels[0]
         self.register_buffer("motion_scale", torch.tensor(float(motion_scale)))
         self.time = ScalarEmbedding(emb_dim)
-        self.ef = ScalarEmbedding(emb_dim)
+        self.ef = EFEmbedding(emb_dim, kind=ef_embedding)
         self.null_ef = nn.Embedding(1, emb_dim)
         self.unet = UNet(
             in_channels=2 * latent_channels,
@@ -101,7 +105,7 @@ class LatentVideoFlow(nn.Module):
         if ef is None:
             ef_emb = null
         else:
-            ef_emb = self.ef(ef / 100.0)
+            ef_emb = self.ef(ef)
             if drop is not None:
                 ef_emb = torch.where(drop[:, None], null, ef_emb)
         repeated = first_frame.unsqueeze(2).expand(-1, -1, frames, -1, -1)

@@ -31,6 +31,7 @@ from echoflow.study.centralized import train_stages
 from echoflow.study.evaluate import parity_study
 from echoflow.study.generate import Sampling, generate_videos, write_synthetic
 from echoflow.study.models import Cohort, Models, stage_folder
+from echoflow.study.protocol import draw_efs
 from echoflow.study.summary import write_summary
 from echoflow.study.timing import StepTimes, federated_stage_seconds, write_timing
 
@@ -93,12 +94,24 @@ def scaled_training(cfg: DictConfig) -> DictConfig:
 
 
 def requested_efs(cfg: DictConfig, cohort: Cohort, n: int, generator: torch.Generator) -> torch.Tensor:
-    """EFs to animate at: drawn from the real TRAIN EF distribution, or uniform over ``pipeline.ef_range``."""
-    if cfg.pipeline.ef == "real":
-        real = torch.tensor([r.ef for site in cohort.split("TRAIN") for r in site.records])
-        return real[torch.randint(len(real), (n,), generator=generator)]
-    low, high = cfg.pipeline.ef_range
-    return low + (high - low) * torch.rand(n, generator=generator)
+    """EFs to animate at (`draw_efs`), drawn by ``pipeline.ef``.
+
+    ``histogram``: a smoothed, optionally noised histogram of the sites' TRAIN EFs (no real EF value is copied);
+    ``uniform``: uniform over ``pipeline.ef_range``.
+    """
+    p = cfg.pipeline
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator)))
+    train = [r.ef for site in cohort.split("TRAIN") for r in site.records] if p.ef == "histogram" else []
+    return torch.from_numpy(draw_efs(train, n, source=p.ef, rng=rng, ef_range=tuple(p.ef_range),
+                                     noise=float(p.ef_noise))).float()
+
+
+def synthetic_count(cfg: DictConfig, cohort: Cohort) -> int:
+    """Videos to generate: ``pipeline.synthetic_factor`` x the real TRAIN videos, or ``pipeline.videos`` if unset."""
+    factor = cfg.pipeline.get("synthetic_factor")
+    if factor is None:
+        return int(cfg.pipeline.videos)
+    return max(1, round(float(factor) * sum(len(site.records) for site in cohort.split("TRAIN"))))
 
 
 def embed_real(cfg: DictConfig, models: Models, cohort: Cohort) -> dict[str, RealSite]:
@@ -123,7 +136,7 @@ def generate(cfg: DictConfig, models: Models, cohort: Cohort, real: Mapping[str,
             raise AuditFailedError(f"screening: sites failed: {screened.failures}")
         return screened.release
 
-    out = generate_videos(models, p.videos, lambda n, g: requested_efs(cfg, cohort, n, g),
+    out = generate_videos(models, synthetic_count(cfg, cohort), lambda n, g: requested_efs(cfg, cohort, n, g),
                           Sampling.of(cfg, frames=p.frames), generator=torch.Generator().manual_seed(cfg.seed),
                           oversample=p.oversample, screen=screen)
     write_synthetic(Path(cfg.workdir) / "generated", out.videos, out.ef, fps=cfg.data.clip_fps)

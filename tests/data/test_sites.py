@@ -9,6 +9,9 @@ from echoflow.data.sites import (
     ClipDataset,
     FrameDataset,
     PatientPairDataset,
+    SiteData,
+    balanced_batches,
+    ef_balance_weights,
     load_site,
     load_sites,
     split_sites,
@@ -146,3 +149,30 @@ def test_latent_sites_yield_channels_first(two_sites: list[Path]) -> None:
     clip = ClipDataset([site], frames=4, fps=12.5, random_start=False)[0]["clip"]
     assert clip.shape == (4, 4, 16, 16)
     torch.testing.assert_close(clip[:, 3], torch.from_numpy(latents[0][6]))
+
+
+def _clip_sites(efs: list[float]) -> list[SiteData]:
+    records = [VideoRecord(f"v{i}", Path(f"v{i}.avi"), ef, 0.0, 0.0, 25.0, 8, 4, 4, "TRAIN", f"p{i}", "s")
+               for i, ef in enumerate(efs)]
+    videos = [np.full((8, 4, 4), i % 256, np.uint8) for i in range(len(efs))]
+    return [SiteData("s", records, videos, {f"p{i}": i for i in range(len(efs))})]
+
+
+def test_ef_balance_weights_give_every_bin_the_same_mass() -> None:
+    ef = [55.0] * 90 + [18.0] * 6 + [77.0] * 3 + [float("nan")]
+    weights = ef_balance_weights(ef, bin_width=10.0)
+    assert weights.mean() == pytest.approx(1.0)
+    masses = [weights[:90].sum(), weights[90:96].sum(), weights[96:99].sum(), weights[99:].sum()]
+    assert masses == pytest.approx([masses[0]] * 4)
+
+
+def test_balanced_batches_draw_the_tails_as_often_as_the_middle() -> None:
+    efs = [55.0] * 90 + [18.0] * 6 + [77.0] * 4
+    dataset = ClipDataset(_clip_sites(efs), frames=4, fps=25.0)
+    torch.manual_seed(0)
+    draw = balanced_batches(dataset, batch_size=50)
+    batches = [draw() for _ in range(60)]
+    drawn, videos = torch.cat([b["ef"] for b in batches]), torch.cat([b["video"] for b in batches])
+    shares = [float((drawn == ef).float().mean()) for ef in (55.0, 18.0, 77.0)]
+    assert shares == pytest.approx([1 / 3] * 3, abs=0.03)  # uniform draws would give 0.90 / 0.06 / 0.04
+    assert set(videos[drawn == 77.0].tolist()) == {96, 97, 98, 99}  # every tail video, not one repeated
