@@ -56,6 +56,8 @@ def test_tiny_pipeline_end_to_end_then_resumes_without_redoing(tmp_path: Path, m
                                   filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     stages = ("vae", "image_flow", "reid", "video_flow", "ef")
     assert {c.info.run_name for c in children} >= {f"federate-{s}" for s in stages}
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "audit")}
+    assert "audit/audit.html" in logged and "audit/indexes" not in logged  # real embeddings stay out of MLflow
     # every step is marked done: a re-run does no work and gives the same summary
     timing = {row["step"]: row for row in summary["timing"]}  # the per-step wall-time table, also in MLflow
     assert {"cohort", "models", "generate", "audit", "evaluate", "embed real frames", "train vae",

@@ -186,5 +186,11 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         released=released, real_roots=cohort.roots))
     summary["timing"] = write_timing(Path(cfg.workdir), times, extra=federated_stage_seconds(trained["history"]))
     mlflow.log_artifacts(str(Path(cfg.workdir) / "summary"), "summary")
-    mlflow.log_artifacts(str(Path(cfg.workdir) / "audit"), "audit")
+    for item in sorted((Path(cfg.workdir) / "audit").iterdir()):
+        if item.name == "indexes":  # the sites' FAISS indexes hold real-frame embeddings: they never leave the run
+            continue
+        if item.is_dir():
+            mlflow.log_artifacts(str(item), f"audit/{item.name}")
+        else:
+            mlflow.log_artifact(str(item), "audit")
     return summary
