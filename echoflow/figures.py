@@ -1,4 +1,10 @@
-"""Figures for self-contained reports: matplotlib (headless) to PNG, video previews as GIF, both inlined as base64.
+"""Self-contained report pages: shared stylesheet, page furniture, figures (PNG) and video previews (GIF), inlined.
+
+Everything is inlined as base64, so each page is one file with no script and no link.
+
+`page`, `cards`, `section`, `table` and `figure` build ``audit.html`` (`echoflow.audit.page`) and
+``summary.html`` (`echoflow.study.summary`) alike, styled by ``echoflow/report.css``. Text passed to them is
+escaped; ``body``/``sections`` arguments are HTML already.
 
 `ef_previews` is the one picture of videos both the audit report and the pipeline summary show: per EF range,
 one generated and one real video, each as its first frame (PNG) and a short animated preview (GIF). Real frames
@@ -13,7 +19,8 @@ import base64
 import html
 import io
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from importlib.resources import files
 from pathlib import Path
 from typing import NamedTuple
 
@@ -61,7 +68,7 @@ def png_base64(fig: Figure, *, path: Path | None = None) -> str:
 
 def img_tag(data: bytes, *, mime: str, alt: str, size: int | None = None) -> str:
     """An ``<img>`` holding ``data`` inline (``data:<mime>;base64``), optionally shown ``size`` CSS px square."""
-    shown = (f" width='{size}' height='{size}' style='image-rendering: pixelated'" if size else "")
+    shown = f" class='pixel' width='{size}' height='{size}'" if size else ""
     encoded = base64.b64encode(data).decode("ascii")
     return f"<img alt='{html.escape(alt)}'{shown} src='data:{mime};base64,{encoded}'>"
 
@@ -136,8 +143,72 @@ def ef_previews(generated: Sequence[VideoRecord], real: Sequence[VideoRecord], o
         f"{_cells(ref, 'real', ef_range, out)}</tr>"
         for ef_range, gen, ref in zip(EF_RANGES, pick_by_ef(generated), pick_by_ef(real), strict=True)
     )
-    return ("<h2>Generated and real videos by EF</h2><p>Per EF range, the video with the range's median EF: "
-            f"first frame, then the clip ({PREVIEW_FRAMES} frames at most, {PREVIEW_SIZE}x{PREVIEW_SIZE}). "
-            "Real videos are site data: this page stays in the operator's working directory.</p>"
-            "<table border='1'><tr><th>EF range</th><th colspan='2'>generated</th><th colspan='2'>real</th></tr>"
-            f"{rows}</table>")
+    how = ("Per EF range, the video with the range's median EF: first frame, then the clip "
+           f"({PREVIEW_FRAMES} frames at most, {PREVIEW_SIZE}x{PREVIEW_SIZE} px, playing in real time). Real videos "
+           "are site data: this page stays in the operator's working directory.")
+    return ("<section><h2>Generated and real videos by EF</h2>"
+            f"<p class='how'>{html.escape(how)}</p><div class='scroll'>"
+            "<table><tr><th>EF range (%)</th><th colspan='2'>generated</th><th colspan='2'>real</th></tr>"
+            f"{rows}</table></div></section>")
+
+
+STYLESHEET = "report.css"
+
+
+def stylesheet() -> str:
+    """The shared stylesheet's text (``echoflow/report.css``)."""
+    return files("echoflow").joinpath(STYLESHEET).read_text(encoding="utf-8")
+
+
+class Card(NamedTuple):
+    """A headline number: ``value`` (shown large), ``label`` below it; ``tone`` ``"ok"``, ``"bad"`` or ``""``."""
+
+    value: str
+    label: str
+    tone: str = ""
+
+
+def page(title: str, *, headline: str, verdict: str, tone: str, sections: Iterable[str]) -> str:
+    """A whole page: a header stating the decision in words (``headline``, then ``verdict``), then ``sections``.
+
+    Args:
+        title: the browser tab's title.
+        headline: the header's one-line decision, e.g. "Audit passed: 5 of 6 videos released".
+        verdict: a sentence or two under it (plain text).
+        tone: ``"ok"`` (green), ``"bad"`` (red) or ``""`` (neutral).
+        sections: HTML fragments, in order.
+    """
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{html.escape(title)}</title><style>{stylesheet()}</style></head><body><main>"
+            f"<header class='decision {tone}'><h1>{html.escape(headline)}</h1><p>{html.escape(verdict)}</p></header>"
+            + "".join(sections) + "</main></body></html>")
+
+
+def cards(items: Sequence[Card]) -> str:
+    """A row of cards for the headline numbers."""
+    return "<div class='cards'>" + "".join(
+        f"<div class='card {c.tone}'><div class='value'>{html.escape(c.value)}</div>"
+        f"<div class='label'>{html.escape(c.label)}</div></div>" for c in items) + "</div>"
+
+
+def section(title: str, how: str, body: str) -> str:
+    """A titled section: ``how`` is the one sentence on how to read it (plain text), ``body`` its HTML."""
+    return f"<section><h2>{html.escape(title)}</h2><p class='how'>{html.escape(how)}</p>{body}</section>"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[object]], *, numeric: Sequence[int] = ()) -> str:
+    """A table (escaped cells); columns in ``numeric`` are right-aligned. Headers carry their units, e.g. "τ (cosine)".
+
+    It scrolls inside its own box if it is ever wider than the page, so the page itself never overflows.
+    """
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td{' class=num' if i in numeric else ''}>{html.escape(str(v))}</td>"
+                                    for i, v in enumerate(row)) + "</tr>" for row in rows)
+    return f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>"
+
+
+def figure(png_base64: str, *, alt: str, caption: str = "") -> str:
+    """An inline PNG that fits the page (``max-width: 100%``), with an optional caption (plain text)."""
+    text = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return (f"<figure><img alt='{html.escape(alt)}' src='data:image/png;base64,{png_base64}'>{text}</figure>")

@@ -18,6 +18,8 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +35,53 @@ MAX_HEIGHT = 16384  # px; Chromium's largest screenshot side
 UNDECODED_IMAGES = ("Promise.all(Array.from(document.images, i => i.decode().catch(() => null)))"
                     ".then(() => Array.from(document.images).filter(i => i.naturalWidth === 0)"
                     ".map(i => i.alt || i.src.slice(-80)))")  # a src ends with its file name
+SCROLL_WIDTH = "document.documentElement.scrollWidth"
+TEXT = ("[document, ...Array.from(document.querySelectorAll('iframe'), f => { try { return f.contentDocument; } "
+        "catch (e) { return null; } })].filter(d => d && d.body).map(d => d.body.innerText).join('\\n')")
 
 
 def find_chromium() -> str | None:
     """Path of a Chromium/Chrome executable on PATH, or None."""
     return next((path for name in NAMES if (path := shutil.which(name))), None)
+
+
+@dataclass(frozen=True)
+class Page:
+    """What a rendered page showed: its errors (see `render`), its layout width and its visible text.
+
+    Attributes:
+        errors: one line per console error, uncaught exception, error log entry or undecoded image.
+        scroll_width: ``document.documentElement.scrollWidth``, CSS px; above the viewport width means the page
+            overflows sideways (a horizontal scroll bar).
+        text: ``document.body.innerText`` (then that of every same-origin iframe) once loaded and once every
+            ``wait_for`` text showed.
+    """
+
+    errors: list[str]
+    scroll_width: int
+    text: str
+
+
+def open_page(url: str, png_path: Path, *, width: int = 1280, height: int = 2000, timeout_s: float = 60.0,
+              wait_for: Sequence[str] = (), ready: str = "", settle_s: float = 0.0) -> Page:
+    """Load ``url`` (``file://`` or ``http://127.0.0.1``) in headless Chromium, save a full-page PNG, return a `Page`.
+
+    ``wait_for``: texts the page must show before the screenshot (a single-page app such as MLflow's UI fills
+    itself in after the load event); polled every 0.25 s until ``timeout_s`` runs out, then EchoFlowError.
+    ``ready``: a JavaScript expression that must also be truthy (polled alike), e.g. that an element exists.
+    ``settle_s``: seconds to wait after that before the screenshot (e.g. for a sandboxed iframe, whose text
+    cannot be read, to draw).
+    """
+    executable = find_chromium()
+    if executable is None:
+        raise EchoFlowError(f"{url}: no Chromium found to render it (apt-get install -y chromium)")
+    with tempfile.TemporaryDirectory(prefix="echoflow-chromium-") as profile:
+        browser = _Browser(executable, Path(profile), deadline=time.monotonic() + timeout_s)
+        try:
+            return browser.render(url, png_path, width=width, height=height, wait_for=wait_for, ready=ready,
+                                  settle_s=settle_s)
+        finally:
+            browser.close()
 
 
 def render(html_path: Path, png_path: Path, *, width: int = 1280, height: int = 2000,
@@ -59,17 +103,9 @@ def render(html_path: Path, png_path: Path, *, width: int = 1280, height: int = 
     Raises:
         EchoFlowError: no Chromium on PATH, the page is missing or does not load, or Chromium stops answering.
     """
-    executable = find_chromium()
-    if executable is None:
-        raise EchoFlowError(f"{html_path}: no Chromium found to render it (apt-get install -y chromium)")
     if not html_path.is_file():
         raise EchoFlowError(f"{html_path}: no such HTML file")
-    with tempfile.TemporaryDirectory(prefix="echoflow-chromium-") as profile:
-        browser = _Browser(executable, Path(profile), deadline=time.monotonic() + timeout_s)
-        try:
-            return browser.render(html_path.resolve().as_uri(), png_path, width=width, height=height)
-        finally:
-            browser.close()
+    return open_page(html_path.resolve().as_uri(), png_path, width=width, height=height, timeout_s=timeout_s).errors
 
 
 class _Browser:
@@ -91,7 +127,8 @@ class _Browser:
         os.close(to_child)
         os.close(from_child)
 
-    def render(self, url: str, png_path: Path, *, width: int, height: int) -> list[str]:
+    def render(self, url: str, png_path: Path, *, width: int, height: int, wait_for: Sequence[str] = (),
+               ready: str = "", settle_s: float = 0.0) -> Page:
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for method in ("Page.enable", "Runtime.enable", "Log.enable"):
@@ -104,6 +141,12 @@ class _Browser:
         self.wait_for("Page.loadEventFired", session)
         settle = "new Promise(done => requestAnimationFrame(() => setTimeout(done, 50)))"  # late errors surface
         self.call("Runtime.evaluate", {"expression": settle, "awaitPromise": True}, session=session)
+        while (missing := [t for t in wait_for if t not in self.evaluate(TEXT, session)]
+               + ([ready] if ready and not self.evaluate(f"Boolean({ready})", session) else [])):
+            if time.monotonic() > self.deadline:
+                raise EchoFlowError(f"{url}: never showed {missing!r}")
+            time.sleep(0.25)
+        time.sleep(min(settle_s, max(self.deadline - time.monotonic(), 0.0)))
         undecoded = self.call("Runtime.evaluate", {"expression": UNDECODED_IMAGES, "awaitPromise": True,
                                                    "returnByValue": True}, session=session)["result"]["value"]
         size = self.call("Page.getLayoutMetrics", session=session)["cssContentSize"]
@@ -112,8 +155,14 @@ class _Browser:
                          session=session)
         png_path.parent.mkdir(parents=True, exist_ok=True)
         png_path.write_bytes(base64.b64decode(shot["data"]))
-        return [line for event in self.events if (line := _error_line(event))] + [
+        errors = [line for event in self.events if (line := _error_line(event))] + [
             f"img did not decode: {name}" for name in undecoded]
+        return Page(errors, int(self.evaluate(SCROLL_WIDTH, session)), str(self.evaluate(TEXT, session)))
+
+    def evaluate(self, expression: str, session: str) -> Any:
+        """The value of a JavaScript expression in the page."""
+        return self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True},
+                         session=session)["result"].get("value")
 
     def call(self, method: str, params: dict[str, Any] | None = None, *, session: str = "") -> dict[str, Any]:
         """Send one command and return its result, keeping the events that arrive meanwhile."""

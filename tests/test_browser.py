@@ -14,8 +14,10 @@ import pytest
 from PIL import Image
 
 from echoflow.audit import build_index, build_report, calibrate, dcr_stats, decide_samples, write_report
+from echoflow.audit.page import tally
 from tests.audit.synthetic import PatientSpace
-from tests.browser import find_chromium, render
+from tests.audit.test_run import as_generated, audit_of, world  # noqa: F401 (world: a fixture)
+from tests.browser import find_chromium, open_page, render
 from tests.ef_videos import write_ef_videos
 from tests.test_summary import write_fake_summary
 
@@ -55,9 +57,12 @@ def small_audit_html(out: Path) -> Path:
 
 
 def rendered_page(html: Path, png: Path) -> np.ndarray:
-    """Render ``html`` (no errors, every image decoded), keep the screenshot at ``png``, return it in grey."""
+    """Render ``html`` at 1280 px (no errors, every image decoded, no sideways overflow), keep the screenshot at
+    ``png``, return it in grey."""
     png.parent.mkdir(parents=True, exist_ok=True)
-    assert render(html, png) == []
+    shown = open_page(html.resolve().as_uri(), png)
+    assert shown.errors == []
+    assert shown.scroll_width <= 1280, f"{html.name} overflows: {shown.scroll_width} px wide"
     image = np.asarray(Image.open(png).convert("L"))
     assert image.shape[1] == 1280 and image.shape[0] >= 2000
     assert (image < 128).mean() > 0.005  # text and the inlined figures drew (a blank page is all white)
@@ -77,6 +82,24 @@ def test_summary_renders_without_errors(tmp_path: Path) -> None:
     rendered_page(html, ARTIFACTS / "summary.png")
 
 
+def test_audit_page_counts_videos_frames_and_canaries_apart(world: dict, tmp_path: Path) -> None:  # noqa: F811
+    """A real audit (2 phantom sites, fresh patients as generated videos, every 2nd frame, 12 canaries)."""
+    out = tmp_path / "out"
+    outcome = audit_of(world, as_generated(tmp_path / "gen", [world["fresh"]]), out, canaries=12, every=2)
+    videos = len(list((tmp_path / "gen" / "Videos").glob("*.avi")))
+    released = len(list((out / "released" / "Videos").glob("*.avi")))
+    counted = tally(outcome.report)
+    assert (counted.videos, counted.videos_released) == (videos, released) and 0 < released <= videos
+    assert counted.frames == sum(d.frames for d in outcome.decisions) == videos * 6  # 12 frames, every 2nd
+    assert (counted.canaries, counted.every) == (12, 2) and counted.frames + 12 == len(outcome.report["samples"])
+    shown = open_page((out / "audit.html").as_uri(), ARTIFACTS / "audit_run.png")
+    assert shown.errors == [] and shown.scroll_width <= 1280
+    assert f"Audit passed: {released} of {videos} generated videos released" in shown.text
+    assert f"{counted.frames_withheld} / {videos * 6}" in shown.text  # frames: canaries not among them
+    canaries = shown.text[shown.text.index("Canaries (not generated"):]
+    assert f"all\t12\t{counted.canaries_caught}\t" in canaries
+
+
 def test_render_reports_every_kind_of_error(tmp_path: Path) -> None:
     page = tmp_path / "broken.html"
     page.write_text("<html><body><p>x</p><img src='missing.png'><img alt='corrupt' src='data:image/gif;base64,R0lG'>"
@@ -91,3 +114,10 @@ def test_render_reports_every_kind_of_error(tmp_path: Path) -> None:
     assert "img did not decode: corrupt" in errors
     assert any(e.startswith("img did not decode: ") and e.endswith("/missing.png") for e in errors)
     assert len(errors) == 6 and Image.open(tmp_path / "broken.png").size == (400, 300)
+
+
+def test_a_page_wider_than_the_window_is_caught(tmp_path: Path) -> None:
+    page = tmp_path / "wide.html"
+    page.write_text("<html><body><img alt='wide' width='1900' height='10' src='data:image/gif;base64,"
+                    "R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7'></body></html>")
+    assert open_page(page.as_uri(), tmp_path / "wide.png").scroll_width >= 1900

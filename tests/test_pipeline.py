@@ -56,7 +56,15 @@ def test_tiny_pipeline_end_to_end_then_resumes_without_redoing(tmp_path: Path, m
                                   filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     stages = ("vae", "image_flow", "reid", "video_flow", "ef")
     assert {c.info.run_name for c in children} >= {f"federate-{s}" for s in stages}
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "audit")}
+    assert "audit/audit.html" in logged and "audit/indexes" not in logged  # real embeddings stay out of MLflow
     # every step is marked done: a re-run does no work and gives the same summary
+    timing = {row["step"]: row for row in summary["timing"]}  # the per-step wall-time table, also in MLflow
+    assert {"cohort", "models", "generate", "audit", "evaluate", "embed real frames", "train vae",
+            "train ef"} <= set(timing)
+    assert all(timing[s]["seconds"] > 0 for s in ("models", "generate", "audit", "evaluate"))
+    assert timing["embed real frames"]["inside"] == "generate" and (tmp_path / "summary" / "timing.md").is_file()
+    assert client.get_run(run.info.run_id).data.metrics["timing.models_s"] == timing["models"]["seconds"]
     marks = sorted(p.name for p in (tmp_path / "pipeline").iterdir())
     assert marks == ["audit.json", "cohort.json", "evaluate.json", "generate.json", "models.json"]
     generated = (tmp_path / "generated" / "FileList.csv").stat().st_mtime_ns

@@ -10,7 +10,7 @@ from PIL import Image, ImageSequence
 from echoflow.errors import EchoFlowError
 from echoflow.figures import EF_RANGES, ef_previews, gif_bytes, pick_by_ef
 from echoflow.study.evaluate import regression
-from echoflow.study.summary import write_summary
+from echoflow.study.summary import round_ends, site_curves, write_summary
 from tests.ef_videos import write_ef_videos
 
 
@@ -58,7 +58,7 @@ def test_summary_files_ratio_and_previews(tmp_path: Path) -> None:
     assert "http" not in html and "<script" not in html
     # 2 figures + the audit's histogram + 5 first frames, and 5 GIFs: no generated video has an EF in 40-55 %
     assert html.count("data:image/png;base64,") == 3 + 5 and html.count("data:image/gif;base64,") == 5
-    assert "<h2>audit similarity</h2><img alt='audit_similarity'" in html
+    assert "<h2>Audit similarities</h2>" in html and "<img alt='audit_similarity'" in html
     assert html.count("no video in this range") == 1
     assert "site_01V001 (site_01), EF 52 %" in html  # the real 40-55 % pick: upper median of 44 and 52
     gifs = sorted(p.name for p in (out / "previews").glob("*.gif"))
@@ -95,3 +95,14 @@ def test_previews_refuse_a_released_folder(tmp_path: Path) -> None:
     with pytest.raises(EchoFlowError, match="released"):
         ef_previews([], records, tmp_path / "audit" / "released" / "previews")
     assert not (tmp_path / "audit" / "released").exists()
+
+
+def test_training_curves_are_per_step_with_round_ends_and_fall_back_to_rounds() -> None:
+    rounds = [{"round": r, "sites": {
+        "0": {"train-loss": 1.0, "train-loss-curve": [3.0 - r, 2.5 - r, 2.0 - r],
+              "train-loss-steps": [3.0 * r - 2, 3.0 * r - 1, 3.0 * r]},
+        "1": {"train-loss": 0.0, "budget-exhausted": 1.0}}} for r in (1, 2)]
+    assert site_curves(rounds) == {"0": [(1.0, 2.0), (2.0, 1.5), (3.0, 1.0), (4.0, 1.0), (5.0, 0.5), (6.0, 0.0)]}
+    assert round_ends(rounds) == [3.0, 6.0]  # the dotted round boundaries, at each round's last local step
+    plain = [{"round": r, "sites": {"0": {"train-loss": 1.0 / r}}} for r in (1, 2)]  # DP, SecAgg+, old checkpoints
+    assert site_curves(plain) == {"0": [(1.0, 1.0), (2.0, 0.5)]} and round_ends(plain) == [1.0, 2.0]

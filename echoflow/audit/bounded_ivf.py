@@ -3,8 +3,11 @@
 For a list with centroid c and members x (unit vectors, as `prepare` makes them), and a unit query q:
 
 - ball bound: ⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩ ≤ ⟨q, c⟩ + r, with r = max ‖x − c‖ over the list;
-- cone bound: if every member lies within angle θ of ĉ = c/‖c‖ (cos θ = min ⟨x, ĉ⟩) and q at angle φ from ĉ,
-  then ⟨q, x⟩ ≤ cos(max(0, φ − θ)), which is tighter on the sphere.
+- cone bound: if every member lies within angle θ of ĉ = c/‖c‖ and q at angle φ from ĉ, then
+  ⟨q, x⟩ ≤ cos(max(0, φ − θ)), which is tighter on the sphere. θ = max 2·asin(‖x̂ − ĉ‖ / 2) in float64 over the
+  renormalised members x̂: arccos of a minimum cosine loses tight lists (members within ~1e-4 rad of ĉ) to
+  rounding — a float32 member of norm 1 + 3e-8 has a cosine that rounds to 1, so θ came out 0 and over-τ pairs
+  just beyond the list's edge were skipped.
 
 Per query we probe every list whose bound (the smaller of the two, plus a float32 safety margin) reaches τ, and
 the ``nprobe`` lists with the nearest centroids for an approximate nearest neighbour. Inner products with the
@@ -38,7 +41,13 @@ class BoundedIVFIndex(SiteIndex):
 
     kind = "bounded_ivf"
 
-    def __init__(self, ivf: faiss.IndexIVF, *, similarity: Similarity, nprobe: int = 1) -> None:
+    def __init__(self, ivf: faiss.IndexIVF, *, similarity: Similarity, nprobe: int = 1,
+                 lists: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+        """Wrap a trained ``ivf``.
+
+        ``lists`` = (offsets, ids, vectors) as `_copy_lists` returns them, when the builder already holds them
+        list-sorted: ``ivf``'s own lists are then left empty until `save`.
+        """
         self.similarity = similarity
         self.nprobe = nprobe
         self._ivf = ivf
@@ -47,9 +56,14 @@ class BoundedIVFIndex(SiteIndex):
         if ivf.invlists is None:
             raise EchoFlowError("bounded IVF: the faiss index has no inverted lists")
         self._lists = ivf.invlists
-        self._sizes = np.array([self._lists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
-        self._offsets, self._sorted_ids, self._sorted = self._copy_lists()
-        self._radius, self._min_cos = self._list_extents()
+        if lists is None:
+            self._sizes = np.array([self._lists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+            self._offsets, self._sorted_ids, self._sorted = self._copy_lists()
+        else:
+            self._offsets, self._sorted_ids, self._sorted = lists
+            self._sizes = np.diff(self._offsets)
+        self._radius, self._theta = self._list_extents()
+        self._cos_theta, self._sin_theta = np.cos(self._theta), np.sin(self._theta)
         self._radius32 = (self._radius + BOUND_MARGIN).astype(np.float32)
 
     @classmethod
@@ -102,7 +116,7 @@ class BoundedIVFIndex(SiteIndex):
 
     @property
     def ntotal(self) -> int:  # noqa: D102
-        return int(self._ivf.ntotal)
+        return len(self._sorted_ids)
 
     @property
     def dim(self) -> int:  # noqa: D102
@@ -123,10 +137,10 @@ class BoundedIVFIndex(SiteIndex):
 
         An owned contiguous copy: BLAS on views into faiss's list storage ran ~10× slower here.
         """
-        lists, d = self._lists, self.dim
+        lists, d, n = self._lists, self.dim, int(self._ivf.ntotal)
         offsets = np.concatenate([[0], np.cumsum(self._sizes)])
-        ids = np.empty(self.ntotal, dtype=np.int64)
-        vectors = np.empty((self.ntotal, d), dtype=np.float32)
+        ids = np.empty(n, dtype=np.int64)
+        vectors = np.empty((n, d), dtype=np.float32)
         for i in np.flatnonzero(self._sizes):
             lo, hi = int(offsets[i]), int(offsets[i + 1])
             ids[lo:hi] = faiss.rev_swig_ptr(lists.get_ids(int(i)), hi - lo)
@@ -134,22 +148,36 @@ class BoundedIVFIndex(SiteIndex):
             vectors[lo:hi] = codes.view(np.float32).reshape(-1, d)
         return offsets, ids, vectors
 
-    def _list_extents(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per list: ball radius r = max ‖x − c‖ and cone cos θ = min ⟨x, ĉ⟩; (0, 1) when empty."""
+    def _list_extents(self, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """Per list: ball radius r = max ‖x − c‖ and cone angle θ = max ∠(x̂, ĉ) (float64, chord form); 0 when empty.
+
+        Row-wise in chunks of all lists at once, then a max per list (a Python loop per list cost more than the
+        arithmetic at N / 64 lists).
+        """
         radius = np.zeros(self.nlist)
-        min_cos = np.ones(self.nlist)
-        for i in np.flatnonzero(self._sizes):
-            x, c = self._members(int(i))[1].astype(np.float64), self._centroids[i].astype(np.float64)
-            radius[i] = np.linalg.norm(x - c, axis=1).max()
-            min_cos[i] = (x @ c).min() / self._centroid_norms[i]
-        return radius, min_cos
+        theta = np.zeros(self.nlist)
+        if self.ntotal == 0:
+            return radius, theta
+        list_of = np.repeat(np.arange(self.nlist), self._sizes)
+        dist, chord = np.empty(self.ntotal), np.empty(self.ntotal)
+        for lo in range(0, self.ntotal, chunk):
+            rows = list_of[lo : lo + chunk]
+            x, c = self._sorted[lo : lo + chunk].astype(np.float64), self._centroids[rows].astype(np.float64)
+            dist[lo : lo + chunk] = np.linalg.norm(x - c, axis=1)
+            unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+            chord[lo : lo + chunk] = np.linalg.norm(unit - c / self._centroid_norms[rows, None], axis=1)
+        full = self._sizes > 0
+        starts = self._offsets[:-1][full]
+        radius[full] = np.maximum.reduceat(dist, starts)
+        theta[full] = 2.0 * np.arcsin(np.minimum(np.maximum.reduceat(chord, starts) / 2.0, 1.0))
+        return radius, theta
 
     def _list_thresholds(self, tau: float) -> np.ndarray:
         """(nlist,) t such that a list may hold a member with ⟨q, x⟩ ≥ τ only if ⟨q, c⟩ ≥ t.
 
         Ball: ⟨q, c⟩ ≥ τ − r. Cone: φ ≤ θ + arccos τ ⇔ ⟨q, c⟩ ≥ ‖c‖ cos(θ + arccos τ) (always when θ + arccos τ ≥ π).
         """
-        angle = np.arccos(np.clip(self._min_cos, -1.0, 1.0)) + np.arccos(np.clip(tau, -1.0, 1.0))
+        angle = self._theta + np.arccos(np.clip(tau, -1.0, 1.0))
         cone = np.where(angle >= np.pi, -np.inf, self._centroid_norms * np.cos(np.minimum(angle, np.pi)))
         t = np.maximum(tau - self._radius, cone) - BOUND_MARGIN
         return np.where(self._sizes > 0, t, np.inf).astype(np.float32)
@@ -158,9 +186,8 @@ class BoundedIVFIndex(SiteIndex):
         """(Q, nlist) float64 upper bounds on ⟨q, x⟩ over each list's members, from ``qc = q @ centroids.T``."""
         qc = qc.astype(np.float64)
         cos_phi = np.clip(qc / self._centroid_norms, -1.0, 1.0)
-        cos_theta = np.clip(self._min_cos, -1.0, 1.0)
-        cone = cos_phi * cos_theta + np.sqrt(1.0 - cos_phi**2) * np.sqrt(1.0 - cos_theta**2)
-        bound = np.minimum(qc + self._radius, np.where(cos_phi >= cos_theta, 1.0, cone)) + BOUND_MARGIN
+        cone = cos_phi * self._cos_theta + np.sqrt(1.0 - cos_phi**2) * self._sin_theta
+        bound = np.minimum(qc + self._radius, np.where(cos_phi >= self._cos_theta, 1.0, cone)) + BOUND_MARGIN
         return np.where(self._sizes > 0, bound, -np.inf)
 
     def search(self, queries: np.ndarray, *, k: int = 1, threshold: float | None = None) -> Neighbours:
@@ -228,5 +255,9 @@ class BoundedIVFIndex(SiteIndex):
         return out
 
     def _write(self, path: Path) -> dict[str, Any]:
+        if self._ivf.ntotal != self.ntotal:  # built from sorted lists (see __init__): fill faiss's lists now
+            assign = np.repeat(np.arange(self.nlist, dtype=np.int64), self._sizes)
+            self._ivf.add_core(self.ntotal, faiss.swig_ptr(self._sorted), faiss.swig_ptr(self._sorted_ids),
+                               faiss.swig_ptr(assign))
         faiss.write_index(self._ivf, str(path))
         return {"nlist": self.nlist, "nprobe": self.nprobe, "radius": self._radius.tolist()}

@@ -39,17 +39,19 @@ def prepare(vectors: np.ndarray, *, similarity: Similarity, what: str = "embeddi
     """
     if similarity not in SIMILARITIES:
         raise EchoFlowError(f"audit.similarity: expected one of {SIMILARITIES}, got {similarity!r}")
-    x = np.asarray(vectors, dtype=np.float64)
+    x = np.array(vectors, dtype=np.float32, order="C")  # a copy: float32 throughout, one pass per step
     if x.ndim != 2 or x.shape[0] == 0:
         raise EchoFlowError(f"{what}: expected a non-empty (N, D) array, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise EchoFlowError(f"{what}: contains NaN or inf")
     if similarity == "pearson":
-        x = x - x.mean(axis=1, keepdims=True)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x -= x.mean(axis=1, keepdims=True)
+    # squared norms summed in float64 (no overflow, no cancellation); the rows themselves stay float32
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))[:, None]
     if (norms < 1e-12).any():
         raise EchoFlowError(f"{what}: {int((norms < 1e-12).sum())} vector(s) have zero norm ({similarity})")
-    return np.ascontiguousarray(x / norms, dtype=np.float32)
+    x /= norms.astype(np.float32)
+    return x
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,13 +35,17 @@ class Generated:
 
 
 def read_generated(folder: Path, *, size: int) -> Generated:
-    """Read an EchoNet-layout folder of generated videos; undecodable rows become problems (never released)."""
+    """Read an EchoNet-layout folder of generated videos; undecodable rows become problems (never released).
+
+    Each file is read ONCE: the pixels audited are decoded from exactly the bytes whose SHA-256 is recorded.
+    """
     cohort = read_cohort(folder, require_ef=False)
     records, digests, videos, problems = [], [], [], list(cohort.problems)
     for record in cohort.records:
         try:
-            digest = hashlib.sha256(record.path.read_bytes()).hexdigest()
-            videos.append(load_video(record.path, size=size))
+            data = record.path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            videos.append(decode_bytes(data, record.path, size=size))
         except EchoFlowError as err:
             problems.append(str(err))
             continue
@@ -49,6 +54,17 @@ def read_generated(folder: Path, *, size: int) -> Generated:
     if not records:
         raise EchoFlowError(f"{folder}: no decodable generated video")
     return Generated(records, digests, videos, problems)
+
+
+def decode_bytes(data: bytes, path: Path, *, size: int) -> np.ndarray:
+    """Decode the AVI ``data`` (read from ``path``) via a private temporary copy; errors name ``path``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "video.avi"
+        copy.write_bytes(data)
+        try:
+            return load_video(copy, size=size)
+        except EchoFlowError as err:
+            raise EchoFlowError(str(err).replace(str(copy), str(path))) from err
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ operator's working directory and never go under ``released/`` (see `echoflow.fig
 
 from __future__ import annotations
 
-import html
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -21,6 +20,7 @@ from matplotlib.figure import Figure
 from echoflow.audit.calibrate import Calibration
 from echoflow.audit.canaries import DCRStats
 from echoflow.audit.decide import AuditResult
+from echoflow.audit.page import audit_page
 from echoflow.data.echonet import VideoRecord
 from echoflow.figures import ef_previews, png_base64
 
@@ -43,6 +43,9 @@ def build_report(
     index_info: Mapping[str, Mapping[str, Any]] | None = None,
     canaries: Mapping[str, tuple[int, int]] | None = None,
     dcr: DCRStats | None = None,
+    genuine: np.ndarray | None = None,
+    videos: Sequence[tuple[bool, int, int]] = (),
+    every: int = 1,
 ) -> dict[str, Any]:
     """The ``audit.json`` document (see the schema for every field).
 
@@ -52,6 +55,9 @@ def build_report(
         index_info: per site, e.g. ``{"index": "bounded_ivf", "ntotal": 250000, "threshold_recall": 1.0}``.
         canaries: `CanaryPlan.score` output.
         dcr: `dcr_stats` output.
+        genuine: (G,) bool, False for a planted canary row (default: every row is a generated frame).
+        videos: per generated video (released, frames audited, frames in the video).
+        every: the audit's frame stride k (every k-th frame of a video is audited).
     """
     withheld = ~result.release
     sites: dict[str, Any] = {}
@@ -66,11 +72,7 @@ def build_report(
         "version": 1,
         "status": "failed" if result.failed else "passed",
         "failures": dict(result.failures),
-        "counts": {
-            "generated": len(result.release),
-            "released": int(result.release.sum()),
-            "withheld": int(withheld.sum()),
-        },
+        "counts": counts_of(result, genuine=genuine, videos=videos, every=every),
         "sites": sites,
         "calibration": {
             "percentile": calibration.percentile,
@@ -99,6 +101,23 @@ def build_report(
     return report
 
 
+def counts_of(result: AuditResult, *, genuine: np.ndarray | None, videos: Sequence[tuple[bool, int, int]],
+              every: int) -> dict[str, int]:
+    """Generated frames (canaries apart), videos (released, withheld, partially audited) and the stride k."""
+    real = np.ones(len(result.release), dtype=bool) if genuine is None else np.asarray(genuine, dtype=bool)
+    return {
+        "generated": int(real.sum()),
+        "released": int((result.release & real).sum()),
+        "withheld": int((~result.release & real).sum()),
+        "canaries": int((~real).sum()),
+        "every": int(every),
+        "videos": len(videos),
+        "videos_released": sum(1 for released, _, _ in videos if released),
+        "videos_withheld": sum(1 for released, _, _ in videos if not released),
+        "videos_partially_audited": sum(1 for _, audited, total in videos if audited < total),
+    }
+
+
 def _histogram(result: AuditResult, calibration: Calibration, path: Path) -> str:
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
@@ -107,7 +126,7 @@ def _histogram(result: AuditResult, calibration: Calibration, path: Path) -> str
     for values, label in ((finite, "generated → nearest real"), (real, "real held-out → real train")):
         ax.hist(values, bins=200, range=(-1.0, 1.0), alpha=0.6, density=True, label=label)
     ax.axvline(calibration.global_threshold, color="k", linestyle="--", label=f"τ = {calibration.global_threshold:.3f}")
-    lo = float(min(finite.min(initial=1.0), calibration.heldout_to_all.min()))
+    lo = float(min(finite.min(initial=1.0), calibration.heldout_to_all.min(initial=1.0)))  # federated: none sent
     ax.set_xlim(max(-1.0, lo - 0.05), 1.0)
     ax.set_xlabel("max similarity")
     ax.legend(loc="upper left", fontsize=8)
@@ -115,10 +134,12 @@ def _histogram(result: AuditResult, calibration: Calibration, path: Path) -> str
 
 
 def _pairs_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]]) -> str:
-    fig = Figure(figsize=(4, 2 * len(pairs)))
-    axes = fig.subplots(len(pairs), 2, squeeze=False)
-    for row, (gen, real, caption) in zip(axes, pairs, strict=True):
-        for ax, image, title in ((row[0], gen, f"generated {caption}"), (row[1], real, "nearest real")):
+    """The pairs side by side: one column per pair, generated frame above its nearest real frame."""
+    fig = Figure(figsize=(1.7 * len(pairs), 3.9))
+    axes = fig.subplots(2, len(pairs), squeeze=False)
+    for column, (gen, real, caption) in enumerate(pairs):
+        for ax, image, title in ((axes[0][column], gen, caption.replace(": ", ":\n", 1)),
+                                 (axes[1][column], real, "nearest real")):
             ax.imshow(np.squeeze(image), cmap="gray", vmin=-1, vmax=1)
             ax.set_title(title, fontsize=7)
             ax.axis("off")
@@ -152,35 +173,11 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out_dir / "audit.json", out_dir / "audit.html"
     json_path.write_text(json.dumps(report, indent=1))
-    rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{s['withheld']}</td><td>{s['threshold']:.4f}</td>"
-        f"<td>{html.escape(str(s.get('index', '?')))}</td><td>{s.get('threshold_recall', '—')}</td>"
-        f"<td>{s['scanned']}</td></tr>"
-        for name, s in report["sites"].items()
-    )
-    failures = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in report["failures"].items())
-    canaries = "".join(f"<li>{html.escape(t)}: {c['caught']}/{c['planted']} caught</li>"
-                       for t, c in report.get("canaries", {}).items())
-    counts, approx = report["counts"], report["approximate"]
     videos = ef_previews(generated_videos, real_videos, out_dir / "previews") if generated_videos or real_videos else ""
     (out_dir / SIMILARITY_PNG).unlink(missing_ok=True)  # a failed audit draws none: no stale one may stand for it
     histogram = "" if result.failed else _histogram(result, calibration, out_dir / SIMILARITY_PNG)
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>EchoFlow audit</title></head><body>",
-        f"<h1>EchoFlow privacy audit: {report['status']}</h1>",
-        f"<ul>{failures}</ul>" if failures else "",
-        f"<p>{counts['generated']} generated, {counts['released']} released, {counts['withheld']} withheld; "
-        f"fan-out {report['seconds']:.2f} s; τ = p{calibration.percentile:g} of held-out→train similarity.</p>",
-        "<table border='1'><tr><th>site</th><th>withheld</th><th>τ</th><th>index</th><th>threshold recall</th>"
-        f"<th>pairs compared</th></tr>{rows}</table>",
-        f"<p>{html.escape(approx['note'])} Inexact: {approx['inexact_similarities']}.</p>",
-        f"<h2>Canaries</h2><ul>{canaries}</ul>" if canaries else "",
-        f"<h2>Similarities</h2><img alt='histogram' src='data:image/png;base64,{histogram}'>" if histogram else "",
-        f"<h2>Closest pairs</h2><img alt='pairs' src='data:image/png;base64,{_pairs_figure(pairs)}'>" if pairs else "",
-        videos,
-        "</body></html>",
-    ]
-    html_path.write_text("".join(parts))
+    html_path.write_text(audit_page(report, calibration, histogram=histogram,
+                                    pairs=_pairs_figure(pairs) if pairs else "", videos=videos))
     return json_path, html_path
 
 

@@ -212,7 +212,10 @@ def run_audit(*, vae: AdversarialVAE, reid: nn.Module, train: Sequence[SiteData]
         released = [] if result.failed else release_videos(generated, decisions, out / "released")
         advance(1)
     report = build_report(result, calibration, index_info=info,
-                          canaries=plan.score(~result.release) if settings.canaries else None)
+                          canaries=plan.score(~result.release) if settings.canaries else None, genuine=genuine,
+                          videos=[(d.release, d.frames, len(v)) for d, v in zip(decisions, generated.videos,
+                                                                                 strict=True)],
+                          every=settings.every)
     row_of = np.cumsum(genuine) - 1
     for i, sample in enumerate(report["samples"]):
         real_video, real_frame = nearest_real(real, sample["site"], sample["real_id"])

@@ -1,16 +1,23 @@
-"""`echoflow audit run --generated DIR [overrides]`: audit generated videos against every site, then release."""
+"""`echoflow audit`: ``run --generated DIR`` audits and releases; ``index --site DIR`` builds a site's index.
+
+``run`` audits generated videos against every site, then releases what passes; ``index`` lets a deployed site
+build its own audit folder (for a federated audit) from its own data.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import typer
 
 from echoflow.audit.decide import AuditFailedError
 from echoflow.audit.report import log_to_mlflow
+from echoflow.audit.site_index import build_site_index
 from echoflow.cli.common import OVERRIDES, apply_runtime
 from echoflow.config import load_config
-from echoflow.study.models import Cohort, Models
+from echoflow.models.vae import AdversarialVAE
+from echoflow.study.models import Cohort, Models, trained_network
 from echoflow.study.run import audit_settings, audit_videos
 from echoflow.tracking import start_run
 
@@ -46,3 +53,25 @@ def run(
     if audit_settings(cfg).canaries:
         caught, planted = outcome.report["canaries"]["all"]["caught"], outcome.report["canaries"]["all"]["planted"]
         typer.echo(f"canaries caught: {caught}/{planted}")
+
+
+@audit_app.command("index")
+def index(
+    site: Path = typer.Option(..., "--site", help="This site's data folder (EchoNet layout, TRAIN + VAL/TEST)."),
+    out: Path | None = typer.Option(None, "--out", help="Its audit folder (default <site>/audit_index)."),
+    overrides: list[str] | None = OVERRIDES,
+) -> None:
+    """Build this site's audit folder from its own data, for a federated audit (node config audit-site-dir).
+
+    Embeds the site's TRAIN frames (indexed) and held-out frames (calibration) with the global VAE and re-id
+    weights of `workdir` (<workdir>/vae and <workdir>/reid, as `echoflow pipeline` or the federation wrote them).
+    Nothing leaves the site.
+    """
+    cfg = load_config(overrides)
+    apply_runtime(cfg)
+    target = out or site / "audit_index"
+    vae = cast(AdversarialVAE, trained_network(cfg, "vae"))
+    auditor = build_site_index(vae, trained_network(cfg, "reid"), site, target, size=int(cfg.data.size),
+                               settings=audit_settings(cfg))
+    typer.echo(f"{target}: {auditor.index.kind} index of {auditor.index.ntotal} TRAIN frames, "
+               f"{len(auditor.heldout)} held-out frames for calibration")

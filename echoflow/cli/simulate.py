@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -12,6 +13,7 @@ from echoflow.config import load_config
 from echoflow.errors import EchoFlowError
 from echoflow.federation.config import run_config, run_config_toml
 from echoflow.federation.federate import federate, stage_folders, stages_of
+from echoflow.federation.protocol import STAGES_JSON
 from echoflow.tracking import start_run
 
 
@@ -48,11 +50,16 @@ def simulate(
 
 
 def export(overrides: list[str], path: Path) -> None:
-    """Write the run config of the one stage named by ``stage=...`` (default vae) under ``overrides`` to ``path``."""
+    """Write the run config of the stage named by ``stage=...`` (default vae) under ``overrides`` to ``path``.
+
+    ``stage=all``: the first stage's run config plus ``stages-json``, every stage's run config in order, so one
+    ``flwr run`` federates them all (the server sends each latent stage the VAE's final weights in its messages).
+    """
     stage = next((o.split("=", 1)[1] for o in overrides if o.startswith("stage=")), "vae")
-    if stage not in stages_of("all"):
-        raise EchoFlowError(f"stage: --export-run-config needs one stage, got {stage!r}")
+    if stage != "all" and stage not in stages_of("all"):
+        raise EchoFlowError(f"stage: --export-run-config needs a stage or all, got {stage!r}")
     cfg = load_config([o for o in overrides if not o.startswith("stage=")])
-    config = run_config(cfg, stage=stage, stage_checkpoints=stage_folders(cfg, before=stage))
+    configs = [run_config(cfg, stage=s, stage_checkpoints=stage_folders(cfg, before=s)) for s in stages_of(stage)]
+    config = configs[0] | ({STAGES_JSON: json.dumps(configs)} if stage == "all" else {})
     path.write_text(run_config_toml(config))
     typer.echo(f"{path}: run config of stage {stage}")

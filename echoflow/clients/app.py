@@ -4,6 +4,8 @@ Deployment: ``flower-supernode ... --node-config 'site-dir="/data/echo" state-di
 `app` unchanged; the run config comes from the app's ``pyproject.toml`` / ``flwr run --run-config``.
 Every message from our ServerApp also carries the server's run config for the stage it federates
 (`run_config_record`), which wins: one run — one simulation, one Ray start — can federate several stages in turn.
+The site's privacy policy is not part of it: it is the node config (`echoflow.clients.policy`), and a message
+asking for weaker DP is refused (the error reply names the reason; the server's round records it).
 
 The site's privacy ledger lives in the node's ``context.state`` (which Flower keeps between rounds) and, when
 a ``state-dir`` is known, in ``<state-dir>/site_XX/privacy_ledger.json`` too — the file wins, because it
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,22 +25,36 @@ from flwr.clientapp import ClientApp
 
 from echoflow.clients.dp import PrivacyLedger
 from echoflow.clients.faults import inject_faults
+from echoflow.clients.moments import latent_moments
 from echoflow.clients.secagg import secagg_mod
 from echoflow.clients.settings import ClientSettings
-from echoflow.clients.site import evaluate, latent_moments, train_round
-from echoflow.federation.protocol import LATENT_STATS, PROXIMAL_MU, ROLL_CALL, SERVER_ROUND, message_run_config
+from echoflow.clients.site import evaluate, train_round
+from echoflow.federation.priors import remember
+from echoflow.federation.protocol import (
+    LATENT_STATS,
+    PRIOR_DIGESTS,
+    PROXIMAL_MU,
+    ROLL_CALL,
+    SERVER_ROUND,
+    message_run_config,
+)
 
 LEDGER_KEY = "privacy-ledger"
 LEDGER_FILE = "privacy_ledger.json"
 
 
-def make_client_app(defaults: Mapping[str, Any] | None = None, *, faults: bool = False) -> ClientApp:
+def make_client_app(defaults: Mapping[str, Any] | None = None, *, faults: bool = False,
+                    site_config: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose run config is ``defaults`` overridden by ``context.run_config``.
 
     ``faults``: install the fault-injection mod (`echoflow.clients.faults`), for test and soak simulations that
-    plan faults; the deployed ``app`` never has it.
+    plan faults; the deployed ``app`` never has it. ``site_config``: node-config entries every site of a
+    simulation holds as its own (its DP policy and ``state-dir``, `echoflow.clients.policy`);
+    ``context.node_config`` overrides them. They are baked into the app the launcher builds, never read from a
+    message.
     """
     base = dict(defaults or {})
+    own = dict(site_config or {})
 
     def run_config_of(msg: Message, context: Context) -> dict[str, Any]:
         return {**base, **context.run_config, **message_run_config(msg)}
@@ -46,7 +63,9 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *, faults: bool =
 
     def settings_of(msg: Message, context: Context) -> ClientSettings:
         torch.set_num_threads(1)  # one core per simulated site; sites run side by side
-        return ClientSettings.from_context(run_config_of(msg, context), context.node_config)
+        settings = ClientSettings.from_context(run_config_of(msg, context), {**own, **context.node_config})
+        priors = remember(msg)  # earlier stages' weights travel in the message: no folder shared with the server
+        return replace(settings, config={**settings.config, PRIOR_DIGESTS: priors}) if priors else settings
 
     @app.train(mods=[secagg_mod])  # inert unless the server runs the round under SecAgg+
     def train(msg: Message, context: Context) -> Message:
@@ -74,7 +93,10 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *, faults: bool =
     @app.query(LATENT_STATS)
     def latent_stats(msg: Message, context: Context) -> Message:
         settings = settings_of(msg, context)
-        moments = latent_moments(settings, msg.content.array_records["arrays"].to_torch_state_dict())
+        moments, ledger = latent_moments(settings, msg.content.array_records["arrays"].to_torch_state_dict(),
+                                         load_ledger(settings, context))
+        if ledger is not None:
+            save_ledger(settings, context, ledger)
         return Message(content=RecordDict({"metrics": MetricRecord({**moments, "site": settings.site})}), reply_to=msg)
 
     @app.query(ROLL_CALL)

@@ -28,6 +28,7 @@ from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from echoflow.errors import EchoFlowError
 
@@ -85,6 +86,41 @@ def grouped_conv_grad_sample(layer: Conv, x: Tensor, backprops: Tensor) -> dict[
     return grads
 
 
+def linear_grad_sample(layer: nn.Linear, activations: list[Tensor], backprops: Tensor) -> dict[Tensor, Tensor]:
+    """Per-sample gradients of a linear layer: an outer product per sample (2D input) or one batched GEMM.
+
+    Opacus' ``einsum("n...i,n...j->nij")`` took 3-5x longer on the demo networks' layers (one thread).
+    """
+    x = activations[0].to(backprops.dtype)
+    grads: dict[Tensor, Tensor] = {}
+    if x.dim() == 2:
+        if layer.weight.requires_grad:
+            grads[layer.weight] = backprops[:, :, None] * x[:, None, :]
+        if layer.bias is not None and layer.bias.requires_grad:
+            grads[layer.bias] = backprops
+        return grads
+    g, a = backprops.flatten(1, -2), x.flatten(1, -2)  # (n, tokens, out), (n, tokens, in)
+    if layer.weight.requires_grad:
+        grads[layer.weight] = torch.bmm(g.transpose(1, 2), a)
+    if layer.bias is not None and layer.bias.requires_grad:
+        grads[layer.bias] = g.sum(1)
+    return grads
+
+
+def group_norm_grad_sample(layer: nn.GroupNorm, activations: list[Tensor],
+                           backprops: Tensor) -> dict[Tensor, Tensor]:
+    """Per-sample gradients of GroupNorm's affine weight and bias: sums over positions, without einsum."""
+    x = activations[0].to(backprops.dtype)
+    n, c = backprops.shape[:2]
+    grads: dict[Tensor, Tensor] = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        normalised = F.group_norm(x, layer.num_groups, eps=layer.eps)
+        grads[layer.weight] = (normalised * backprops).reshape(n, c, -1).sum(2)
+    if layer.bias is not None and layer.bias.requires_grad:
+        grads[layer.bias] = backprops.reshape(n, c, -1).sum(2)
+    return grads
+
+
 class FastGradSampleModule(GradSampleModule):
     """Opacus' hook-based `GradSampleModule` with `conv_grad_sample`, cheaper hooks and no summed weight grads.
 
@@ -104,6 +140,8 @@ class FastGradSampleModule(GradSampleModule):
         nn.Conv1d: conv_grad_sample,
         nn.Conv2d: conv_grad_sample,
         nn.Conv3d: conv_grad_sample,
+        nn.Linear: linear_grad_sample,
+        nn.GroupNorm: group_norm_grad_sample,
     }
 
     def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True,

@@ -21,7 +21,7 @@ from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters, pa
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from echoflow.federation.protocol import ARRAY_KEYS
+from echoflow.federation.protocol import ARRAY_KEYS, PRIOR_RECORD
 
 ClientAppCallable = Callable[[Message, Context], Message]
 
@@ -39,13 +39,15 @@ def _update_as_fitres(msg: Message, context: Context, train: ClientAppCallable) 
     config = dict(fitins.config)
     keys = json.loads(str(config.pop(ARRAY_KEYS)))
     global_arrays = dict(zip(keys, parameters_to_ndarrays(fitins.parameters), strict=True))
+    priors = {k: v for k, v in msg.content.array_records.items() if k.startswith(PRIOR_RECORD)}  # kept for the task
     msg.content = RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in global_arrays.items()}),
-                              "config": ConfigRecord(cast(dict[str, Any], config))})
+                              "config": ConfigRecord(cast(dict[str, Any], config)), **priors})
     reply = train(msg, context)
     trained = reply.content.array_records.get("arrays")
     local = trained.to_numpy_ndarrays() if trained is not None else None
     update = [np.zeros_like(v, dtype=np.float64) if local is None else local[i].astype(np.float64) - v
               for i, v in enumerate(global_arrays.values())]
-    metrics = cast(dict[str, Scalar], dict(reply.content["metrics"]))
+    # a legacy FitRes carries scalars only: the round's training curve (lists) stays at the site under SecAgg+
+    metrics = cast(dict[str, Scalar], {k: v for k, v in reply.content["metrics"].items() if not isinstance(v, list)})
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), int(local is not None), metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

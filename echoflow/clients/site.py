@@ -1,26 +1,39 @@
 """One site's work in a round, free of Flower: train the stage from the global weights, or evaluate them.
 
-Training uses the shared `Trainer` (AdamW, no EMA: the federation averages live weights). Each site and each
-round get their own step seeds (site-mixed seed, steps numbered across rounds), so rounds never replay the
-same batches and a resumed run replays exactly.
+Training uses the shared `Trainer` (AdamW, no EMA: the federation averages live weights). Without DP, each site
+and each round get their own step seeds (site-mixed seed, steps numbered across rounds), so rounds never replay
+the same batches and a resumed run replays exactly. Under DP the patients' Poisson draw and the noise come from
+the site's secret generator instead (`echoflow.clients.policy.secret_generator`), and the site first checks the
+message against its own policy (`ClientSettings.refusal`): a message that would weaken it is refused.
+
+What a DP site sends besides its noised weights (the privacy ledger, README): ε spent, the mechanism's (σ, q, δ,
+steps) — all functions of its policy, not of its data — and ``num-examples`` 1 (equal FedAvg weights; the
+patient count is not released); no training or evaluation loss.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from math import nan
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
-from echoflow.clients.dp import PrivacyLedger, make_private, poisson_batches
+from echoflow.clients.dp import PrivacyLedger, make_private, patient_groups, poisson_batches
+from echoflow.clients.policy import PolicyRefusal, secret_generator
 from echoflow.clients.settings import ClientSettings
-from echoflow.errors import EchoFlowError
 from echoflow.federation.task import group_arrays, load_group_arrays, load_task
-from echoflow.models.vae import AdversarialVAE
 from echoflow.stages.trainer import Batch, Stage, TrainConfig, Trainer, random_batches, set_step_seed
+
+log = logging.getLogger(__name__)
+
+CURVE_POINTS = 10
+"""Most points of a round's training curve that a site reports (window means of its local steps)."""
 
 
 @dataclass(frozen=True)
@@ -29,12 +42,17 @@ class RoundResult:
 
     Attributes:
         arrays: updated weights (``"<group>.<param>"``), or None when the site's privacy budget is spent.
-        metrics: num-examples, train-loss, wall-s (seconds), epsilon (cumulative; 0 without DP), the DP
-            parameters (dp-noise-multiplier, dp-sample-rate, dp-steps, dp-delta) and budget-exhausted (0/1).
+        metrics: without DP num-examples, train-loss, wall-s (seconds), epsilon 0, budget-exhausted 0, and the
+            round's training curve: train-loss-curve (mean loss of up to `CURVE_POINTS` consecutive windows of
+            local steps) and train-loss-steps (the global step ending each window); under
+            DP num-examples 1, epsilon (cumulative over the run, all stages), epsilon-cap (what the plan allows
+            once this stage is done), the stage's mechanism (dp-noise-multiplier, dp-sample-rate, dp-delta),
+            dp-steps (all stages), dp-stage-steps and budget-exhausted (0/1).
+            Under DP no curve is sent: it would be one more unaccounted output of the site's data.
     """
 
     arrays: dict[str, Tensor] | None
-    metrics: dict[str, float]
+    metrics: dict[str, float | list[float]]
 
 
 def train_round(
@@ -56,41 +74,69 @@ def train_round(
             (a data-independent update, so it composes with DP-SGD for free).
     """
     started = time.perf_counter()
+    refusal = settings.refusal()
+    if refusal is not None:
+        log.warning("site %d refuses round %d of %s: %s", settings.site, server_round, settings.stage, refusal)
+        raise PolicyRefusal(f"site {settings.site} refuses {settings.stage}: {refusal}")
     task = load_task(settings.task)
-    stage = task.build_stage(settings.stage, settings.config)
+    policy = settings.policy
+    # the stage is built for the site's own DP decision (the VAE drops its second-gradient-pass GAN weight)
+    built = {**settings.config, "dp": {**dict(settings.config.get("dp") or {}), "enabled": policy.enabled}}
+    stage = task.build_stage(settings.stage, built)
     load_group_arrays(stage, arrays)
     train, _ = task.site_data(settings.stage, settings.site_dir, settings.config)
-    n = len(train)  # type: ignore[arg-type]
-    if settings.dp is not None and ledger is None:
-        ledger = PrivacyLedger.calibrate(settings.dp, n_examples=n, batch_size=settings.batch_size,
-                                         planned_steps=settings.rounds * settings.local_steps)
-    if ledger is not None and not ledger.can_spend(settings.local_steps):
-        return RoundResult(None, _metrics(n=0, loss=0.0, started=started, ledger=ledger, exhausted=True)), ledger
-
     config = TrainConfig(
         steps=server_round * settings.local_steps, batch_size=settings.batch_size, lr=settings.lr,
-        grad_clip=0.0 if ledger is not None else 1.0, ema_decay=0.0, log_every=settings.local_steps,
+        grad_clip=0.0 if policy.enabled else 1.0, ema_decay=0.0, log_every=1,
         seed=settings.seed * 1009 + settings.site, amp=False,
     )
     trainer = Trainer(stage, config)
     trainer.step = (server_round - 1) * settings.local_steps
     if proximal_mu > 0:
         _pull_toward(trainer, arrays, strength=settings.lr * proximal_mu)
-    if ledger is not None and settings.dp is not None:
-        make_private(trainer, ledger, max_grad_norm=settings.dp.max_grad_norm, batch_size=settings.batch_size)
-        draw = poisson_batches(train, sample_rate=ledger.sample_rate)
-    else:
-        draw = random_batches(train, batch_size=settings.batch_size)
-    means = trainer.fit(draw, quiet=True)
-    metrics = _metrics(n=n, loss=means.get("model", float("nan")), started=started, ledger=ledger, exhausted=False)
+    if not policy.enabled:
+        losses: list[tuple[int, float]] = []
+        trainer.fit(random_batches(train, batch_size=settings.batch_size), quiet=True,
+                    on_metrics=lambda step, values: losses.append((step, values.get("model", nan))))
+        loss = float(np.mean([value for _, value in losses])) if losses else nan  # the round's mean
+        metrics = _metrics(n=len(train), loss=loss,  # type: ignore[arg-type]
+                           started=started, ledger=None, stage=settings.stage, exhausted=False)
+        return RoundResult(group_arrays(stage), {**metrics, **curve(losses)}), ledger
+    patients = len(patient_groups(train))
+    if ledger is None:
+        ledger = PrivacyLedger(epsilon=policy.epsilon, delta=policy.delta_for(patients))
+    mechanism = ledger.begin_stage(settings.stage, share=policy.plan[settings.stage],
+                                   sample_rate=min(1.0, settings.batch_size / max(patients, 1)),
+                                   planned_steps=policy.planned_steps[settings.stage])
+    if not ledger.can_spend(settings.stage, settings.local_steps):
+        return RoundResult(None, _metrics(n=0, loss=0.0, started=started, ledger=ledger, stage=settings.stage,
+                                          exhausted=True)), ledger
+    generator = secret_generator(policy, stage=settings.stage, server_round=server_round)
+    make_private(trainer, ledger, stage=settings.stage, max_grad_norm=policy.max_grad_norm,
+                 batch_size=mechanism.sample_rate * patients, generator=generator)
+    trainer.fit(poisson_batches(train, sample_rate=mechanism.sample_rate, generator=generator), quiet=True)
+    metrics = _metrics(n=0, loss=0.0, started=started, ledger=ledger, stage=settings.stage, exhausted=False)
     return RoundResult(group_arrays(stage), metrics), ledger
+
+
+def curve(losses: Sequence[tuple[int, float]], *, points: int = CURVE_POINTS) -> dict[str, list[float]]:
+    """A round's per-step ``(global step, loss)`` pairs as at most ``points`` window means (equal-sized windows).
+
+    Returns ``{"train-loss-curve": [...], "train-loss-steps": [...]}``, the steps being each window's last step.
+    """
+    windows = [w for w in np.array_split(np.arange(len(losses)), min(points, len(losses))) if len(w)]
+    return {"train-loss-curve": [float(np.mean([losses[i][1] for i in w])) for w in windows],
+            "train-loss-steps": [float(losses[w[-1]][0]) for w in windows]}
 
 
 def evaluate(settings: ClientSettings, arrays: Mapping[str, Tensor]) -> dict[str, float]:
     """Mean ``"model"`` loss of the global weights on the site's validation split (num-examples, eval-loss).
 
-    A site without validation examples answers ``num-examples`` 0 and no ``eval-loss``: nothing to average.
+    A site without validation examples answers ``num-examples`` 0 and no ``eval-loss``: nothing to average. So
+    does a DP site: its loss on real patients is not covered by its ledger, so it is not sent.
     """
+    if settings.policy.enabled:
+        return {"num-examples": 0.0}
     task = load_task(settings.task)
     _, val = task.site_data(settings.stage, settings.site_dir, settings.config)
     n = len(val)  # type: ignore[arg-type]
@@ -100,31 +146,6 @@ def evaluate(settings: ClientSettings, arrays: Mapping[str, Tensor]) -> dict[str
     load_group_arrays(stage, arrays)
     return {"num-examples": float(n), "eval-loss": mean_loss(stage, val, batch_size=settings.batch_size,
                                                              seed=settings.seed)}
-
-
-def latent_moments(settings: ClientSettings, arrays: Mapping[str, Tensor]) -> dict[str, float]:
-    """Moments of the global VAE's latent means over the site's TRAIN frames, for the shared ``latent_scale``.
-
-    Only three aggregate scalars leave the site (they are not covered by the DP-SGD ledger).
-
-    Returns:
-        ``count`` (latent elements), ``mean`` and ``var`` (population variance) of the latent means.
-    """
-    task = load_task(settings.task)
-    stage = task.build_stage(settings.stage, settings.config)
-    load_group_arrays(stage, arrays)
-    vae = stage.groups()["model"]
-    if not isinstance(vae, AdversarialVAE):
-        raise EchoFlowError(f"stage {settings.stage}: latent statistics need an AdversarialVAE as group 'model'")
-    train, _ = task.site_data(settings.stage, settings.site_dir, settings.config)
-    vae.eval()
-    total, total_sq, count = 0.0, 0.0, 0
-    with torch.no_grad():
-        for batch in DataLoader(train, batch_size=64):
-            z = vae.encode(batch["frame"]).mode().double()
-            total, total_sq, count = total + z.sum().item(), total_sq + z.square().sum().item(), count + z.numel()
-    mean = total / max(count, 1)
-    return {"count": float(count), "mean": mean, "var": max(total_sq / max(count, 1) - mean**2, 0.0)}
 
 
 def mean_loss(stage: Stage, dataset: Dataset[Batch], *, batch_size: int, seed: int) -> float:
@@ -158,15 +179,21 @@ def _pull_toward(trainer: Trainer, anchor: Mapping[str, Tensor], *, strength: fl
         optimizer.register_step_post_hook(pull)
 
 
-def _metrics(*, n: int, loss: float, started: float, ledger: PrivacyLedger | None, exhausted: bool) -> dict[str, float]:
+def _metrics(*, n: int, loss: float, started: float, ledger: PrivacyLedger | None, stage: str,
+             exhausted: bool) -> dict[str, float | list[float]]:
+    """The round's reply metrics; under DP only functions of the site's policy and its ledger (module docstring)."""
+    if ledger is None:
+        return {"num-examples": float(n), "train-loss": float(loss), "wall-s": time.perf_counter() - started,
+                "epsilon": 0.0, "budget-exhausted": float(exhausted)}
+    mechanism = ledger.stages[stage]
     return {
-        "num-examples": float(n),
-        "train-loss": float(loss),
-        "wall-s": time.perf_counter() - started,
-        "epsilon": ledger.epsilon() if ledger else 0.0,
-        "dp-noise-multiplier": ledger.noise_multiplier if ledger else 0.0,
-        "dp-sample-rate": ledger.sample_rate if ledger else 0.0,
-        "dp-steps": float(ledger.steps) if ledger else 0.0,
-        "dp-delta": ledger.delta if ledger else 0.0,
+        "num-examples": 1.0,
+        "epsilon": ledger.epsilon(),
+        "epsilon-cap": mechanism.epsilon_cap,
+        "dp-noise-multiplier": mechanism.noise_multiplier,
+        "dp-sample-rate": mechanism.sample_rate,
+        "dp-steps": float(ledger.steps),
+        "dp-stage-steps": float(ledger.stage_steps.get(stage, 0)),
+        "dp-delta": ledger.delta,
         "budget-exhausted": float(exhausted),
     }

@@ -29,7 +29,7 @@ we read and their fate:
 Resources are bounded before anything is decoded: inputs must be regular, non-empty files of at most
 ``MAX_FILE_BYTES`` inside the DICOM folder (a link out of it, or a link loop, is refused); Deflated files are
 inflated to at most ``MAX_FILE_BYTES`` (into a temporary file) or refused; the header's size must stay within
-``echonet.MAX_FRAMES`` / ``MAX_SIDE`` and ``MAX_PIXEL_BYTES`` of decoded pixels; native PixelData must be exactly
+``echonet.MAX_FRAMES`` / ``MAX_SIDE`` and ``MAX_PIXELS`` frames x rows x columns; native PixelData must be exactly
 as long as the header says (extra data is refused, not turned into frames); an encapsulated PixelData must hold
 exactly NumberOfFrames frames, and each compressed frame's own header (JPEG SOF, JPEG-LS SOF55, JPEG 2000 SIZ)
 must declare Rows x Columns x SamplesPerPixel before that frame is decoded; frames are then decoded one at a
@@ -50,17 +50,18 @@ import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.filebase import DicomFileLike
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels import iter_pixels
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
@@ -70,9 +71,11 @@ from echoflow.errors import EchoFlowError
 
 HASH_CHARS = 32  # hex characters of a pseudonym: 128 bits of HMAC-SHA256
 MIN_KEY_BYTES = 16  # 128 bits
-MAX_PIXEL_BYTES = 2**28  # decoded pixel bytes of one file (256 MiB): keeps one ingest under 1 GiB of memory
-MAX_FILE_BYTES = MAX_PIXEL_BYTES + 2**26  # a file (or an inflated Deflated dataset) larger than this is refused
+MAX_PIXELS = 3 * 2**26  # frames x rows x columns of one file: its 8-bit grayscale clip (192 MiB) is in memory
+MAX_FILE_BYTES = 2**28 + 2**26  # a file (or an inflated Deflated dataset) larger than this (320 MiB) is refused
+ROW_BLOCK = 256  # rows of a frame converted to grayscale at a time
 FPS_RANGE = (1.0, 1000.0)
+DEFER_BYTES = 2**16  # header values longer than this (PixelData) stay on disk until read
 US_IMAGE_STORAGE = frozenset({
     "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image Storage
     "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image Storage
@@ -174,10 +177,11 @@ def read_ultrasound(path: Path, *, root: Path | None = None, accept_burned_in_ri
     problem = input_problem(path, root)
     if problem is not None:
         raise UnusableDicom(path, problem)
-    with _pydicom_silenced():
-        ds = _read(path)
+    with _pydicom_silenced(), ExitStack() as stack:
+        source = _plain_source(path, stack)
+        ds = _read(source, path)
         try:
-            return _clip(ds, path, accept_burned_in_risk)
+            return _clip(ds, source, path, accept_burned_in_risk)
         except UnusableDicom:
             raise
         except MemoryError as err:
@@ -199,49 +203,61 @@ def _pydicom_silenced() -> Iterator[None]:
         logger.disabled = was_disabled
 
 
-def _read(path: Path) -> Dataset:
-    """Parse the file; Deflated datasets are inflated with a cap; a value cut short by the file's end refused."""
+def _plain_source(path: Path, stack: ExitStack) -> Path:
+    """``path``, or for a Deflated file a temporary Explicit VR Little Endian copy of it.
+
+    Inflated to at most ``MAX_FILE_BYTES``; pydicom itself would inflate all of it into memory.
+    """
     try:
         with path.open("rb") as fp:
             read_preamble(fp, False)
             meta = _read_file_meta_info(fp)
-            if meta.get("TransferSyntaxUID", None) == DeflatedExplicitVRLittleEndian:
-                return _read_deflated(fp, meta, path)
-        ds = pydicom.dcmread(path)
+            if meta.get("TransferSyntaxUID", None) != DeflatedExplicitVRLittleEndian:
+                return path
+            plain = stack.enter_context(tempfile.NamedTemporaryFile(prefix="echoflow-", suffix=".dcm"))
+            header = DicomFileLike(plain)
+            header.is_little_endian, header.is_implicit_VR = True, False
+            header.write(bytes(128) + b"DICM")
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what is left once inflated
+            write_file_meta_info(header, meta, enforce_standard=True)
+            inflater, written = zlib.decompressobj(-zlib.MAX_WBITS), 0
+            while chunk := fp.read(2**20):
+                while chunk:
+                    data = inflater.decompress(chunk, 2**24)
+                    written += len(data)
+                    if written > MAX_FILE_BYTES:
+                        raise UnusableDicom(path, f"Deflated data inflates past {MAX_FILE_BYTES >> 20} MiB")
+                    plain.write(data)
+                    chunk = inflater.unconsumed_tail
+            plain.write(inflater.flush())
+            plain.flush()
+            return Path(plain.name)
     except UnusableDicom:
         raise
     except Exception as err:  # a parser fed hostile bytes raises anything from EOFError to struct.error
         raise UnusableDicom(path, "not DICOM") from err
-    size = path.stat().st_size
-    for element in ds.elements():
+
+
+def _read(source: Path, path: Path) -> Dataset:
+    """Parse the header of ``source`` (``path`` or its inflated copy), PixelData left on disk.
+
+    A value cut short by the file's end is refused as truncated.
+    """
+    try:
+        ds = pydicom.dcmread(source, defer_size=DEFER_BYTES)
+    except Exception as err:  # a parser fed hostile bytes raises anything from EOFError to struct.error
+        raise UnusableDicom(path, "not DICOM") from err
+    size = source.stat().st_size
+    for element in _raw_elements(ds):
         if isinstance(element, RawDataElement) and element.length != 0xFFFFFFFF and (
                 element.value_tell + element.length > size):
             raise UnusableDicom(path, "truncated file")
     return ds
 
 
-def _read_deflated(fp: BinaryIO, meta: Dataset, path: Path) -> Dataset:
-    """Inflate a Deflated Explicit VR Little Endian dataset into a temporary file, at most ``MAX_FILE_BYTES``."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    with tempfile.TemporaryFile() as inflated:
-        written = 0
-        while chunk := fp.read(2**20):
-            while chunk:
-                data = inflater.decompress(chunk, 2**24)
-                written += len(data)
-                if written > MAX_FILE_BYTES:
-                    raise UnusableDicom(path, f"Deflated data inflates past {MAX_FILE_BYTES >> 20} MiB")
-                inflated.write(data)
-                chunk = inflater.unconsumed_tail
-        inflated.write(inflater.flush())
-        inflated.seek(0)
-        ds = read_dataset(inflated, is_implicit_VR=False, is_little_endian=True)
-        for element in list(ds.elements()):  # read every value now, before the file goes
-            ds[element.tag]  # converts the raw element in place
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what is left once inflated
-    ds.file_meta = meta  # type: ignore[assignment]
-    ds.set_original_encoding(False, True)
-    return ds
+def _raw_elements(ds: Dataset) -> list[RawDataElement | DataElement]:
+    """The top-level elements as parsed, deferred values unread (``Dataset.elements`` may read some)."""
+    return list(ds._dict.values())
 
 
 def _frame_count(ds: Dataset) -> int:
@@ -250,7 +266,7 @@ def _frame_count(ds: Dataset) -> int:
     return 1 if value is None or str(value).strip() == "" else int(value)
 
 
-def _clip(ds: Dataset, path: Path, accept_burned_in_risk: bool) -> UltrasoundClip:
+def _clip(ds: Dataset, source: Path, path: Path, accept_burned_in_risk: bool) -> UltrasoundClip:
     _check_image(ds, path)
     frames = _frame_count(ds)
     fps = frame_rate(ds)
@@ -261,8 +277,9 @@ def _clip(ds: Dataset, path: Path, accept_burned_in_risk: bool) -> UltrasoundCli
     if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
         raise UnusableDicom(path, f"frame rate outside {FPS_RANGE[0]:g}-{FPS_RANGE[1]:g} fps")
     _check_pixel_data(ds, path, frames)
-    gray, coloured = _decode(ds, path, frames)
-    del ds.PixelData  # the encoded bytes go before cleaning
+    if "PixelData" in ds:
+        del ds.PixelData  # encapsulated frames were read to check their headers: they go before decoding
+    gray, coloured = _decode(ds, source, path, frames)
     patient, instance = str(ds.get("PatientID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
     cleaned = clean_pixels(ds, gray, coloured, path, accept_burned_in_risk=accept_burned_in_risk)
     return UltrasoundClip(cleaned, round(fps, 2), patient, instance)
@@ -300,9 +317,9 @@ def _check_image(ds: Dataset, path: Path) -> None:
         named = f" {photometric}" if photometric in PHOTOMETRIC else ""
         raise UnusableDicom(path, f"photometric interpretation{named} not supported")
     if (frames > MAX_FRAMES or rows > MAX_SIDE or columns > MAX_SIDE
-            or frames * rows * columns * samples * (bits // 8) > MAX_PIXEL_BYTES):
+            or frames * rows * columns > MAX_PIXELS):
         raise UnusableDicom(path, f"too large: declared size over the limits ({MAX_FRAMES} frames, {MAX_SIDE} "
-                                  f"pixels a side, {MAX_PIXEL_BYTES >> 20} MiB of pixels)")
+                                  f"pixels a side, {MAX_PIXELS >> 20} Mi pixels in all)")
 
 
 def _check_pixel_data(ds: Dataset, path: Path, frames: int) -> None:
@@ -316,7 +333,9 @@ def _check_pixel_data(ds: Dataset, path: Path, frames: int) -> None:
     if syntax in NATIVE:
         per_pixel = 2 if str(ds.PhotometricInterpretation).strip() == "YBR_FULL_422" else samples
         expected = frames * rows * columns * per_pixel * (int(ds.get("BitsAllocated", 8) or 8) // 8)
-        if len(ds.PixelData) not in (expected, expected + 1):  # + 1: the pad byte of an odd length
+        raw = next((e for e in _raw_elements(ds) if e.tag == 0x7FE00010), None)  # its value is not read
+        length = raw.length if isinstance(raw, RawDataElement) else len(ds.PixelData)
+        if length not in (expected, expected + 1):  # + 1: the pad byte of an odd length
             raise UnusableDicom(path, "pixel data length does not match the header")
         return
     try:
@@ -364,7 +383,7 @@ def _frame_header_size(frame: bytes, *, jpeg_2000: bool) -> tuple[int, int, int]
     return None
 
 
-def _decode(ds: Dataset, path: Path, frames: int) -> tuple[np.ndarray, np.ndarray]:
+def _decode(ds: Dataset, source: Path, path: Path, frames: int) -> tuple[np.ndarray, np.ndarray]:
     """(T, H, W) uint8 luma and (H, W) mask of pixels coloured in any frame, one frame decoded at a time.
 
     Coloured pixels are ECG traces, markers and colour Doppler; they are kept out of the sector fit.
@@ -379,18 +398,17 @@ def _decode(ds: Dataset, path: Path, frames: int) -> tuple[np.ndarray, np.ndarra
     shape = (rows, columns, samples) if samples > 1 else (rows, columns)
     decoded = 0
     try:
-        for frame in iter_pixels(ds):
+        for frame in iter_pixels(source):  # from the file, a frame at a time: no copy of all the encoded data
             if decoded == frames or frame.shape != shape:
                 raise UnusableDicom(path, "decoded frames do not match the header")
-            if samples == 3:
-                rgb = frame.astype(np.float32)
-                luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-                coloured |= (rgb.max(-1) - rgb.min(-1)) * scale > 0.15 * 255
-            else:
-                luma = frame.astype(np.float32)
-                if photometric == "MONOCHROME1":
-                    luma = top - luma
-            gray[decoded] = np.clip(luma * scale, 0, 255).round().astype(np.uint8)
+            for start in range(0, rows, ROW_BLOCK):  # float temporaries of a block of rows, not of the frame
+                block = frame[start : start + ROW_BLOCK].astype(np.float32)
+                if samples == 3:
+                    luma = block @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+                    coloured[start : start + ROW_BLOCK] |= (block.max(-1) - block.min(-1)) * scale > 0.15 * 255
+                else:
+                    luma = top - block if photometric == "MONOCHROME1" else block
+                gray[decoded, start : start + ROW_BLOCK] = np.clip(luma * scale, 0, 255).round().astype(np.uint8)
             decoded += 1
     except UnusableDicom:
         raise

@@ -20,8 +20,9 @@ removed whatever the Burned In Annotation (0028,0301) flag says, and the policy 
      leaves in a mean of T frames, where the temporal std is also under ``STROKE_STD_SHARE`` of the
      neighbourhood's: see-through text moves with the speckle below it but shifts its mean and damps its
      motion, while a bright moving reflector (valve, pericardium) stands out with as much motion as around it.
-3. **Fill them from their neighbourhood** (OpenCV's Telea inpainting, frame by frame, mask grown by
-   ``GROW`` pixels for anti-aliasing and JPEG ringing), not with 0: black letters over speckle stay legible.
+3. **Fill them from their neighbourhood** (`fill_from_neighbourhood`: frame by frame, the mean of the known
+   sector pixels in the smallest window that has some, mask grown by ``GROW`` pixels for anti-aliasing and JPEG
+   ringing; linear time whatever the mask's size), not with 0, so black letters over speckle do not remain.
 
 Refused with one line (`UnusableDicom`), unless the site's ingest accepts the risk (``accept_burned_in_risk``,
 ``echoflow data ingest --accept-burned-in-risk``): a single frame and a low-motion cine (less than
@@ -53,7 +54,8 @@ STROKE_Z, STROKE_MIN = 4.0, 16.0  # stroke contrast in the temporal mean: z-scor
 STROKE_STD_SHARE = 0.8  # ... at a pixel whose temporal std is under this share of its neighbourhood's
 NEIGHBOURHOOD = 21  # px: side of the window the neighbourhood statistics are taken over
 MIN_OVERLAY = 4  # px: smaller connected overlay candidates are speckle noise
-GROW = 1  # px the overlay mask grows by before inpainting (anti-aliasing, JPEG ringing)
+GROW = 1  # px the overlay mask grows by before it is filled (anti-aliasing, JPEG ringing)
+FILL_WINDOWS = (5, 17, 65)  # px: windows whose known pixels' mean fills a hole pixel, smallest first
 FLAT_BRIGHT = 200  # still image: flat 2x2 blocks at least this bright are rendered text
 
 
@@ -105,21 +107,48 @@ def clean_pixels(ds: Dataset, gray: np.ndarray, coloured: np.ndarray, path: Path
     out[:, ~sector] = 0
     overlay = (find_still_text(out, sector) if still else find_overlays(mean, std, len(out), sector))
     if overlay.any():
-        mask = cv2.dilate(overlay.astype(np.uint8), np.ones((2 * GROW + 1, 2 * GROW + 1), np.uint8))
-        for frame in out:
-            frame[...] = cv2.inpaint(np.ascontiguousarray(frame), mask, 3, cv2.INPAINT_TELEA)
-        out[:, ~sector] = 0
+        hole = cv2.dilate(overlay.astype(np.uint8), np.ones((2 * GROW + 1, 2 * GROW + 1), np.uint8)) > 0
+        fill_from_neighbourhood(out, hole & sector, sector)
     return out
 
 
-def _temporal_stats(frames: np.ndarray, chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel temporal mean and standard deviation (float32), a chunk of frames at a time."""
+def fill_from_neighbourhood(frames: np.ndarray, hole: np.ndarray, sector: np.ndarray) -> None:
+    """Overwrite ``hole`` pixels of (T, H, W) uint8 ``frames`` with the mean of the known sector pixels around.
+
+    Windows of ``FILL_WINDOWS`` pixels, smallest first: each hole pixel takes, in every frame, the mean over the
+    smallest window holding a known pixel (what is left, the sector's mean). Which window serves which pixel is
+    worked out once; each frame then costs a box filter per window: linear in the pixels, whatever the hole.
+    """
+    known = (sector & ~hole).astype(np.float32)
+    plan, todo = [], hole.copy()
+    for size in FILL_WINDOWS:
+        count = cv2.boxFilter(known, -1, (size, size), normalize=False, borderType=cv2.BORDER_CONSTANT)
+        ready = todo & (count >= 1.0)
+        if ready.any():
+            plan.append((size, ready, np.maximum(count, 1.0)))
+        todo &= ~ready
+        if not todo.any():
+            break
+    filled = np.zeros(hole.shape, dtype=np.float32)
+    for frame in frames:
+        values = frame.astype(np.float32) * known
+        for size, ready, count in plan:
+            total = cv2.boxFilter(values, -1, (size, size), normalize=False, borderType=cv2.BORDER_CONSTANT)
+            np.divide(total, count, out=filled, where=ready)
+        if todo.any():
+            filled[todo] = float(values.sum() / max(float(known.sum()), 1.0))
+        np.copyto(frame, np.clip(filled + 0.5, 0, 255).astype(np.uint8), where=hole)
+
+
+def _temporal_stats(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel temporal mean and standard deviation (float32), 2^22 values (16 MiB as float32) at a time."""
+    chunk = max(1, 2**22 // max(1, frames[0].size))
     total = np.zeros(frames.shape[1:], dtype=np.float64)
     squares = np.zeros(frames.shape[1:], dtype=np.float64)
     for start in range(0, len(frames), chunk):
         block = frames[start : start + chunk].astype(np.float32)
         total += block.sum(0)
-        squares += np.square(block).sum(0)
+        squares += np.einsum("thw,thw->hw", block, block)
     mean = total / len(frames)
     return mean.astype(np.float32), np.sqrt(np.maximum(squares / len(frames) - mean**2, 0.0)).astype(np.float32)
 
@@ -214,31 +243,3 @@ def ultrasound_region(ds: Dataset, height: int, width: int) -> tuple[int, int, i
               int(r.RegionLocationMaxX1) + 1) for r in regions if "RegionLocationMaxY1" in r]
     inside = [b for b in boxes if 0 <= b[0] < b[1] <= height and 0 <= b[2] < b[3] <= width]
     return max(inside, key=lambda b: (b[1] - b[0]) * (b[3] - b[2])) if inside else None
-
-
-def fan_box(gray: np.ndarray, coloured: np.ndarray) -> tuple[int, int, int, int]:
-    """Crop box ``(y0, y1, x0, x1)`` (end-exclusive) of the fan in (T, H, W) ``gray``, found from the pixels.
-
-    Pixels that change over time (any bright pixel for a single frame), colour (``coloured``, (H, W))
-    excluded, reduced to the longest run of columns, then rows, holding at least 5 % of the peak activity, so
-    static text and thin ECG bands drop out.
-    """
-    mean, std = _temporal_stats(gray)
-    active = std > 2.0 if len(gray) > 1 else mean > 16.0
-    if active.mean() < 0.01:  # a nearly still cine: fall back to brightness
-        active = mean > 16.0
-    active &= ~coloured
-    x0, x1 = _longest_run(active.mean(0))
-    y0, y1 = _longest_run(active[:, x0:x1].mean(1))
-    return y0, y1, x0, x1
-
-
-def _longest_run(profile: np.ndarray, *, level: float = 0.05) -> tuple[int, int]:
-    """``(start, end)`` of the longest run where ``profile >= level * max``; the whole axis if flat zero."""
-    if profile.max() <= 0:
-        return 0, len(profile)
-    above = np.concatenate([[False], profile >= level * profile.max(), [False]]).astype(np.int8)
-    edges = np.flatnonzero(np.diff(above))
-    starts, ends = edges[0::2], edges[1::2]
-    best = int(np.argmax(ends - starts))
-    return int(starts[best]), int(ends[best])

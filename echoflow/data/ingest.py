@@ -42,7 +42,7 @@ from echoflow.data.echonet import VideoRecord, read_cohort, resize_frames, write
 from echoflow.errors import EchoFlowError
 
 MAX_DEPTH = 32  # folder levels under the DICOM folder that are searched
-RESIZE_CHUNK = 16  # frames resized at a time (the resize works in float32)
+RESIZE_CHUNK = 16  # frames resized at a time, in float32 (64 MiB at 1024^2: big enough for glibc to mmap and return it)
 _OLD_PSEUDONYM = re.compile(r"[0-9a-f]{16}")  # sha256(salt + ID)[:16], written before HMAC pseudonyms
 
 

@@ -34,10 +34,11 @@ def run_config(
         "task": fed.task, "stage": stage, "config-json": json.dumps(resolved), "seed": int(cfg.seed),
         "rounds": int(fed.rounds), "local-steps": int(fed.local_steps), "batch-size": int(fed.batch_size),
         "lr": float(fed.lr), "data-root": str(Path(cfg.workdir) / "cohort"),
-        "checkpoint-dir": str(Path(fed.checkpoint_dir) / stage), "state-root": str(fed.state_root),
+        "checkpoint-dir": str(Path(fed.checkpoint_dir) / stage),
         "resume": bool(fed.resume), "evaluate": bool(fed.evaluate), "timeout-s": float(fed.timeout_s),
         "min-sites": int(fed.min_sites), "max-update-ratio": float(fed.max_update_ratio),
         "secagg": bool(fed.secagg),
+        # what the server expects of the sites' DP; each site checks it against its own policy (`site_config`)
         "dp-enabled": bool(dp.enabled), "dp-epsilon": float(dp.epsilon), "dp-delta": float(dp.delta),
         "dp-max-grad-norm": float(dp.max_grad_norm), "strategy": str(strategy.name),
         "mlflow-uri": str(cfg.mlflow.tracking_uri), "mlflow-experiment": str(cfg.mlflow.experiment),
@@ -46,6 +47,29 @@ def run_config(
     for f in fields(StrategyConfig):
         if f.name != "name" and f.name in strategy:
             config[strategy_key(f.name)] = strategy[f.name]
+    return config
+
+
+def site_config(cfg: DictConfig, planned_steps: Mapping[str, int]) -> dict[str, Any]:
+    """What every simulated site holds as its own node config: its ledger folder and its DP policy.
+
+    The simulation bakes this into the sites' ClientApp (`echoflow.clients.app.make_client_app`); in a deployment
+    each SuperNode's ``--node-config`` carries the same keys (`echoflow.clients.policy`). Never sent in a message.
+
+    Args:
+        cfg: the composed config (groups ``dp`` and ``federation``).
+        planned_steps: stage -> rounds x local steps the site plans to train it (its noise is calibrated for them).
+    """
+    config: dict[str, Any] = {"state-dir": str(cfg.federation.state_root)}
+    dp = cfg.dp
+    if not dp.enabled:
+        return config
+    plan = {str(k): float(v) for k, v in cast(dict, OmegaConf.to_container(dp.plan, resolve=True)).items()}
+    config |= {"dp-enabled": True, "dp-epsilon": float(dp.epsilon), "dp-delta": float(dp.delta),
+               "dp-max-grad-norm": float(dp.max_grad_norm), "dp-plan": json.dumps(plan),
+               "dp-planned-steps": json.dumps({str(k): int(v) for k, v in planned_steps.items()})}
+    if dp.get("secret_seed") is not None:
+        config["dp-secret-seed"] = int(dp.secret_seed)
     return config
 
 

@@ -1,7 +1,8 @@
 """The EchoFlow stages as a `SiteTask`: networks from `echoflow.stages`, a site's videos from its own folder.
 
 Latent stages (image_flow, reid, video_flow) encode the site's videos with the GLOBAL VAE of the federated
-``vae`` stage (``config["stage_checkpoints"]["vae"]``), at the site: latents never leave it. Decoded (and
+``vae`` stage, at the site: latents never leave it. The server sends that VAE in every message of the stage
+(`echoflow.federation.priors`), so a deployed site needs no folder in common with the server. Decoded (and
 encoded) site data is cached per process, since every round asks for the same data again, and each video is
 decoded once per process whatever the stage. A site without
 VAL videos trains as usual and gets an empty validation set, so federated evaluation skips it.
@@ -23,10 +24,12 @@ from echoflow.checkpoints import latest_round
 from echoflow.config import plain
 from echoflow.data.sites import Decoded, SiteData, load_site
 from echoflow.errors import EchoFlowError
+from echoflow.federation.priors import recall
+from echoflow.federation.protocol import PRIOR_DIGESTS
 from echoflow.models.vae import AdversarialVAE
 from echoflow.stages import LATENT_STAGES
 from echoflow.stages.data import encode_sites, stage_dataset, stage_sites
-from echoflow.stages.networks import global_network
+from echoflow.stages.networks import build_network, global_network
 from echoflow.stages.objectives import build_stage
 from echoflow.stages.trainer import Batch, Stage
 
@@ -51,12 +54,24 @@ class EchoTask:
             loss = {**loss, "adaptive": False}
         return build_stage(name, plain(cfg.model), loss)
 
+    def prior_stages(self, name: str) -> tuple[str, ...]:
+        """Earlier stages whose final global weights stage ``name`` needs at the site: the VAE for latent stages."""
+        return ("vae",) if name in LATENT_STAGES else ()
+
     def site_data(self, name: str, site_dir: Path, config: Mapping[str, Any]) -> tuple[Dataset[Batch], Dataset[Batch]]:
-        """The site's TRAIN and VAL datasets for stage ``name`` (latents for the latent stages)."""
+        """The site's TRAIN and VAL datasets for stage ``name`` (latents for the latent stages).
+
+        The global VAE is the one the message carried (``config[PRIOR_DIGESTS]["vae"]``); without one (a task
+        driven outside the Flower apps) it is read from ``config["stage_checkpoints"]["vae"]``'s latest round.
+        """
         folders = dict(config.get("stage_checkpoints") or {})
-        if name in LATENT_STAGES:  # the cache key names the VAE round: a newer round means new latents
+        digests = dict(config.get(PRIOR_DIGESTS) or {})
+        if name in LATENT_STAGES and "vae" not in digests:  # the cache key names the VAE: new round, new latents
             folders["vae"] = str(vae_round(folders.get("vae")))
-        return _site_data(name, str(site_dir), json.dumps({**config, "stage_checkpoints": folders}, sort_keys=True))
+        elif name not in LATENT_STAGES or "vae" in digests:
+            folders.pop("vae", None)  # not read: the key must not depend on a server path
+        key = {**config, "stage_checkpoints": folders, PRIOR_DIGESTS: digests}
+        return _site_data(name, str(site_dir), json.dumps(key, sort_keys=True))
 
 
 @lru_cache(maxsize=4)
@@ -81,8 +96,13 @@ def _site_data(name: str, site_dir: str, config_json: str) -> tuple[Dataset[Batc
 
 
 def global_vae(cfg: DictConfig) -> AdversarialVAE:
-    """The federated VAE's global weights (the ``model`` group of the round folder ``stage_checkpoints.vae``)."""
-    vae = global_network("vae", plain(cfg.model), Path(cfg.stage_checkpoints.vae))
+    """The federated VAE's global weights: received in a message (`recall`), else from ``stage_checkpoints.vae``."""
+    key = cfg.get(PRIOR_DIGESTS, {}).get("vae")
+    if key is not None:
+        vae = build_network("vae", plain(cfg.model))
+        vae.load_state_dict({k[len("model."):]: v for k, v in recall("vae", key).items() if k.startswith("model.")})
+    else:
+        vae = global_network("vae", plain(cfg.model), Path(cfg.stage_checkpoints.vae))
     if not isinstance(vae, AdversarialVAE):
         raise EchoFlowError("model.vae: not an AdversarialVAE")
     return vae.eval()

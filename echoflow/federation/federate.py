@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from echoflow.data.cohort import cohort_roots
 from echoflow.errors import EchoFlowError
-from echoflow.federation.config import run_config, simulation_config
+from echoflow.federation.config import run_config, simulation_config, site_config
 from echoflow.federation.simulation import final_state, simulate_stages
 from echoflow.server.checkpoint import FederationState, load_latest
 from echoflow.stages import STAGES
@@ -25,6 +25,7 @@ def federate(cfg: DictConfig, stages: Sequence[str], *,
     nested under the caller's active MLflow run when there is one; later stages read earlier stages' latest
     round there. A re-run resumes each stage from its latest round; a stage whose rounds are all done is not
     simulated again. The stages still to run share one simulation (``cfg.federation``'s sites and Ray settings).
+    Every site's own DP policy (``cfg.dp`` with the steps planned per stage) is its node config, not a message.
 
     Args:
         cfg: the composed config.
@@ -39,18 +40,22 @@ def federate(cfg: DictConfig, stages: Sequence[str], *,
     active = mlflow.active_run()
     parent = active.info.run_id if active is not None else ""
     configs: dict[str, dict[str, Any]] = {}
+    planned: dict[str, int] = {}
     todo = []
-    for stage in sorted(stages, key=STAGES.index):
+    for stage in STAGES:
         stage_cfg = cfg.copy()
         for key, value in (per_stage or {}).get(stage, {}).items():
             OmegaConf.update(stage_cfg, key, value)
+        planned[stage] = int(stage_cfg.federation.rounds) * int(stage_cfg.federation.local_steps)
+        if stage not in stages:
+            continue
         configs[stage] = run_config(stage_cfg, stage=stage, stage_checkpoints=stage_folders(cfg, before=stage),
                                     parent_run_id=parent)
         finished = load_latest(Path(configs[stage]["checkpoint-dir"])) if stage_cfg.federation.resume else None
         if finished is None or finished.round < stage_cfg.federation.rounds:
             todo.append(configs[stage])
     if todo:  # one simulation (one Ray start) for every stage still to federate
-        simulate_stages(todo, simulation_config(cfg))
+        simulate_stages(todo, simulation_config(cfg), site_config=site_config(cfg, planned))
     return {stage: final_state(Path(config["checkpoint-dir"])) for stage, config in configs.items()}
 
 

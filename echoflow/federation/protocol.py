@@ -39,3 +39,11 @@ def message_run_config(msg: Message) -> dict[str, Any]:
     if "config" not in records or RUN_CONFIG not in records["config"]:
         return {}
     return dict(json.loads(str(records["config"][RUN_CONFIG])))
+
+PRIOR_RECORD = "prior-"
+"""Prefix of the extra ``ArrayRecord`` s a message may carry: an earlier stage's final global ``model`` weights
+(``prior-vae``), so a site never reads the server's checkpoint folder (`echoflow.federation.priors`)."""
+PRIOR_DIGESTS = "prior_weights"
+"""Key under which a site adds ``{stage: digest}`` of the priors it received to its task config."""
+STAGES_JSON = "stages-json"
+"""Run-config key of a deployment that federates several stages in one run: a JSON list of per-stage run configs."""

@@ -44,17 +44,23 @@ class SimulationConfig:
     verbose: bool = False
 
 
-def simulate(run_config: Mapping[str, Any], sim: SimulationConfig) -> FederationState:
+def simulate(run_config: Mapping[str, Any], sim: SimulationConfig, *,
+             site_config: Mapping[str, Any] | None = None) -> FederationState:
     """Run (or resume) the federation described by ``run_config``; returns its final state.
+
+    ``site_config``: what every site holds as its own node config (its DP policy, `federation.config.site_config`).
 
     Raises:
         EchoFlowError: when the run config is incomplete or the federation wrote no checkpoint.
     """
-    return simulate_stages([run_config], sim)[0]
+    return simulate_stages([run_config], sim, site_config=site_config)[0]
 
 
-def simulate_stages(run_configs: Sequence[Mapping[str, Any]], sim: SimulationConfig) -> list[FederationState]:
+def simulate_stages(run_configs: Sequence[Mapping[str, Any]], sim: SimulationConfig, *,
+                    site_config: Mapping[str, Any] | None = None) -> list[FederationState]:
     """Run (or resume) one federation per run config, in order, in one simulation; returns their final states.
+
+    ``site_config``: every site's own node config (its DP policy), baked into the ClientApp, never a message.
 
     Raises:
         EchoFlowError: when a run config is incomplete or a federation wrote no checkpoint.
@@ -80,7 +86,7 @@ def simulate_stages(run_configs: Sequence[Mapping[str, Any]], sim: SimulationCon
     faults = any(FAULT_PLAN in run_config for run_config in run_configs)  # test and soak runs only
     try:
         run_simulation(
-            server_app=make_server_app(run_configs), client_app=make_client_app(faults=faults),
+            server_app=make_server_app(run_configs), client_app=make_client_app(faults=faults, site_config=site_config),
             num_supernodes=sim.sites, backend_config=backend_config,
         )
     finally:

@@ -1,12 +1,15 @@
 """The Flower ServerApp: reads ``context.run_config`` and runs (or resumes) the federation.
 
 Deployment: ``flwr run`` with this app (``echoflow.server.app:app``) and the run config in the app's
-``pyproject.toml``. Simulation: `make_server_app(stages)` federates several stages in turn in one run, each
+``pyproject.toml``; a run config with ``stages-json`` (a JSON list of per-stage run configs, written by
+``echoflow simulate --export-run-config FILE stage=all``) federates those stages in turn in one run.
+Simulation: `make_server_app(stages)` federates several stages in turn in one run, each
 from its own run config (the engine passes none), so Ray and the site actors start once for all of them.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +17,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from echoflow.federation.protocol import STAGES_JSON
 from echoflow.server.loop import run_federation
 from echoflow.server.settings import ServerSettings
 
@@ -26,9 +30,12 @@ def make_server_app(stages: Sequence[Mapping[str, Any]] = ({},)) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         torch.set_num_threads(1)
+        given = dict(context.run_config)
+        listed = json.loads(str(given.pop(STAGES_JSON, "") or "[]"))  # deployment: `--export-run-config stage=all`
         for base in configs:
-            run_config = {**base, **context.run_config}
-            run_federation(grid, ServerSettings.from_run_config(run_config), run_config)
+            for stage in listed or [{}]:
+                run_config = {**base, **given, **stage}
+                run_federation(grid, ServerSettings.from_run_config(run_config), run_config)
 
     return app
 

@@ -1,8 +1,9 @@
 """The federated VAE's ``latent_scale``: 1 / std of the latent means over every site's frames, pooled exactly.
 
 Each site reports three scalars (count, mean, population variance of its latent means under the final global
-VAE; `echoflow.clients.site.latent_moments`); the server pools them — within-site plus between-site
+VAE; `echoflow.clients.moments.latent_moments`); the server pools them — within-site plus between-site
 variance — which equals what `echoflow.models.vae.measure_latent_scale` would measure on all frames at once.
+Under DP each site's three numbers come from a Gaussian mechanism on its ledger (count = patients, noised).
 """
 
 from __future__ import annotations

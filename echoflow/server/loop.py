@@ -3,8 +3,9 @@
 Flower's ``Strategy.start`` always begins at round 1; ours begins after the latest checkpoint. Each round:
 train on the sampled sites, drop the replies of sites whose privacy budget is spent (they say so and send no
 weights), leave out sites that fail and updates that fail screening (`echoflow.server.gather`), aggregate the
-rest in site order, evaluate, checkpoint, log. The federation stops early only when no site can
-train any more. After the last round of a stage whose weights carry a VAE ``latent_scale``, the sites pool
+rest in site order, evaluate, checkpoint, log. A round in which no site could train (every privacy budget
+spent) stops the run with a one-line error: the stage — and the pipeline after it — never goes on with
+untrained weights. After the last round of a stage whose weights carry a VAE ``latent_scale``, the sites pool
 their latent statistics into that global scale, written into the final checkpoint.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import Message
@@ -26,6 +27,7 @@ from echoflow.federation.task import group_arrays, load_task
 from echoflow.server.checkpoint import FederationState, load_latest, save_round
 from echoflow.server.gather import Training, gather_cyclic_training, gather_evaluation, gather_training
 from echoflow.server.latent_scale import federated_latent_scale
+from echoflow.server.priors import with_priors
 from echoflow.server.roster import Roster, merge_missing
 from echoflow.server.secagg import SecAggConfig, gather_secure_training
 from echoflow.server.settings import ServerSettings
@@ -55,19 +57,20 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
         log.info("resuming %s after round %d", settings.checkpoint_dir, state.round)
         load_strategy_state(strategy, state.strategy)
     tracker = _tracker(settings, state)
+    grid = with_priors(grid, load_task(settings.task), settings.stage, settings.config)  # e.g. the VAE, to sites
     roster = Roster()
     try:
         for server_round in range(state.round + 1, settings.rounds + 1):
             state = run_round(grid, strategy, state, server_round=server_round, settings=settings, roster=roster)
+            if not entry_trained(state.history[-1]):
+                raise EchoFlowError(stage_stopped(settings.stage, state.history[-1]))
             save_round(settings.checkpoint_dir, state)
             if tracker is not None:
                 entry = state.history[-1]
                 tracker.log_round(server_round, round_metrics(entry["sites"], entry["aggregate"],
                                                               wall_s=entry["wall_s"]))
+                tracker.log_curves(entry["sites"])
                 tracker.log_faults(server_round, missing=entry["missing"], rejected=entry["rejected"])
-            if not entry_trained(state.history[-1]):
-                log.warning("round %d: no site could train (budgets spent); stopping", server_round)
-                break
         if LATENT_SCALE_KEY in state.arrays and state.round > 0:  # the VAE: sites agree on one latent scale
             scale = federated_latent_scale(grid, state.arrays, run_config_record(settings.run_config),
                                             timeout_s=settings.timeout_s)
@@ -136,6 +139,15 @@ def check_same_federation(saved: Mapping[str, Any], current: Mapping[str, Any], 
                                 f"{current.get(key)!r}); use another federation.checkpoint_dir or resume=false")
 
 
+def stage_stopped(stage: str, entry: Mapping[str, Any]) -> str:
+    """The one-line error of a round no site could train in: the stage would keep untrained weights."""
+    spent = sorted(str(site) for site, values in entry["sites"].items() if values.get("budget-exhausted", 0.0))
+    why = [f"site {site}: privacy budget spent" for site in spent]
+    why += [f"site {site}: {reason}" for site, reason in {**entry["missing"], **entry["rejected"]}.items()]
+    return (f"stage {stage}: round {entry['round']}: no site could train ({'; '.join(why) or 'none sampled'}); "
+            "stopping the run rather than going on with untrained weights")
+
+
 def entry_trained(entry: Mapping[str, Any]) -> bool:
     """Whether any site trained in the round of this history entry."""
     return int(entry["trained"]) > 0
@@ -151,11 +163,13 @@ def _ok(replies: Iterable[Message]) -> list[Message]:
     return good
 
 
-def _site_metrics(replies: Iterable[Message]) -> dict[int, dict[str, float]]:
+def _site_metrics(replies: Iterable[Message]) -> dict[int, dict[str, Any]]:
+    """Per site, its reply's metrics: numbers as float, lists (a round's training curve) as lists of float."""
     result = {}
     for message in _ok(replies):
-        metrics = {k: float(v) for k, v in message.content["metrics"].items()}  # type: ignore[arg-type]
-        result[int(metrics["site"])] = metrics
+        metrics = {k: [float(x) for x in v] if isinstance(v, list) else float(v)  # type: ignore[arg-type]
+                   for k, v in message.content["metrics"].items()}
+        result[int(cast(float, metrics["site"]))] = metrics
     return result
 
 

@@ -51,6 +51,19 @@ class RunTracker:
         for i in range(0, len(items), MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i : i + MAX_BATCH])
 
+    def log_curves(self, per_site: Mapping[int, Mapping[str, Any]]) -> None:
+        """Log each site's training curve of a round as ``site_XX/train_loss_step`` at its global step numbers.
+
+        Sites send the curve as ``train-loss-curve`` with ``train-loss-steps`` (none under DP or SecAgg+).
+        """
+        now = get_current_time_millis()
+        items = [Metric(f"site_{site:02d}/train_loss_step", float(loss), now, int(step))
+                 for site, values in sorted(per_site.items())
+                 for loss, step in zip(values.get("train-loss-curve", []), values.get("train-loss-steps", []),
+                                       strict=True)]
+        for i in range(0, len(items), MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i : i + MAX_BATCH])
+
     def log_faults(self, server_round: int, *, missing: Mapping[str, str], rejected: Mapping[str, str]) -> None:
         """Record who was missing from round ``server_round`` and whose update was rejected, and why.
 
@@ -71,10 +84,14 @@ class RunTracker:
 
 
 def round_metrics(
-    per_site: Mapping[int, Mapping[str, float]], aggregated: Mapping[str, float], *, wall_s: float
+    per_site: Mapping[int, Mapping[str, Any]], aggregated: Mapping[str, float], *, wall_s: float
 ) -> dict[str, float]:
-    """Flatten a round's per-site and aggregated metrics into MLflow keys (``-`` becomes ``_``)."""
+    """Flatten a round's per-site and aggregated metrics into MLflow keys (``-`` becomes ``_``).
+
+    Lists (a site's training curve) are left out: `RunTracker.log_curves` logs them step by step.
+    """
     flat = {k.replace("-", "_"): float(v) for k, v in aggregated.items()} | {"round_wall_s": wall_s}
     for site, values in per_site.items():
-        flat |= {f"site_{site:02d}/{k.replace('-', '_')}": float(v) for k, v in values.items() if k != "site"}
+        flat |= {f"site_{site:02d}/{k.replace('-', '_')}": float(v) for k, v in values.items()
+                 if k != "site" and not isinstance(v, list)}
     return flat

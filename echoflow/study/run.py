@@ -33,6 +33,7 @@ from echoflow.study.generate import Sampling, generate_videos, write_synthetic
 from echoflow.study.models import Cohort, Models, stage_folder
 from echoflow.study.protocol import draw_efs
 from echoflow.study.summary import write_summary
+from echoflow.study.timing import StepTimes, federated_stage_seconds, write_timing
 
 
 def once(cfg: DictConfig, step: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -160,18 +161,36 @@ def audit(cfg: DictConfig, models: Models, cohort: Cohort, real: Mapping[str, Re
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
-    """The whole main job under one MLflow parent run (the caller starts it); returns the summary."""
-    cohort = Cohort.of(cfg)
+    """The whole main job under one MLflow parent run (the caller starts it); returns the summary.
+
+    Each step's wall time goes to ``<workdir>/summary/timing.{json,md}``, ``summary.json`` and MLflow
+    (`echoflow.study.timing`).
+    """
+    times = StepTimes(Path(cfg.workdir))
+
+    def step(name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        return once(cfg, name, lambda: times.measure(name, work))
+
+    cohort = times.measure("cohort", lambda: Cohort.of(cfg))
     once(cfg, "cohort", lambda: {"sites": [str(root) for root in cohort.roots]})
-    trained = once(cfg, "models", lambda: train_models(cfg, cohort))
+    trained = step("models", lambda: train_models(cfg, cohort))
     models = Models.load(cfg)  # each read once, by the first step that needs it
-    real = functools.cache(lambda: embed_real(cfg, models, cohort))  # embedded once for screening and the audit
-    generated = once(cfg, "generate", lambda: generate(cfg, models, cohort, real()))
-    audited = once(cfg, "audit", lambda: audit(cfg, models, cohort, real()))
+    # embedded once for screening and the audit
+    real = functools.cache(lambda: times.measure("embed real frames", lambda: embed_real(cfg, models, cohort)))
+    generated = step("generate", lambda: generate(cfg, models, cohort, real()))
+    audited = step("audit", lambda: audit(cfg, models, cohort, real()))
     released = Path(cfg.workdir) / "audit" / "released"
-    evaluated = once(cfg, "evaluate", lambda: parity_study(cfg, models, cohort, released, audited["released"]))
-    summary = write_summary(Path(cfg.workdir), models=trained, generated=generated, audited=audited,
-                            evaluated=evaluated, released=released, real_roots=cohort.roots)
+    evaluated = step("evaluate", lambda: parity_study(cfg, models, cohort, released, audited["released"]))
+    summary = times.measure("summary", lambda: write_summary(
+        Path(cfg.workdir), models=trained, generated=generated, audited=audited, evaluated=evaluated,
+        released=released, real_roots=cohort.roots))
+    summary["timing"] = write_timing(Path(cfg.workdir), times, extra=federated_stage_seconds(trained["history"]))
     mlflow.log_artifacts(str(Path(cfg.workdir) / "summary"), "summary")
-    mlflow.log_artifacts(str(Path(cfg.workdir) / "audit"), "audit")
+    for item in sorted((Path(cfg.workdir) / "audit").iterdir()):
+        if item.name == "indexes":  # the sites' FAISS indexes hold real-frame embeddings: they never leave the run
+            continue
+        if item.is_dir():
+            mlflow.log_artifacts(str(item), f"audit/{item.name}")
+        else:
+            mlflow.log_artifact(str(item), "audit")
     return summary

@@ -7,7 +7,6 @@ real videos (site data): they stay in the operator's working directory and never
 from __future__ import annotations
 
 import base64
-import html
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,8 +18,11 @@ import numpy as np
 
 from echoflow.audit.report import SIMILARITY_PNG
 from echoflow.data.echonet import VideoRecord, read_cohort
-from echoflow.figures import ef_previews, png_base64
+from echoflow.figures import Card, cards, ef_previews, figure, page, png_base64, section, table
 from echoflow.study.protocol import paired_mae_ratio
+
+PARITY_GOAL = 1.1
+"""Synthetic-only / real-trained MAE at which the summary calls the synthetic data a match (the paper's claim)."""
 
 
 def parity_rows(evaluated: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -61,22 +63,117 @@ def _scatter(evaluated: Mapping[str, Any]) -> Any:
     return fig
 
 
+def site_curves(rounds: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Per site, its training curve over a stage's rounds: (step, train loss) pairs.
+
+    A site that sent its per-step curve (``train-loss-curve`` at ``train-loss-steps``, global local-step numbers)
+    contributes every window; otherwise (older checkpoints, DP, SecAgg+) one point per round, at the round's
+    number. Round boundaries: `round_ends`.
+    """
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for entry in rounds:
+        for site, values in entry["sites"].items():
+            if "train-loss-curve" in values:
+                points = list(zip(values["train-loss-steps"], values["train-loss-curve"], strict=True))
+            elif "train-loss" in values and not values.get("budget-exhausted", 0.0):
+                points = [(float(entry["round"]), values["train-loss"])]
+            else:
+                points = []
+            curves.setdefault(str(site), []).extend(points)
+    return {site: points for site, points in sorted(curves.items()) if points}
+
+
+def round_ends(rounds: Sequence[Mapping[str, Any]]) -> list[float]:
+    """The x of each round's end in `site_curves`: its last step (or the round number without per-step curves)."""
+    ends = []
+    for entry in rounds:
+        steps = [s for values in entry["sites"].values() for s in values.get("train-loss-steps", [])]
+        ends.append(max(steps) if steps else float(entry["round"]))
+    return ends
+
+
 def _losses(history: Mapping[str, list[dict[str, Any]]]) -> Any:
-    fig, axes = plt.subplots(1, len(history), figsize=(4 * len(history), 3.5), squeeze=False)
-    for ax, (stage, rounds) in zip(axes[0], history.items(), strict=True):
-        sites = sorted({site for entry in rounds for site in entry["sites"]})
-        for site in sites:
-            points = [(e["round"], e["sites"][site]["train-loss"]) for e in rounds
-                      if site in e["sites"] and "train-loss" in e["sites"][site]]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=f"site {site}")
-        ax.set(title=f"{stage}: train loss per site", xlabel="round")
-        ax.legend(fontsize=7)
+    """Per stage, every site's training curve, round boundaries dotted; up to 3 panels a row."""
+    columns = min(3, len(history))
+    rows = -(-len(history) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(history):]:
+        ax.axis("off")
+    for ax, (stage, rounds) in zip(axes.flat, history.items(), strict=False):
+        curves = site_curves(rounds)
+        per_step = any("train-loss-curve" in v for e in rounds for v in e["sites"].values())
+        for end in round_ends(rounds)[:-1] if per_step else ():  # per round, each point is a round
+            ax.axvline(end, color="0.6", linestyle=":", linewidth=1)
+        for site, points in curves.items():
+            ax.plot(*zip(*points, strict=True), marker="" if per_step else "o", label=f"site {site}")
+        ax.set(title=f"{stage}", xlabel="local step" if per_step else "round", ylabel="train loss")
+        if curves:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
     return fig
+
+
+def privacy_of(history: Mapping[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Stage -> the largest cumulative ε any site had spent after the stage (DP runs; {} without DP)."""
+    spent = {stage: max((float(v.get("epsilon", 0.0)) for v in rounds[-1]["sites"].values()), default=0.0)
+             for stage, rounds in history.items() if rounds}
+    return spent if any(spent.values()) else {}
 
 
 def _train_records(roots: Sequence[Path]) -> list[VideoRecord]:
     return [record for root in roots for record in read_cohort(root).records if record.split == "TRAIN"]
+
+
+FIGURES = {  # section title and how to read each figure
+    "ef_scatter": ("EF scatter", "Left: each real TEST video's true EF against each regressor's prediction (on the "
+                   "dashed line = perfect). Right: the EF each released video was asked for against the EF the "
+                   "real-trained regressor measures in it (on the line = the video shows the EF it was asked for)."),
+    "loss_curves": ("Training curves per site", "Each site's training loss as it trained each stage; dotted lines "
+                    "mark the end of a federated round (the server averaged the sites' weights there)."),
+    "audit_similarity": ("Audit similarities", "The audit's histogram: generated frames' and held-out real patients' "
+                         "max similarity to real training frames; right of τ (dashed) is withheld."),
+}
+
+
+def _page(rows: Sequence[Mapping[str, Any]], pooled: Mapping[str, Mapping[str, Any]], headline: Mapping[str, Any],
+          audited: Mapping[str, Any], images: Mapping[str, str], videos: str) -> str:
+    """The whole ``summary.html``: the parity verdict, cards, the parity table, figures, video previews."""
+    real, synthetic = pooled["real"]["mae"], pooled["synthetic"]["mae"]
+    ratio = synthetic / real
+    why = ""
+    if pooled["real"]["r2"] <= 0:  # the yardstick itself predicts no better than the mean EF
+        verdict, tone = "not measurable", ""
+        why = (f" Not measurable here: the real-trained regressor does not predict EF (R² {pooled['real']['r2']:.2f}), "
+               "so matching its MAE says nothing.")
+    elif ratio <= PARITY_GOAL:
+        verdict, tone = "synthetic data matches real data", "ok"
+    else:
+        verdict, tone = "synthetic data does not yet match real data", ""
+    items = [Card(f"{audited['released']} / {audited['videos']}", "videos released / generated"),
+             Card(f"{real:.2f}", "MAE, EF %, regressor trained on real videos"),
+             Card(f"{synthetic:.2f}", "MAE, EF %, regressor trained on released synthetic videos only"),
+             Card(f"{ratio:.2f}×", f"synthetic-only / real-trained MAE (goal ≤ {PARITY_GOAL})",
+                  tone or ("bad" if ratio > PARITY_GOAL and not why else ""))]
+    for key, label in (("EF consistency of released videos (R²)", "R², requested vs measured EF of released videos"),
+                       ("Fréchet distance in re-id space (released vs real TEST first frames)",
+                        "Fréchet distance, re-id space (lower = closer to real)")):
+        items.append(Card(str(headline[key]), label))
+    table_rows = [(r["trained on"], r["tested on"], f"{r['mae']:.2f} ({r['mae_ci'][0]:.2f}–{r['mae_ci'][1]:.2f})",
+                   f"{r['rmse']:.2f}", f"{r['r2']:.3f} ({r['r2_ci'][0]:.2f}–{r['r2_ci'][1]:.2f})", r["n"])
+                  for r in rows]
+    parity = section("EF regression on real TEST videos",
+                     "Each EF regressor is tested on held-out real videos (pooled, then per site): lower MAE and "
+                     "RMSE and higher R² are better; parity means the synthetic-only row matches the real row.",
+                     table(["trained on", "tested on (real TEST)", "MAE, EF % (95 % CI)", "RMSE, EF %",
+                            "R² (95 % CI)", "n (videos)"], table_rows, numeric=(2, 3, 4, 5)))
+    figures = [section(*FIGURES.get(name, (name.replace("_", " "), "")), figure(data, alt=name))
+               for name, data in images.items()]
+    return page("EchoFlow pipeline summary",
+                headline=f"EF parity: {verdict} ({ratio:.2f}×)",
+                verdict=f"Synthetic-only MAE {synthetic:.2f} vs real-trained {real:.2f} EF %: an EF regressor trained "
+                        "only on released synthetic videos against one trained on real videos, both tested on real "
+                        f"TEST videos. {headline['released videos']}.{why}",
+                tone=tone, sections=[cards(items), parity, *figures, videos])
 
 
 def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mapping[str, Any],
@@ -104,6 +201,10 @@ def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mappin
         "EF consistency of released videos (R²)": round(evaluated["consistency"]["r2"], 3),
         "Fréchet distance in re-id space (released vs real TEST first frames)": round(evaluated["frechet_reid"], 3),
     }
+    privacy = privacy_of(models["history"])
+    if privacy:
+        headline["differential privacy (unit: one patient, all their videos)"] = (
+            "cumulative ε per site after " + ", ".join(f"{stage} {eps:.2f}" for stage, eps in privacy.items()))
     figures = {"ef_scatter": _scatter(evaluated)}
     if models["history"]:  # federated rounds (centralized training has none)
         figures["loss_curves"] = _losses(models["history"])
@@ -117,21 +218,11 @@ def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mappin
     markdown = _markdown(rows, headline)
     (out / "summary.md").write_text(markdown)
     summary = {"headline": headline, "parity": rows, "generated": dict(generated), "audit": dict(audited),
-               "rounds": models["rounds"], "latent_scale": models["latent_scale"]}
+               "rounds": models["rounds"], "latent_scale": models["latent_scale"], "epsilon_after_stage": privacy}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     videos = ef_previews(read_cohort(released).records if released else [], _train_records(real_roots),
                          out / "previews") if released or real_roots else ""
-    body = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in headline.items())
-    table = "".join(f"<tr><td>{r['trained on']}</td><td>{r['tested on']}</td><td>{r['mae']:.2f}</td>"
-                    f"<td>{r['rmse']:.2f}</td><td>{r['r2']:.3f}</td><td>{r['n']}</td></tr>" for r in rows)
-    (out / "summary.html").write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>EchoFlow pipeline summary</title></head><body>"
-        f"<h1>EchoFlow pipeline summary</h1><ul>{body}</ul><h2>EF regression on real TEST videos</h2>"
-        "<table border='1'><tr><th>trained on</th><th>tested on</th><th>MAE</th><th>RMSE</th><th>R²</th><th>n</th>"
-        f"</tr>{table}</table>"
-        + "".join(f"<h2>{name.replace('_', ' ')}</h2><img alt='{name}' src='data:image/png;base64,{data}'>"
-                  for name, data in images.items())
-        + videos + "</body></html>")
+    (out / "summary.html").write_text(_page(rows, pooled, headline, audited, images, videos))
     if mlflow.active_run() is not None:
         mlflow.log_metrics({f"parity.{r['trained on'].replace('+', '_and_')}.{r['tested on']}.{k}": float(r[k])
                             for r in rows for k in ("mae", "rmse", "r2")}

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from echoflow.audit import BoundedIVFIndex, ExactIndex, build_index, load_index, prepare, threshold_recall
+from echoflow.audit.index import build_bounded_ivf
 from echoflow.errors import EchoFlowError
 from tests.audit.synthetic import PatientSpace, near_copies
 
@@ -12,14 +13,17 @@ def test_pearson_is_cosine_of_centred() -> None:
     np.testing.assert_allclose(p @ p.T, np.corrcoef(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("two_level", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_bounded_ivf_never_misses_a_pair_over_tau(seed: int) -> None:
+def test_bounded_ivf_never_misses_a_pair_over_tau(seed: int, two_level: bool) -> None:
     rng = np.random.default_rng(seed)
     space = PatientSpace.random(dim=32, factors=6, seed=seed)
     real = space.frames(space.patients(400, rng), 20, rng)[0]
     queries = np.concatenate([space.frames(space.patients(300, rng), 1, rng)[0],
                               near_copies(real, 50, noise=0.02, rng=rng)[0]])
-    ivf = BoundedIVFIndex.build(real, nlist=128, seed=seed)
+    # faiss's k-means lists, or the two-level lists `build_index` uses (any assignment must keep the bound exact)
+    build = build_bounded_ivf if two_level else BoundedIVFIndex.build
+    ivf = build(real, nlist=128, seed=seed)
     truth = ExactIndex.build(real).search(queries, k=1).similarity[:, 0]
     skipped = []
     for tau in np.quantile(truth, [0.05, 0.3, 0.6, 0.9, 0.99]):  # from inside the data's range to its top
@@ -63,3 +67,57 @@ def test_auto_picks_exact_for_small_sites_and_rejects_bad_input() -> None:
     assert build_index(np.eye(4, dtype=np.float32)).kind == "exact"
     with pytest.raises(EchoFlowError, match="dimension"):
         build_index(np.eye(4, dtype=np.float32)).search(np.ones((1, 3)), k=1)
+
+
+def test_exact_top1_equals_faiss_flat_search() -> None:
+    rng = np.random.default_rng(5)
+    real, queries = rng.standard_normal((5000, 32)), rng.standard_normal((3000, 32))
+    index = build_index(real, kind="exact")
+    got = index.search(queries, k=1)
+    want_sim, _ = index._cpu.search(prepare(queries, similarity="cosine"), 1)
+    np.testing.assert_allclose(got.similarity, want_sim, atol=1e-6)
+    chosen = np.einsum("ij,ij->i", prepare(queries, similarity="cosine"), index.vectors()[got.ids[:, 0]])
+    np.testing.assert_allclose(chosen, want_sim[:, 0], atol=1e-6)  # the reported id holds the maximum
+
+
+def tight_cluster(centre: np.ndarray, n: int, *, angle: float, rng: np.random.Generator) -> np.ndarray:
+    """``n`` prepared members exactly ``angle`` rad from ``centre``, each of float32 norm above 1 (rounding's
+    worst case for a cone angle taken from arccos of a minimum cosine: every cosine rounds up to 1)."""
+    kept: list[np.ndarray] = []
+    while len(kept) < n:
+        u = rng.standard_normal(len(centre))
+        u -= (u @ centre) * centre
+        x = prepare((np.cos(angle) * centre + np.sin(angle) * u / np.linalg.norm(u))[None], similarity="cosine")[0]
+        if np.linalg.norm(x.astype(np.float64)) > 1 + 2e-8:
+            kept.append(x)
+    return np.stack(kept)
+
+
+def test_bounded_ivf_never_misses_an_over_tau_pair_of_a_tight_list() -> None:
+    """Lists whose members lie within 1e-4 rad of their centroid; queries just over τ beyond their edge.
+
+    ``nprobe=0``: no list is probed for being nearest, so only the bounds decide (as for every list but the
+    nearest one of a query in general).
+    """
+    rng = np.random.default_rng(5)
+    dim, beta = 32, float(np.arccos(0.9))
+    centres = prepare(rng.standard_normal((8, dim)), similarity="cosine").astype(np.float64)
+    real = np.concatenate([tight_cluster(c, 48, angle=1e-4, rng=rng) for c in centres])
+    ivf = BoundedIVFIndex.build(real, nlist=8, nprobe=0, seed=0)
+    queries, taus = [], []
+    for row in real:  # q: β beyond the member, on the side away from its cluster's centre
+        x = row.astype(np.float64) / np.linalg.norm(row.astype(np.float64))
+        centre = centres[np.argmax(centres @ x)]
+        away = x - (x @ centre) * centre
+        away -= (away @ x) * x
+        q = prepare((np.cos(beta) * x + np.sin(beta) * away / np.linalg.norm(away))[None], similarity="cosine")[0]
+        queries.append(q)
+        taus.append(float(q @ row) - 1e-6)
+    queries_ = np.stack(queries)
+    missed = 0
+    for q, tau in zip(queries_, taus, strict=True):
+        truth = ExactIndex.build(real).search(q[None], k=1, threshold=tau).similarity[0, 0]
+        got = ivf.search(q[None], k=1, threshold=tau).similarity[0, 0]
+        assert truth >= tau
+        missed += int(got < tau)
+    assert missed == 0, f"{missed} of {len(taus)} over-τ pairs missed"

@@ -6,6 +6,7 @@ copies of real training frames are caught (similarity 1 ≥ τ), canaries never 
 released when a site fails, and the report validates and has no external URL.
 """
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -21,7 +22,7 @@ from echoflow.audit.release import read_generated, release_videos
 from echoflow.audit.report import SCHEMA_PATH
 from echoflow.audit.run import AuditSettings, run_audit
 from echoflow.cli import app
-from echoflow.data.echonet import read_cohort
+from echoflow.data.echonet import load_video, read_cohort
 from echoflow.data.phantom import generate_cohort
 from echoflow.data.sites import SiteData, load_sites
 from echoflow.models.reid import ReidEncoder
@@ -96,6 +97,14 @@ def test_fresh_patients_released_canaries_caught_never_released(world: dict, tmp
     html = (out / "audit.html").read_text()
     assert "data:image/png;base64" in html and not re.search(r"(src|href)=['\"](https?:)?//", html)
     assert "http://" not in html and "https://" not in html
+    # counts: videos and frames apart, canaries never counted as generated, every=k and partial videos shown
+    counts, frames = report["counts"], len(genuine)
+    assert counts["generated"] == frames and counts["released"] + counts["withheld"] == frames
+    assert counts["released"] == sum(s["release"] for s in genuine)
+    assert counts["canaries"] == 20 and counts["every"] == 2
+    assert counts["videos"] == len(outcome.decisions) and counts["videos_released"] == len(released)
+    assert counts["videos_partially_audited"] == len(outcome.decisions)  # every=2: each video's odd frames skipped
+    assert "1 frame in every 2" in html and f"{counts['videos_released']} / {counts['videos']}" in html
 
 
 def test_video_withheld_if_any_frame_is(world: dict, tmp_path: Path) -> None:
@@ -165,3 +174,26 @@ def test_cli_failing_site_exits_nonzero_releases_nothing(world: dict, workdir: P
     jsonschema.validate(report, json.loads(SCHEMA_PATH.read_text()))
     assert report["status"] == "failed" and "disk on fire" in json.dumps(report["failures"])
     assert "site_01" in json.dumps(report["failures"])
+
+
+def test_the_audited_pixels_are_decoded_from_exactly_the_bytes_hashed(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A file swapped between the hash and the decode must not get the first file's hash with its own pixels."""
+    generated = as_generated(tmp_path / "gen", [world["fresh"]])
+    victim = sorted((generated / "Videos").glob("*.avi"))[0]
+    original, swap = victim.read_bytes(), sorted((generated / "Videos").glob("*.avi"))[1].read_bytes()
+    (tmp_path / "original.avi").write_bytes(original)
+    read_bytes = Path.read_bytes
+
+    def read_then_swap(path: Path) -> bytes:
+        data = read_bytes(path)
+        if path == victim:
+            victim.write_bytes(swap)  # the swap lands right after the audit read the file
+        return data
+
+    monkeypatch.setattr(Path, "read_bytes", read_then_swap)
+    gen = read_generated(generated, size=SIZE)
+    row = [r.path for r in gen.records].index(victim)
+    assert gen.sha256[row] == hashlib.sha256(original).hexdigest()
+    np.testing.assert_array_equal(gen.videos[row], load_video(tmp_path / "original.avi", size=SIZE))

@@ -95,8 +95,8 @@ def pair(tmp_path: Path, how: str, *, frames: int = FRAMES, jpeg: bool = False, 
 
 
 def crop_of(clean: np.ndarray, original: np.ndarray) -> tuple[slice, slice]:
-    """Where in ``original`` the cleaned clip was cropped from (best match of the first frames)."""
-    scores = cv2.matchTemplate(original[0].astype(np.float32), clean[0].astype(np.float32), cv2.TM_SQDIFF)
+    """Where in ``original`` the cleaned clip was cropped from (best match of the clips' temporal means)."""
+    scores = cv2.matchTemplate(original.mean(0).astype(np.float32), clean.mean(0).astype(np.float32), cv2.TM_SQDIFF)
     column, row = cv2.minMaxLoc(scores)[2]
     return slice(row, row + clean.shape[1]), slice(column, column + clean.shape[2])
 
@@ -116,7 +116,8 @@ def assert_fits_the_sector(clean: np.ndarray, original: np.ndarray, fan: np.ndar
 def assert_text_gone(text: np.ndarray, twin: np.ndarray, original: np.ndarray, *, jpeg: bool = False) -> None:
     fan = sector()
     assert text.shape == twin.shape and len(text) == len(original)
-    rows, columns = assert_fits_the_sector(twin, original, fan, slack=4 if jpeg else 1)
+    raw_twin = speckle(len(original), fan, seed=3)  # what `pair` drew the text on
+    rows, columns = assert_fits_the_sector(twin, raw_twin, fan, slack=4 if jpeg else 1)
     inside, fan_crop, corner = INSIDE[rows, columns], fan[rows, columns], CORNER[rows, columns]
     around = ring(inside, fan_crop)
     drawn = abs(original[:, rows, columns][:, inside].mean() - original[:, rows, columns][:, around].mean())

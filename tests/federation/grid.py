@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any
 
 from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.clientapp.client_app import ClientAppException
@@ -29,12 +30,14 @@ NODE_BASE = 7_000
 class LocalGrid(Grid):
     """``sites`` nodes in this process, each running `make_client_app`."""
 
-    def __init__(self, sites: int, *, order_seed: int = 0, parallel: bool = False) -> None:
+    def __init__(self, sites: int, *, order_seed: int = 0, parallel: bool = False,
+                 node_config: dict[str, Any] | None = None) -> None:
         # the process-wide identity Flower stamps on new messages (the simulation engine sets it likewise)
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
         self.app = make_client_app(faults=True)  # inert unless a test's run config plans faults
         self.contexts = {NODE_BASE + i: Context(run_id=1, node_id=NODE_BASE + i,
-                                                node_config={"partition-id": i, "num-partitions": sites},
+                                                node_config={"partition-id": i, "num-partitions": sites,
+                                                             **(node_config or {})},
                                                 state=RecordDict(), run_config={}) for i in range(sites)}
         self.order = random.Random(order_seed)
         self.pool = ThreadPoolExecutor(max_workers=sites if parallel else 1)

@@ -77,17 +77,19 @@ def stop_tree(process: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> Non
     process.wait(timeout=grace_s)
 
 
-Start = Callable[[list[str], Path], "subprocess.Popen[bytes]"]
+Start = Callable[..., "subprocess.Popen[bytes]"]  # start(argv, log, *, cwd=REPO, env_extra=None)
 
 
 @contextmanager
 def process_pool(env: dict[str, str]) -> Iterator[Start]:
-    """Yield ``start(argv, log)`` (own session, output to ``log``); on exit stop every tree and check none lives."""
+    """Yield ``start(argv, log, *, cwd, env_extra)`` (own session, output to ``log``, in ``cwd`` with ``env`` plus
+    ``env_extra``); on exit stop every tree and check none lives."""
     processes: list[subprocess.Popen[bytes]] = []
 
-    def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-        processes.append(subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True, cwd=REPO))
+    def start(argv: list[str], log: Path, *, cwd: Path = REPO, env_extra: dict[str, str] | None = None,
+              ) -> subprocess.Popen[bytes]:
+        processes.append(subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                                          env=env | (env_extra or {}), start_new_session=True, cwd=cwd))
         return processes[-1]
 
     pids: list[int] = []

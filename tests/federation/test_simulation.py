@@ -13,7 +13,7 @@ import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 import echoflow.server.loop as loop
-from echoflow.clients.dp import PrivacyLedger
+from echoflow.clients.dp import PrivacyLedger, StageMechanism
 from echoflow.clients.faults import fault_at, random_fault_plan
 from echoflow.federation.simulation import SimulationConfig, simulate
 from echoflow.federation.task import group_arrays
@@ -42,15 +42,22 @@ def test_dp_federation_accounts_epsilon_and_a_spent_site_stops(tmp_path: Path, r
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = run_config | {"dp-enabled": True, "dp-epsilon": 3.0, "dp-max-grad-norm": 1.0, "mlflow-uri": uri,
                            "mlflow-experiment": "test", "rounds": 3, "strategy": "fedmedian"}
+    # the sites' own policy (their node config): ε=3 for the toy stage, 3 rounds x 5 steps planned
+    state_root = tmp_path / "site_state"
+    policy = {"state-dir": str(state_root), "dp-enabled": True, "dp-epsilon": 3.0, "dp-max-grad-norm": 1.0,
+              "dp-plan": json.dumps({"toy": 1.0}), "dp-planned-steps": json.dumps({"toy": 15})}
     # site 1 took part in an earlier study: its site-local ledger already holds most of its budget
-    spent = PrivacyLedger(epsilon=3.0, delta=0.1 / 64, noise_multiplier=1.0, sample_rate=8 / 64)
+    spent = PrivacyLedger(epsilon=3.0, delta=0.1 / 64)
+    spent.stages["toy"] = StageMechanism(noise_multiplier=1.0, sample_rate=8 / 64, planned_steps=15, share=1.0,
+                                         epsilon_cap=3.0)
+    spent.stage_steps["toy"] = 10
     spent.accountant.history = [(1.0, 8 / 64, 10)]
-    assert spent.can_spend(5) and not spent.can_spend(2 * 5)  # room for exactly one more round
-    (Path(config["state-root"]) / "site_01").mkdir(parents=True)
-    (Path(config["state-root"]) / "site_01" / "privacy_ledger.json").write_text(json.dumps(spent.state_dict()))
+    assert spent.can_spend("toy", 5) and not spent.can_spend("toy", 2 * 5)  # room for exactly one more round
+    (state_root / "site_01").mkdir(parents=True)
+    (state_root / "site_01" / "privacy_ledger.json").write_text(json.dumps(spent.state_dict()))
     initial = toy_weights()
 
-    state = simulate(config, SIM)
+    state = simulate(config, SIM, site_config=policy)
 
     assert state.round == 3 and [e["round"] for e in state.history] == [1, 2, 3]
     assert not torch.equal(flat(state.arrays), flat(initial))

@@ -16,9 +16,8 @@ DIM = 4
 class ToyStage:
     """``model`` reconstructs x (MSE + fooling ``disc``); ``disc`` tells x from the reconstruction."""
 
-    name = "toy"
-
-    def __init__(self) -> None:
+    def __init__(self, name: str = "toy") -> None:
+        self.name = name
         self.model = nn.Sequential(nn.Linear(DIM, 8), nn.Tanh(), nn.Linear(8, DIM))
         self.disc = nn.Linear(DIM, 1)
 
@@ -51,7 +50,7 @@ class PointSet(Dataset[dict[str, Tensor]]):
 class ToyTask:
     def build_stage(self, name: str, config: Mapping[str, Any]) -> ToyStage:
         torch.manual_seed(int(config.get("seed", 0)))
-        return ToyStage()
+        return ToyStage(name)
 
     def site_data(self, name: str, site_dir: Path, config: Mapping[str, Any]) -> tuple[PointSet, PointSet]:
         site = int(site_dir.name.split("_")[-1])
