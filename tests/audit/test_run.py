@@ -104,7 +104,8 @@ def test_fresh_patients_released_canaries_caught_never_released(world: dict, tmp
     assert counts["canaries"] == 20 and counts["every"] == 2
     assert counts["videos"] == len(outcome.decisions) and counts["videos_released"] == len(released)
     assert counts["videos_partially_audited"] == len(outcome.decisions)  # every=2: each video's odd frames skipped
-    assert "1 frame in every 2" in html and f"{counts['videos_released']} / {counts['videos']}" in html
+    assert f"every 2nd frame: {counts['videos_partially_audited']} of {counts['videos']} videos partially" in html
+    assert f"{counts['videos_released']} / {counts['videos']}" in html
 
 
 def test_video_withheld_if_any_frame_is(world: dict, tmp_path: Path) -> None:
