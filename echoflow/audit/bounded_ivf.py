@@ -4,19 +4,18 @@ For a list with centroid c and members x (unit vectors, as `prepare` makes them)
 
 - ball bound: ⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩ ≤ ⟨q, c⟩ + r, with r = max ‖x − c‖ over the list;
 - cone bound: if every member lies within angle θ of ĉ = c/‖c‖ and q at angle φ from ĉ, then
-  ⟨q, x⟩ ≤ cos(max(0, φ − θ)), which is tighter on the sphere. θ = max 2·asin(‖x̂ − ĉ‖ / 2) in float64 over the
-  renormalised members x̂: arccos of a minimum cosine loses tight lists (members within ~1e-4 rad of ĉ) to
-  rounding — a float32 member of norm 1 + 3e-8 has a cosine that rounds to 1, so θ came out 0 and over-τ pairs
-  just beyond the list's edge were skipped.
+  ⟨q, x⟩ ≤ cos(max(0, φ − θ)), which is tighter on the sphere. θ comes from the chord ‖x − ĉ‖ with a margin
+  for float32 rounding (`list_extents`), robust for lists of members within ~1e-4 rad of ĉ.
 
 Per query we probe every list whose bound (the smaller of the two, plus a float32 safety margin) reaches τ, and
-the ``nprobe`` lists with the nearest centroids for an approximate nearest neighbour. Inner products with the
+the ``nprobe`` lists of the best ball bound for an approximate nearest neighbour. Inner products with the
 members of probed lists are exact, so no real sample over τ is missed, while a high τ skips most lists. A
 returned maximum is exact whenever it is at least every unprobed list's bound; otherwise it is a lower bound.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,70 @@ from echoflow.progress import progress_bar
 # float32 inner products of unit vectors in D ≤ 4096 err by < 1e-6; probing a list needlessly only costs time.
 BOUND_MARGIN = 1e-5
 QUERY_CHUNK = 8192
+# a search chunk's (nlist, Q) centroid products: ≤ 2**26 entries (256 MiB float32), so most lists are read once
+CHUNK_ENTRIES = 2**26
+# queries per step of the probe: an (nlist, tile) float32 block of centroid products that stays in cache
+PROBE_TILE = 256
+
+
+# float32 rounding of a prepared member (norm 1 ± 1e-7), of the unit centroid and of the difference: < 1e-6 of chord
+CHORD_MARGIN = 1e-6
+
+
+@dataclass(frozen=True)
+class Lists:
+    """Inverted lists stored list after list (list i holds rows ``offsets[i]:offsets[i + 1]``).
+
+    Attributes:
+        centroids: (L, D) float32, each list's centre (e.g. its member mean).
+        offsets: (L + 1,) int64 row offsets.
+        ids: (N,) int64 local sample id of each stored row.
+        vectors: (N, D) float32 prepared unit vectors, list-sorted.
+        radius: (L,) float64 ball radius, see `list_extents`.
+        theta: (L,) float64 cone angle, see `list_extents`.
+    """
+
+    centroids: np.ndarray
+    offsets: np.ndarray
+    ids: np.ndarray
+    vectors: np.ndarray
+    radius: np.ndarray
+    theta: np.ndarray
+
+
+def list_extents(vectors: np.ndarray, centroids: np.ndarray, offsets: np.ndarray,
+                 chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Per list: ball radius r ≥ max ‖x − c‖ and cone angle θ ≥ max ∠(x, ĉ); 0 for an empty list.
+
+    Chord form: θ = 2·asin(max ‖x − ĉ‖ / 2), never arccos of a minimum cosine, which loses tight lists (members
+    within ~1e-4 rad of ĉ) to rounding: a float32 member of norm 1 + 3e-8 has a cosine that rounds to 1, so θ came
+    out 0 and over-τ pairs just beyond the list's edge were skipped. Differences in float32 (exact for near
+    vectors), squares summed in float64, then `CHORD_MARGIN` covers the rounding of the float32 operands.
+
+    Args:
+        vectors: (N, D) float32 prepared unit vectors, list-sorted.
+        centroids: (L, D) float32 list centres.
+        offsets: (L + 1,) row offsets of the lists in ``vectors`` (from 0 to N).
+        chunk: rows per step (bounds the temporaries).
+    """
+    sizes = np.diff(offsets)
+    radius, theta = np.zeros(len(sizes)), np.zeros(len(sizes))
+    if len(vectors) == 0:
+        return radius, theta
+    norms = np.maximum(np.sqrt(np.einsum("ij,ij->i", centroids, centroids, dtype=np.float64)), 1e-12)
+    unit = (centroids / norms[:, None]).astype(np.float32)
+    list_of = np.repeat(np.arange(len(sizes)), sizes)
+    dist, chord = np.empty(len(vectors)), np.empty(len(vectors))
+    for lo in range(0, len(vectors), chunk):
+        x, rows = vectors[lo : lo + chunk], list_of[lo : lo + chunk]
+        for centre, out in ((centroids, dist), (unit, chord)):
+            diff = x - centre[rows]
+            out[lo : lo + chunk] = np.sqrt(np.einsum("ij,ij->i", diff, diff, dtype=np.float64))
+    full = sizes > 0
+    starts = offsets[:-1][full]
+    radius[full] = np.maximum.reduceat(dist, starts) + CHORD_MARGIN
+    theta[full] = 2.0 * np.arcsin(np.minimum((np.maximum.reduceat(chord, starts) + CHORD_MARGIN) / 2.0, 1.0))
+    return radius, theta
 
 
 class BoundedIVFIndex(SiteIndex):
@@ -42,11 +105,11 @@ class BoundedIVFIndex(SiteIndex):
     kind = "bounded_ivf"
 
     def __init__(self, ivf: faiss.IndexIVF, *, similarity: Similarity, nprobe: int = 1,
-                 lists: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+                 lists: Lists | None = None) -> None:
         """Wrap a trained ``ivf``.
 
-        ``lists`` = (offsets, ids, vectors) as `_copy_lists` returns them, when the builder already holds them
-        list-sorted: ``ivf``'s own lists are then left empty until `save`.
+        ``lists``: when the builder already holds the lists list-sorted with their extents (``ivf``'s quantizer
+        holding ``lists.centroids``); ``ivf``'s own lists are then left empty until `save`.
         """
         self.similarity = similarity
         self.nprobe = nprobe
@@ -59,12 +122,13 @@ class BoundedIVFIndex(SiteIndex):
         if lists is None:
             self._sizes = np.array([self._lists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
             self._offsets, self._sorted_ids, self._sorted = self._copy_lists()
+            self._radius, self._theta = list_extents(self._sorted, self._centroids, self._offsets)
         else:
-            self._offsets, self._sorted_ids, self._sorted = lists
+            self._offsets, self._sorted_ids, self._sorted = lists.offsets, lists.ids, lists.vectors
             self._sizes = np.diff(self._offsets)
-        self._radius, self._theta = self._list_extents()
+            self._radius, self._theta = lists.radius, lists.theta
         self._cos_theta, self._sin_theta = np.cos(self._theta), np.sin(self._theta)
-        self._radius32 = (self._radius + BOUND_MARGIN).astype(np.float32)
+        self._radius32 = np.where(self._sizes > 0, self._radius + BOUND_MARGIN, -np.inf).astype(np.float32)
 
     @classmethod
     def build(
@@ -83,7 +147,7 @@ class BoundedIVFIndex(SiteIndex):
             vectors: (N, D) raw real embeddings.
             similarity: ``cosine`` or ``pearson``.
             nlist: inverted lists; default ``N // 64`` (at least 1). Smaller lists mean tighter radii.
-            nprobe: nearest lists always probed, for an approximate neighbour below τ.
+            nprobe: lists of the best ball bound always probed, for an approximate neighbour below τ.
             train_per_list: k-means training sample per list (a subsample of the data, 10 iterations).
             seed: k-means seed.
         """
@@ -148,30 +212,6 @@ class BoundedIVFIndex(SiteIndex):
             vectors[lo:hi] = codes.view(np.float32).reshape(-1, d)
         return offsets, ids, vectors
 
-    def _list_extents(self, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-        """Per list: ball radius r = max ‖x − c‖ and cone angle θ = max ∠(x̂, ĉ) (float64, chord form); 0 when empty.
-
-        Row-wise in chunks of all lists at once, then a max per list (a Python loop per list cost more than the
-        arithmetic at N / 64 lists).
-        """
-        radius = np.zeros(self.nlist)
-        theta = np.zeros(self.nlist)
-        if self.ntotal == 0:
-            return radius, theta
-        list_of = np.repeat(np.arange(self.nlist), self._sizes)
-        dist, chord = np.empty(self.ntotal), np.empty(self.ntotal)
-        for lo in range(0, self.ntotal, chunk):
-            rows = list_of[lo : lo + chunk]
-            x, c = self._sorted[lo : lo + chunk].astype(np.float64), self._centroids[rows].astype(np.float64)
-            dist[lo : lo + chunk] = np.linalg.norm(x - c, axis=1)
-            unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-            chord[lo : lo + chunk] = np.linalg.norm(unit - c / self._centroid_norms[rows, None], axis=1)
-        full = self._sizes > 0
-        starts = self._offsets[:-1][full]
-        radius[full] = np.maximum.reduceat(dist, starts)
-        theta[full] = 2.0 * np.arcsin(np.minimum(np.maximum.reduceat(chord, starts) / 2.0, 1.0))
-        return radius, theta
-
     def _list_thresholds(self, tau: float) -> np.ndarray:
         """(nlist,) t such that a list may hold a member with ⟨q, x⟩ ≥ τ only if ⟨q, c⟩ ≥ t.
 
@@ -183,20 +223,23 @@ class BoundedIVFIndex(SiteIndex):
         return np.where(self._sizes > 0, t, np.inf).astype(np.float32)
 
     def bounds(self, qc: np.ndarray) -> np.ndarray:
-        """(Q, nlist) float64 upper bounds on ⟨q, x⟩ over each list's members, from ``qc = q @ centroids.T``."""
+        """(nlist, Q) float64 upper bounds on ⟨q, x⟩ over each list's members, from ``qc = centroids @ q.T``."""
         qc = qc.astype(np.float64)
-        cos_phi = np.clip(qc / self._centroid_norms, -1.0, 1.0)
-        cone = cos_phi * self._cos_theta + np.sqrt(1.0 - cos_phi**2) * self._sin_theta
-        bound = np.minimum(qc + self._radius, np.where(cos_phi >= self._cos_theta, 1.0, cone)) + BOUND_MARGIN
-        return np.where(self._sizes > 0, bound, -np.inf)
+        norms = self._centroid_norms[:, None]
+        cos_theta, sin_theta = self._cos_theta[:, None], self._sin_theta[:, None]
+        cos_phi = np.clip(qc / norms, -1.0, 1.0)
+        cone = cos_phi * cos_theta + np.sqrt(1.0 - cos_phi**2) * sin_theta
+        bound = np.minimum(qc + self._radius[:, None], np.where(cos_phi >= cos_theta, 1.0, cone)) + BOUND_MARGIN
+        return np.where(self._sizes[:, None] > 0, bound, -np.inf)
 
     def search(self, queries: np.ndarray, *, k: int = 1, threshold: float | None = None) -> Neighbours:
         """See `SiteIndex.search`; ``threshold=None`` runs a second pass at each query's first-pass k-th best."""
         q = self._check_queries(queries, k)
         parts = []
+        step = max(QUERY_CHUNK, CHUNK_ENTRIES // max(self.nlist, 1))
         with progress_bar(f"search bounded IVF index ({len(q)} queries)", total=len(q)) as advance:
-            for start in range(0, len(q), QUERY_CHUNK):
-                parts.append(self._search_chunk(q[start : start + QUERY_CHUNK], k=k, threshold=threshold))
+            for start in range(0, len(q), step):
+                parts.append(self._search_chunk(q[start : start + step], k=k, threshold=threshold))
                 advance(len(parts[-1][0]))
         sims, ids, exact, scanned = zip(*parts, strict=True)
         return Neighbours(
@@ -208,46 +251,83 @@ class BoundedIVFIndex(SiteIndex):
 
     def _search_chunk(self, chunk: np.ndarray, *, k: int,
                       threshold: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """`search` of prepared queries: ((Q, k) similarity, (Q, k) ids, (Q,) exact, real vectors compared)."""
-        qc = chunk @ self._centroids.T
+        """`search` of prepared queries: ((Q, k) similarity, (Q, k) ids, (Q,) exact, real vectors compared).
+
+        The probe is list-major, (nlist, Q), so a probed list's queries are one contiguous run of `np.nonzero`;
+        it is filled in query tiles whose (nlist, tile) centroid products stay in cache.
+        """
+        probe = np.zeros((self.nlist, len(chunk)), dtype=bool)
+        ceiling = np.empty(len(chunk), dtype=np.float32)  # per query, the best ball bound of an unprobed list
+        limit = None if threshold is None else (self._list_thresholds(threshold) + np.maximum(self._radius32, 0))[:, None]
         nprobe = min(self.nprobe, self.nlist)
-        nearest = qc.argmax(axis=1)[:, None] if nprobe == 1 else np.argpartition(-qc, nprobe - 1, axis=1)
-        probe = np.zeros(qc.shape, dtype=bool)
-        np.put_along_axis(probe, nearest[:, :nprobe], True, axis=1)
+        for lo in range(0, len(chunk), PROBE_TILE):
+            ball = self._centroids @ chunk[lo : lo + PROBE_TILE].T
+            ball += self._radius32[:, None]  # ⟨q, c⟩ + r ≥ ⟨q, x⟩; -inf for an empty list
+            tile = probe[:, lo : lo + PROBE_TILE]
+            if nprobe == 1:  # the list of the best ball bound (ties: all); argmax along axis 0 is a slow strided pass
+                np.equal(ball, ball.max(axis=0), out=tile)
+            elif nprobe > 1:
+                np.put_along_axis(tile, np.argpartition(-ball, nprobe - 1, axis=0)[:nprobe], True, axis=0)
+            if limit is not None:
+                tile |= ball >= limit
+                np.putmask(ball, tile, -np.inf)
+                ceiling[lo : lo + PROBE_TILE] = ball.max(axis=0)
         if threshold is None:
-            first = self._scan(chunk, probe, k=k)[0][:, k - 1 : k]
-            probe |= self.bounds(qc) >= first
-        else:
-            probe |= qc >= self._list_thresholds(threshold)
-        probe &= self._sizes > 0
+            first = self._scan(chunk, probe, k=k)[0][:, k - 1]
+            for lo in range(0, len(chunk), PROBE_TILE):
+                bound = self.bounds(self._centroids @ chunk[lo : lo + PROBE_TILE].T)
+                probe[:, lo : lo + PROBE_TILE] |= bound >= first[lo : lo + PROBE_TILE]
+        probe[self._sizes == 0] = False
         sim, idx = self._scan(chunk, probe, k=k)
-        if threshold is None:
-            exact = np.ones(len(chunk), dtype=bool)
-        else:  # the ball bound of the best list left out: cheap, conservative
-            qc += self._radius32
-            np.putmask(qc, probe, -np.inf)
-            exact = sim[:, k - 1] >= qc.max(axis=1)
-        return sim, idx, exact, int(probe.sum(axis=0) @ self._sizes)
+        exact = np.ones(len(chunk), dtype=bool) if threshold is None else sim[:, k - 1] >= ceiling
+        return sim, idx, exact, int(self._sizes @ probe.sum(axis=1))
 
     def _scan(self, q: np.ndarray, probe: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k of each query over the members of its probed lists: ((Q, k) similarity, (Q, k) ids).
 
-        List-major: each probed list is read once and multiplied with all its queries (BLAS), which keeps the
-        list in cache; a query-major scan (``search_preassigned``) streams every list once per query.
+        ``probe`` is (nlist, Q). List-major: each probed list is read once and multiplied with all its queries
+        (BLAS), which keeps the list in cache (a query-major scan, faiss's ``search_preassigned``, streams every
+        list once per query). Each (list, query) pair keeps its list's top-k; one merge per query follows.
         """
-        sim = np.full((len(q), k), -np.inf, dtype=np.float32)
-        ids = np.full((len(q), k), -1, dtype=np.int64)
-        by_list = np.ascontiguousarray(probe.T)
-        for i in np.flatnonzero(by_list.any(axis=1)):
-            rows = np.flatnonzero(by_list[i])
-            list_ids, members = self._members(int(i))
-            cand = np.concatenate([sim[rows], q[rows] @ members.T], axis=1)
-            cand_ids = np.concatenate([ids[rows], np.broadcast_to(list_ids, (len(rows), len(list_ids)))], axis=1)
-            top = cand.argmax(axis=1)[:, None] if k == 1 else np.argpartition(-cand, k - 1, axis=1)[:, :k]
-            sim[rows] = np.take_along_axis(cand, top, axis=1)
-            ids[rows] = np.take_along_axis(cand_ids, top, axis=1)
-        order = np.argsort(-sim, axis=1, kind="stable")
-        return np.take_along_axis(sim, order, axis=1), np.take_along_axis(ids, order, axis=1)
+        lists, rows = np.nonzero(probe)
+        cuts = np.flatnonzero(np.diff(lists)) + 1
+        starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(lists)]])
+        pair_sim = np.full((len(rows), k), -np.inf, dtype=np.float32)
+        pair_pos = np.zeros((len(rows), k), dtype=np.int64)  # row of the list-sorted copy
+        for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
+            i = int(lists[lo])
+            base, size = int(self._offsets[i]), int(self._sizes[i])
+            s = q[rows[lo:hi]] @ self._sorted[base : base + size].T
+            if k == 1:
+                top = s.argmax(axis=1)[:, None]
+            else:
+                top = np.argsort(-s, axis=1)[:, :k] if size <= k else np.argpartition(-s, k - 1, axis=1)[:, :k]
+            pair_sim[lo:hi, : top.shape[1]] = np.take_along_axis(s, top, axis=1)
+            pair_pos[lo:hi, : top.shape[1]] = base + top
+        return self._merge(rows, pair_sim, pair_pos, queries=len(q), k=k)
+
+    def _merge(self, rows: np.ndarray, pair_sim: np.ndarray, pair_pos: np.ndarray, *, queries: int,
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per query, the top-k of its pairs' candidates (query ``rows[p]`` has ``pair_sim[p]``, (P, k)).
+
+        Returns ((Q, k) similarity descending, -inf where fewer; (Q, k) ids, -1 where none).
+        """
+        sim = np.full((queries, k), -np.inf, dtype=np.float32)
+        ids = np.full((queries, k), -1, dtype=np.int64)
+        if k == 1:  # one unbuffered max per query, then the pair that holds it
+            np.maximum.at(sim[:, 0], rows, pair_sim[:, 0])
+            won = pair_sim[:, 0] == sim[rows, 0]
+            ids[rows[won], 0] = self._sorted_ids[pair_pos[won, 0]]
+            return sim, ids
+        query = np.repeat(rows, k)
+        flat_sim, flat_pos = pair_sim.ravel(), pair_pos.ravel()
+        order = np.lexsort((-flat_sim, query))
+        query, flat_sim, flat_pos = query[order], flat_sim[order], flat_pos[order]
+        rank = np.arange(len(query)) - np.searchsorted(query, query)
+        keep = (rank < k) & np.isfinite(flat_sim)
+        sim[query[keep], rank[keep]] = flat_sim[keep]
+        ids[query[keep], rank[keep]] = self._sorted_ids[flat_pos[keep]]
+        return sim, ids
 
     def vectors(self) -> np.ndarray:  # noqa: D102
         out = np.empty_like(self._sorted)

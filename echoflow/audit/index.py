@@ -19,7 +19,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from echoflow.audit.bounded_ivf import QUERY_CHUNK, BoundedIVFIndex
+from echoflow.audit.bounded_ivf import QUERY_CHUNK, BoundedIVFIndex, Lists, list_extents
 from echoflow.audit.neighbours import Neighbours, Similarity, SiteIndex, prepare
 from echoflow.errors import EchoFlowError
 from echoflow.progress import progress_bar
@@ -141,8 +141,11 @@ def _member_means(x: np.ndarray, assign: np.ndarray, k: int) -> tuple[np.ndarray
     return means, (np.cumsum(used) - 1)[assign]
 
 
-def two_level_lists(x: np.ndarray, *, nlist: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def two_level_lists(x: np.ndarray, *, nlist: int, seed: int = 0) -> Lists:
     """Inverted lists of prepared unit vectors by two-level spherical k-means (see the module docstring).
+
+    Each coarse cell is gathered once into its place in the list-sorted copy, split there, sorted by list and
+    measured (`list_extents`) while it is in cache.
 
     Args:
         x: (N, D) float32 unit vectors.
@@ -150,29 +153,35 @@ def two_level_lists(x: np.ndarray, *, nlist: int, seed: int = 0) -> tuple[np.nda
         seed: sampling and initialisation seed.
 
     Returns:
-        (centroids (L, D) float32 — each list's member mean, assignment (N,) int64 list of each row).
+        The lists, each centred on its member mean.
     """
     rng = np.random.default_rng(seed)
     n = len(x)
     cells = max(1, min(round(np.sqrt(nlist)), n))
     coarse = _nearest(x, _spherical_kmeans(x, cells, rng=rng, niter=8, points_per_centroid=32))
     order = np.argsort(coarse, kind="stable")
-    bounds = np.searchsorted(coarse[order], np.arange(cells + 1))
-    assign = np.empty(n, dtype=np.int64)
-    centroids, lists = [], 0
-    for cell in range(cells):
-        members = order[bounds[cell] : bounds[cell + 1]]
-        if len(members) == 0:
+    cuts = np.searchsorted(coarse[order], np.arange(cells + 1))
+    vectors, ids = np.empty_like(x), np.empty(n, dtype=np.int64)
+    centroids, offsets, radius, theta = [], [np.zeros(1, dtype=np.int64)], [], []
+    for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
+        if lo == hi:
             continue
-        sub = x[members]
-        k = max(1, min(round(len(members) * nlist / n), len(members)))
-        local = (np.zeros(len(sub), dtype=np.int64) if k == 1 else
+        sub = np.take(x, order[lo:hi], axis=0, out=vectors[lo:hi], mode="clip")  # "raise" buffers: 10x slower
+        k = max(1, min(round((hi - lo) * nlist / n), hi - lo))
+        local = (np.zeros(hi - lo, dtype=np.int64) if k == 1 else
                  _nearest(sub, _spherical_kmeans(sub, k, rng=rng, niter=4, points_per_centroid=8)))
         means, local = _member_means(sub, local, k)
-        assign[members] = lists + local
+        perm = np.argsort(local, kind="stable")
+        sub[:] = sub[perm]
+        ids[lo:hi] = order[lo:hi][perm]
+        starts = np.searchsorted(local[perm], np.arange(len(means) + 1))
+        r, t = list_extents(sub, means, starts)
         centroids.append(means)
-        lists += len(means)
-    return np.concatenate(centroids).astype(np.float32), assign
+        offsets.append(lo + starts[1:])
+        radius.append(r)
+        theta.append(t)
+    return Lists(centroids=np.concatenate(centroids).astype(np.float32), offsets=np.concatenate(offsets), ids=ids,
+                 vectors=vectors, radius=np.concatenate(radius), theta=np.concatenate(theta))
 
 
 def build_bounded_ivf(vectors: np.ndarray, *, similarity: Similarity = "cosine", nlist: int | None = None,
@@ -181,14 +190,13 @@ def build_bounded_ivf(vectors: np.ndarray, *, similarity: Similarity = "cosine",
     x = prepare(vectors, similarity=similarity, what="real embeddings")
     n, d = x.shape
     with progress_bar(f"build bounded IVF ({n} vectors)", total=2) as advance:
-        centroids, assign = two_level_lists(x, nlist=max(1, min(nlist or n // 64, n)), seed=seed)
+        lists = two_level_lists(x, nlist=max(1, min(nlist or n // 64, n)), seed=seed)
+        del x
         advance(1)
         quantizer = faiss.IndexFlatIP(d)
-        quantizer.add(centroids)
-        ivf = faiss.IndexIVFFlat(quantizer, d, len(centroids), faiss.METRIC_INNER_PRODUCT)
-        order = np.argsort(assign, kind="stable")  # list-major layout; faiss's own lists are filled on save
-        offsets = np.searchsorted(assign[order], np.arange(len(centroids) + 1))
-        index = BoundedIVFIndex(ivf, similarity=similarity, lists=(offsets, order, x[order]))
+        quantizer.add(lists.centroids)
+        ivf = faiss.IndexIVFFlat(quantizer, d, len(lists.centroids), faiss.METRIC_INNER_PRODUCT)
+        index = BoundedIVFIndex(ivf, similarity=similarity, lists=lists)  # faiss's own lists are filled on save
         advance(1)
     return index
 
