@@ -230,6 +230,7 @@ class BoundedIVFIndex(SiteIndex):
             (shells (P,) flat shell index i·SHELLS + h, rows (P,) query, ceiling (Q,) float32).
         """
         filled = (self._shell_size > 0).reshape(self.nlist, SHELLS, 1)
+        empty = ~filled
         ceiling = np.empty(len(chunk), dtype=np.float32)
         nprobe = min(self.nprobe, self.nlist)
         shells, rows = [], []
@@ -244,7 +245,7 @@ class BoundedIVFIndex(SiteIndex):
                 np.put_along_axis(best, np.argpartition(-ball, nprobe - 1, axis=0)[:nprobe], True, axis=0)
                 tile |= best[:, None] & filled
             tile &= filled
-            np.putmask(ball, (tile | ~filled).all(axis=1), -np.inf)
+            np.putmask(ball, (tile | empty).all(axis=1), -np.inf)
             ceiling[lo : lo + PROBE_TILE] = ball.max(axis=0)
             s, r = np.nonzero(tile.reshape(-1, qc.shape[1]))
             shells.append(s.astype(np.int32))
@@ -265,9 +266,11 @@ class BoundedIVFIndex(SiteIndex):
         starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(shells)]])
         pair_sim = np.full((len(rows), k), -np.inf, dtype=np.float32)
         pair_pos = np.zeros((len(rows), k), dtype=np.int64)  # row within its shell, then of the list-sorted copy
-        for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
-            base = int(self._shell_start[shells[lo]])
-            s = np.take(q, rows[lo:hi], axis=0) @ self._sorted[base : base + int(self._shell_size[shells[lo]])].T
+        first = shells[starts]
+        spans = zip(starts.tolist(), ends.tolist(), self._shell_start[first].tolist(), self._shell_size[first].tolist(),
+                    strict=True)
+        for lo, hi, base, size in spans:
+            s = np.take(q, rows[lo:hi], axis=0) @ self._sorted[base : base + size].T
             if k == 1:
                 s.max(axis=1, out=pair_sim[lo:hi, 0])
                 s.argmax(axis=1, out=pair_pos[lo:hi, 0])
