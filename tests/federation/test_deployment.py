@@ -19,6 +19,7 @@ import echoflow.federation.echo_task as echo_task
 from echoflow.audit.federated import SiteAuditor
 from echoflow.audit.run import AuditSettings, embed_sites
 from echoflow.cli import app
+from echoflow.clients.policy import setup_of
 from echoflow.config import load_config, plain
 from echoflow.data.phantom import generate_cohort
 from echoflow.data.sites import load_site
@@ -64,7 +65,7 @@ def test_the_global_vae_travels_in_messages_and_sites_never_read_the_server_fold
     monkeypatch.setattr(echo_task, "global_network", lambda *a: pytest.fail(f"a site read a server folder: {a}"))
     monkeypatch.setattr(echo_task, "recall", lambda stage, key, recall=echo_task.recall: received.append(
         recall(stage, key)) or received[-1])
-    grid = LocalGrid(2)
+    grid = LocalGrid(2, node_config=setup_of(config))
     try:
         state = loop.run_federation(grid, ServerSettings.from_run_config(config), config)
     finally:
