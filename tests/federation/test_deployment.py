@@ -127,7 +127,9 @@ def test_superlink_and_two_supernodes_with_tls_and_node_auth_run_two_rounds(tmp_
                            check=True, capture_output=True, timeout=60)
             start(["flower-supernode", "--root-certificates", str(certs / "ca.crt"), "--superlink",
                    f"127.0.0.1:{port}", "--auth-supernode-private-key", str(certs / f"site_{site:02d}"), "--port",
-                   str(free_port()), "--node-config", f"partition-id={site}"], tmp_path / f"node{site}.log")
+                   str(free_port()), "--node-config",  # the site's own task and data, not the run config's
+                   f'partition-id={site} task="tests.federation.toy:TASK" data-root="{tmp_path / "cohort"}"'],
+                  tmp_path / f"node{site}.log")
         run = subprocess.run(["flwr", "run", str(DEPLOY), "local", "--run-config", str(tmp_path / "run.toml")],
                              env=env, capture_output=True, text=True, timeout=60)
         assert run.returncode == 0 and "Successfully started run" in run.stdout, run.stdout + run.stderr
