@@ -119,10 +119,10 @@ class SitePolicy:
             plan = {str(k): float(v) for k, v in _json(node_config, "dp-plan").items()}
             steps = {str(k): int(v) for k, v in _json(node_config, "dp-planned-steps").items()}
             policy = replace(setup, enabled=True, epsilon=float(node_config["dp-epsilon"]),
-                         delta=float(node_config.get("dp-delta", 0.0)),
-                         max_grad_norm=float(node_config.get("dp-max-grad-norm", 1.0)), plan=plan,
-                         planned_steps=steps,
-                         secret_seed=int(node_config["dp-secret-seed"]) if "dp-secret-seed" in node_config else None)
+                             delta=float(node_config.get("dp-delta", 0.0)),
+                             max_grad_norm=float(node_config.get("dp-max-grad-norm", 1.0)), plan=plan,
+                             planned_steps=steps, secret_seed=int(node_config["dp-secret-seed"])
+                             if "dp-secret-seed" in node_config else None)
         except KeyError as err:
             raise EchoFlowError(f"node_config: DP is on but {err} is not set") from err
         except (TypeError, ValueError) as err:
