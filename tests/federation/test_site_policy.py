@@ -211,3 +211,15 @@ def test_the_round_records_a_refusal_apart_from_missing_sites(tmp_path: Path) ->
         assert list(entry["refused"]) == ["1"] and "refuses" in entry["refused"]["1"]
         assert "ε=4" in entry["refused"]["1"] and "1" not in entry["missing"]
         assert entry["aggregate"]["sites-refused"] == 1.0 and entry["aggregate"]["sites-missing"] == 0.0
+
+
+def test_the_server_keeps_its_per_stage_keys_of_the_config(tmp_path: Path) -> None:
+    """Per-stage federation settings and checkpoint folders are the server's; the rest of the config the site's."""
+    own = {"n": 64, "federation": {"local_steps": 5}}
+    asked = {"n": 64, "federation": {"local_steps": 50}, "stage_checkpoints": {"vae": "/server/vae"}}
+    node = {"partition-id": 0} | own_setup(tmp_path) | {"config-json": json.dumps(own)}
+    settings = ClientSettings.from_context(toy_run_config(tmp_path, **{"config-json": json.dumps(asked)}), node)
+    assert settings.refusal() is None and settings.config == asked
+    changed = ClientSettings.from_context(toy_run_config(tmp_path, **{"config-json": json.dumps(asked | {"n": 8})}),
+                                          node)
+    assert "at 'n'" in str(changed.refusal())
