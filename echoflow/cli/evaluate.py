@@ -1,4 +1,4 @@
-"""`echoflow evaluate models|video-flow`: the trained models measured on held-out real data, printed and logged."""
+"""`echoflow evaluate models|video-flow|texture`: trained models measured on held-out real data, printed, logged."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from echoflow.cli.common import OVERRIDES, apply_runtime
-from echoflow.config import load_config
+from echoflow.config import load_config, plain
+from echoflow.stages.networks import load_network
 from echoflow.study.ef_following import DEFAULT_EFS, video_flow_report
 from echoflow.study.evaluate import evaluate_models
 from echoflow.study.models import Cohort, Models
+from echoflow.study.texture import LABELS, texture_figure, texture_report
 from echoflow.tracking import start_run
 
 evaluate_app = typer.Typer(help="Measure trained models on held-out real data.", no_args_is_help=True)
@@ -89,3 +91,46 @@ def video_flow(
     per_ef = "  ".join(f"{ef}: {err:.1f}" for ef, err in results["meter"]["per_ef_mae"].items())
     Console().print(f"meter |error| per requested EF: {per_ef}; meter's own error on real clips: "
                     f"{results['meter_error_on_real_clips']:.2f}")
+
+
+@evaluate_app.command("texture")
+def texture(
+    overrides: list[str] | None = OVERRIDES,
+    videos: Path | None = typer.Option(None, help="Released videos (default <workdir>/audit/released)."),
+    figure: Path | None = typer.Option(None, help="Side-by-side PNG (default <workdir>/texture.png)."),
+    regressor: Path | None = typer.Option(None, help="Folder of the real-trained EF regressor (default <workdir>/ef; "
+                                          "the pipeline's pooled one: <workdir>/parity/real)."),
+) -> None:
+    """Do the VAE and the released videos keep real texture (speckle, fan edges)? Spectra vs held-out real frames.
+
+    Radially averaged power spectrum distance to real TEST frames of: VAE reconstructions, the released videos,
+    and real VAL frames (the floor); the real-trained EF regressor's MAE on reconstructions vs originals.
+    Writes <workdir>/texture.json and the figure, logs both to MLflow.
+    """
+    cfg = load_config(overrides)
+    apply_runtime(cfg)
+    workdir = Path(cfg.workdir)
+    released, png = videos or workdir / "audit" / "released", figure or workdir / "texture.png"
+    ef_folder = regressor or workdir / "ef"
+    ef_model = load_network("ef", plain(cfg.model), ef_folder / "model.safetensors")
+    cohort = Cohort.of(cfg)
+    with start_run(cfg, "evaluate-texture"):
+        report = texture_report(Models.load(cfg).vae, ef_model, cohort.split("TEST"), cohort.split("VAL"),
+                                cohort.sites([released], "TRAIN"), frames=cfg.data.clip_frames,
+                                fps=cfg.data.clip_fps)
+        mlflow.log_metrics(report.scalars())
+        path = workdir / "texture.json"
+        path.write_text(json.dumps(report.to_json() | {"released": str(released), "regressor": str(ef_folder)},
+                                   indent=2))
+        texture_figure(report, png)
+        for artifact in (path, png):
+            mlflow.log_artifact(str(artifact))
+    table = Table("vs real TEST frames", "RAPSD distance, all rings", "high-frequency half", "frames",
+                  title=f"Texture ({cfg.workdir}; {report.frames['real']} real frames)")
+    for name, distance in report.distance.items():
+        table.add_row(LABELS[name], f"{distance.all:.3f}", f"{distance.high:.3f}", str(report.frames[name]))
+    Console().print(table)
+    ef = report.vae_ef
+    Console().print(f"real-trained EF regressor ({ef_folder}) MAE: originals {ef['mae_original']:.2f}, "
+                    f"VAE reconstructions {ef['mae_reconstructed']:.2f} (between them {ef['mae_between']:.2f}); "
+                    f"figure: {png}")

@@ -113,8 +113,18 @@ def vae_ef_gap(vae: AdversarialVAE, regressor: nn.Module, sites: Sequence[SiteDa
                fps: float) -> dict[str, float]:
     """EF MAE on original clips vs on their VAE reconstructions (and the reconstructions' pixel L1)."""
     clips, ef, _ = first_clips(sites, frames=frames, fps=fps)
+    return ef_gap(regressor, clips, reconstruct(vae, clips), ef)
+
+
+@torch.no_grad()
+def reconstruct(vae: AdversarialVAE, clips: Tensor, *, batch_size: int = 8) -> Tensor:
+    """VAE reconstructions (N, 1, T, H, W) in [-1, 1] of pixel clips of the same shape."""
     vae.eval()
-    recon = torch.cat([vae.decode_latent(vae.encode_latent(c)).clamp(-1, 1) for c in clips.split(8)])
+    return torch.cat([vae.decode_latent(vae.encode_latent(c)).clamp(-1, 1) for c in clips.split(batch_size)])
+
+
+def ef_gap(regressor: nn.Module, clips: Tensor, recon: Tensor, ef: Tensor) -> dict[str, float]:
+    """EF MAE (points) on ``clips`` vs on their reconstructions ``recon``, against true ``ef`` (N,) percent."""
     on_real, on_recon = measure_ef(regressor, clips), measure_ef(regressor, recon)
     return {
         "mae_original": float((on_real - ef).abs().mean()),
