@@ -4,7 +4,7 @@ Measured on clustered patient-like data, HNSW lost true neighbours and SQ8/PQ fl
 threshold, so no approximate score decides alone: both indexes here keep the release decision exact.
 
 The bounded IVF's lists come from a two-level k-means (`two_level_lists`): ~√L coarse cells, then each cell
-split into lists of ~64 members. One flat k-means into L = N / 64 lists costs N·L inner products to assign
+split into lists of ~128 members. One flat k-means into L = N / 128 lists costs N·L inner products to assign
 alone — at 250k vectors per site more than brute-force search of 10k queries — while two levels cost
 N·2√L. The assignment only has to be good, not optimal: each list's radius is measured on its actual members,
 so the bounds (and the exact decision) hold for any assignment.
@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 
 from echoflow.audit.bounded_ivf import QUERY_CHUNK, BoundedIVFIndex
+from echoflow.audit.lists import Lists, measure_lists
 from echoflow.audit.neighbours import Neighbours, Similarity, SiteIndex, prepare
 from echoflow.errors import EchoFlowError
 from echoflow.progress import progress_bar
@@ -27,6 +28,8 @@ from echoflow.verified import json_object, read_verified
 
 IndexKind = Literal["auto", "exact", "bounded_ivf"]
 AUTO_EXACT_BELOW = 50_000
+# members per list of the two-level build (4 shells of 32): measured best of 64/128/256 on the benchmark's data
+LIST_SIZE = 128
 
 
 def top1(q: np.ndarray, x: np.ndarray, *, tile: int = 2048,
@@ -108,10 +111,8 @@ class ExactIndex(SiteIndex):
         return {}
 
 
-def _spherical_kmeans(x: np.ndarray, k: int, *, rng: np.random.Generator, niter: int,
-                      points_per_centroid: int) -> np.ndarray:
-    """(k, D) float32 unit centroids of unit vectors ``x`` (N, D): Lloyd on a sample, inner-product assignment."""
-    sample = x[rng.choice(len(x), min(len(x), k * points_per_centroid), replace=False)]
+def _spherical_kmeans(sample: np.ndarray, k: int, *, rng: np.random.Generator, niter: int) -> np.ndarray:
+    """(k, D) float32 unit centroids of unit vectors ``sample`` (M, D): Lloyd, inner-product assignment."""
     centroids = sample[rng.choice(len(sample), k, replace=False)].copy()
     for _ in range(niter):
         sums = _group_sums(sample, (sample @ centroids.T).argmax(axis=1), k)
@@ -128,9 +129,21 @@ def _group_sums(x: np.ndarray, group: np.ndarray, k: int) -> np.ndarray:
     return onehot @ x
 
 
-def _nearest(x: np.ndarray, centroids: np.ndarray, chunk: int = 16384) -> np.ndarray:
-    """(N,) int64 index of each row's largest inner product with ``centroids`` (one GEMM per chunk)."""
-    return np.concatenate([(x[i : i + chunk] @ centroids.T).argmax(axis=1) for i in range(0, len(x), chunk)])
+def _nearest(x: np.ndarray, centroids: np.ndarray, *, centred: bool = False, chunk: int = 16384) -> np.ndarray:
+    """(N,) int64 index of each row's largest inner product with ``centroids`` (one GEMM per chunk).
+
+    The argmax ignores a row's positive scale, so raw rows give their prepared rows' answer; ``centred``
+    (Pearson) subtracts each row's mean first, as ⟨x − m, c⟩ = ⟨x, c⟩ − m Σc.
+    """
+    total = centroids.sum(axis=1)
+    out = np.empty(len(x), dtype=np.int64)
+    for i in range(0, len(x), chunk):
+        part = np.asarray(x[i : i + chunk], dtype=np.float32)
+        scores = part @ centroids.T
+        if centred:
+            scores -= part.mean(axis=1, keepdims=True) * total
+        out[i : i + chunk] = scores.argmax(axis=1)
+    return out
 
 
 def _member_means(x: np.ndarray, assign: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,54 +154,66 @@ def _member_means(x: np.ndarray, assign: np.ndarray, k: int) -> tuple[np.ndarray
     return means, (np.cumsum(used) - 1)[assign]
 
 
-def two_level_lists(x: np.ndarray, *, nlist: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Inverted lists of prepared unit vectors by two-level spherical k-means (see the module docstring).
+def two_level_lists(vectors: np.ndarray, *, similarity: Similarity, nlist: int, seed: int = 0) -> Lists:
+    """Inverted lists of real embeddings by two-level spherical k-means (see the module docstring).
+
+    The coarse cells are found on the raw rows (`_nearest`); each cell is then prepared once straight into its
+    place in the list-sorted copy, split there, and its lists sorted and measured (`measure_lists`) while it is in
+    cache, so the build writes the (N, D) vectors once.
 
     Args:
-        x: (N, D) float32 unit vectors.
+        vectors: (N, D) raw real embeddings; local id i = row i.
+        similarity: ``cosine`` or ``pearson`` (see `prepare`).
         nlist: number of lists wanted (the result has about as many; every list is non-empty).
         seed: sampling and initialisation seed.
 
     Returns:
-        (centroids (L, D) float32 — each list's member mean, assignment (N,) int64 list of each row).
+        The lists, each centred on its member mean.
     """
     rng = np.random.default_rng(seed)
-    n = len(x)
+    n, d = np.shape(vectors)
     cells = max(1, min(round(np.sqrt(nlist)), n))
-    coarse = _nearest(x, _spherical_kmeans(x, cells, rng=rng, niter=8, points_per_centroid=32))
+    sample = prepare(vectors[np.sort(rng.choice(n, min(n, 32 * cells), replace=False))], similarity=similarity,
+                     what="real embeddings")
+    coarse = _nearest(vectors, _spherical_kmeans(sample, cells, rng=rng, niter=8), centred=similarity == "pearson")
     order = np.argsort(coarse, kind="stable")
-    bounds = np.searchsorted(coarse[order], np.arange(cells + 1))
-    assign = np.empty(n, dtype=np.int64)
-    centroids, lists = [], 0
-    for cell in range(cells):
-        members = order[bounds[cell] : bounds[cell + 1]]
-        if len(members) == 0:
+    cuts = np.searchsorted(coarse[order], np.arange(cells + 1))
+    out, ids = np.empty((n, d), dtype=np.float32), order
+    centroids, offsets, radius, shells = [], [np.zeros(1, dtype=np.int64)], [], []
+    for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
+        if lo == hi:
             continue
-        sub = x[members]
-        k = max(1, min(round(len(members) * nlist / n), len(members)))
-        local = (np.zeros(len(sub), dtype=np.int64) if k == 1 else
-                 _nearest(sub, _spherical_kmeans(sub, k, rng=rng, niter=4, points_per_centroid=8)))
+        sub = prepare(vectors[order[lo:hi]], similarity=similarity, what="real embeddings", out=out[lo:hi])
+        k = max(1, min(round((hi - lo) * nlist / n), hi - lo))
+        local = np.zeros(hi - lo, dtype=np.int64)
+        if k > 1:
+            train = sub[rng.choice(hi - lo, min(hi - lo, 8 * k), replace=False)]
+            local = _nearest(sub, _spherical_kmeans(train, k, rng=rng, niter=4))
         means, local = _member_means(sub, local, k)
-        assign[members] = lists + local
+        starts, r, sh = measure_lists(sub, ids[lo:hi], means, local)
         centroids.append(means)
-        lists += len(means)
-    return np.concatenate(centroids).astype(np.float32), assign
+        offsets.append(lo + starts[1:])
+        radius.append(r)
+        shells.append(sh)
+    return Lists(centroids=np.concatenate(centroids).astype(np.float32), offsets=np.concatenate(offsets), ids=ids,
+                 vectors=out, radius=np.concatenate(radius), shells=np.concatenate(shells))
 
 
 def build_bounded_ivf(vectors: np.ndarray, *, similarity: Similarity = "cosine", nlist: int | None = None,
                       seed: int = 0) -> BoundedIVFIndex:
-    """A `BoundedIVFIndex` whose lists come from `two_level_lists` (default ``nlist`` = N / 64)."""
-    x = prepare(vectors, similarity=similarity, what="real embeddings")
-    n, d = x.shape
+    """A `BoundedIVFIndex` whose lists come from `two_level_lists` (default ``nlist`` = N / 128)."""
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or len(vectors) == 0:  # `prepare`'s check, before the raw rows are clustered
+        prepare(vectors, similarity=similarity, what="real embeddings")
+    n, d = vectors.shape
+    nlist = max(1, min(nlist or n // LIST_SIZE, n))
     with progress_bar(f"build bounded IVF ({n} vectors)", total=2) as advance:
-        centroids, assign = two_level_lists(x, nlist=max(1, min(nlist or n // 64, n)), seed=seed)
+        lists = two_level_lists(vectors, similarity=similarity, nlist=nlist, seed=seed)
         advance(1)
         quantizer = faiss.IndexFlatIP(d)
-        quantizer.add(centroids)
-        ivf = faiss.IndexIVFFlat(quantizer, d, len(centroids), faiss.METRIC_INNER_PRODUCT)
-        order = np.argsort(assign, kind="stable")  # list-major layout; faiss's own lists are filled on save
-        offsets = np.searchsorted(assign[order], np.arange(len(centroids) + 1))
-        index = BoundedIVFIndex(ivf, similarity=similarity, lists=(offsets, order, x[order]))
+        quantizer.add(lists.centroids)
+        ivf = faiss.IndexIVFFlat(quantizer, d, len(lists.centroids), faiss.METRIC_INNER_PRODUCT)
+        index = BoundedIVFIndex(ivf, similarity=similarity, lists=lists)  # faiss's own lists are filled on save
         advance(1)
     return index
 
@@ -207,7 +232,7 @@ def build_index(
         vectors: (N, D) raw real embeddings; local sample id i = row i.
         kind: ``exact``, ``bounded_ivf``, or ``auto`` (exact below 50,000 vectors, bounded IVF from there).
         similarity: ``cosine`` or ``pearson`` (see `echoflow.audit.neighbours`).
-        nlist: IVF lists; default ≈ N / 64 (small lists keep radii tight), see `BoundedIVFIndex.build`.
+        nlist: IVF lists; default ≈ N / 128 (`LIST_SIZE`; each list is cut into angular shells).
         seed: k-means seed (IVF only).
     """
     if kind not in ("auto", "exact", "bounded_ivf"):

@@ -26,22 +26,28 @@ Similarity = Literal["cosine", "pearson"]
 SIMILARITIES: tuple[str, ...] = get_args(Similarity)
 
 
-def prepare(vectors: np.ndarray, *, similarity: Similarity, what: str = "embeddings") -> np.ndarray:
+def prepare(vectors: np.ndarray, *, similarity: Similarity, what: str = "embeddings",
+            out: np.ndarray | None = None) -> np.ndarray:
     """Map raw embeddings to unit vectors whose inner product is the chosen similarity.
 
     Args:
         vectors: (N, D) real embeddings (any float dtype).
         similarity: ``cosine`` or ``pearson``.
         what: names the input in error messages.
+        out: (N, D) float32 to write the result into (e.g. a slice of a larger array); a new array if None.
 
     Returns:
-        (N, D) float32, C-contiguous, each row of norm 1.
+        (N, D) float32, each row of norm 1 (``out`` when given, else C-contiguous).
     """
     if similarity not in SIMILARITIES:
         raise EchoFlowError(f"audit.similarity: expected one of {SIMILARITIES}, got {similarity!r}")
-    x = np.array(vectors, dtype=np.float32, order="C")  # a copy: float32 throughout, one pass per step
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise EchoFlowError(f"{what}: expected a non-empty (N, D) array, got shape {x.shape}")
+    if np.ndim(vectors) != 2 or np.shape(vectors)[0] == 0:
+        raise EchoFlowError(f"{what}: expected a non-empty (N, D) array, got shape {np.shape(vectors)}")
+    if out is None:
+        x = np.array(vectors, dtype=np.float32, order="C")  # a copy: float32 throughout, one pass per step
+    else:
+        x = out
+        np.copyto(x, vectors, casting="same_kind")
     if not np.isfinite(x).all():
         raise EchoFlowError(f"{what}: contains NaN or inf")
     if similarity == "pearson":

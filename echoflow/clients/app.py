@@ -4,8 +4,9 @@ Deployment: ``flower-supernode ... --node-config 'site-dir="/data/echo" state-di
 `app` unchanged; the run config comes from the app's ``pyproject.toml`` / ``flwr run --run-config``.
 Every message from our ServerApp also carries the server's run config for the stage it federates
 (`run_config_record`), which wins: one run — one simulation, one Ray start — can federate several stages in turn.
-The site's privacy policy is not part of it: it is the node config (`echoflow.clients.policy`), and a message
-asking for weaker DP is refused (the error reply names the reason; the server's round records it).
+The site's own setup and privacy policy are not part of it: the task it runs, its data folder, its training config
+and its DP are its node config (`echoflow.clients.policy`), and a message naming another task, data or config, or
+asking for weaker DP, is refused (the error reply names the reason; the server's round records it as ``refused``).
 
 The site's privacy ledger lives in the node's ``context.state`` (which Flower keeps between rounds) and, when
 a ``state-dir`` is known, in ``<state-dir>/site_XX/privacy_ledger.json`` too — the file wins, because it
@@ -49,7 +50,8 @@ def make_client_app(defaults: Mapping[str, Any] | None = None, *, faults: bool =
 
     ``faults``: install the fault-injection mod (`echoflow.clients.faults`), for test and soak simulations that
     plan faults; the deployed ``app`` never has it. ``site_config``: node-config entries every site of a
-    simulation holds as its own (its DP policy and ``state-dir``, `echoflow.clients.policy`);
+    simulation holds as its own (its task, data root, training config, DP policy and ``state-dir``,
+    `echoflow.clients.policy`);
     ``context.node_config`` overrides them. They are baked into the app the launcher builds, never read from a
     message.
     """

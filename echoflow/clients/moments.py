@@ -37,6 +37,7 @@ MEAN_BOUND, SQUARE_BOUND = 2.0, 4.0
 def latent_moments(settings: ClientSettings, arrays: Mapping[str, Tensor],
                    ledger: PrivacyLedger | None) -> tuple[dict[str, float], PrivacyLedger | None]:
     """The site's latent moments under ``arrays`` (see the module docstring) and its (updated) ledger."""
+    settings.refuse("latent moments", training=False)
     policy = settings.policy
     if policy.enabled and LATENT_MOMENTS not in policy.plan:
         raise PolicyRefusal(f"site {settings.site} refuses latent moments: no {LATENT_MOMENTS!r} share in its dp-plan")

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from echoflow.clients.dp import PrivacyLedger, make_private, patient_groups, poisson_batches
-from echoflow.clients.policy import PolicyRefusal, secret_generator
+from echoflow.clients.policy import secret_generator
 from echoflow.clients.settings import ClientSettings
 from echoflow.federation.task import group_arrays, load_group_arrays, load_task
 from echoflow.stages.trainer import Batch, Stage, TrainConfig, Trainer, random_batches, set_step_seed
@@ -74,10 +74,7 @@ def train_round(
             (a data-independent update, so it composes with DP-SGD for free).
     """
     started = time.perf_counter()
-    refusal = settings.refusal()
-    if refusal is not None:
-        log.warning("site %d refuses round %d of %s: %s", settings.site, server_round, settings.stage, refusal)
-        raise PolicyRefusal(f"site {settings.site} refuses {settings.stage}: {refusal}")
+    settings.refuse(f"{settings.stage} (round {server_round})")
     task = load_task(settings.task)
     policy = settings.policy
     # the stage is built for the site's own DP decision (the VAE drops its second-gradient-pass GAN weight)
@@ -135,6 +132,7 @@ def evaluate(settings: ClientSettings, arrays: Mapping[str, Tensor]) -> dict[str
     A site without validation examples answers ``num-examples`` 0 and no ``eval-loss``: nothing to average. So
     does a DP site: its loss on real patients is not covered by its ledger, so it is not sent.
     """
+    settings.refuse(f"evaluating {settings.stage}", training=False)
     if settings.policy.enabled:
         return {"num-examples": 0.0}
     task = load_task(settings.task)

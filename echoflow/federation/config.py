@@ -28,12 +28,11 @@ def run_config(
         parent_run_id: MLflow run to nest under ('' = top level).
     """
     fed, dp, strategy = cfg.federation, cfg.dp, cfg.strategy
-    resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
-    resolved["stage_checkpoints"] = dict(stage_checkpoints or {})
+    resolved = {**_resolved(cfg), "stage_checkpoints": dict(stage_checkpoints or {})}
     config: dict[str, Any] = {
         "task": fed.task, "stage": stage, "config-json": json.dumps(resolved), "seed": int(cfg.seed),
         "rounds": int(fed.rounds), "local-steps": int(fed.local_steps), "batch-size": int(fed.batch_size),
-        "lr": float(fed.lr), "data-root": str(Path(cfg.workdir) / "cohort"),
+        "lr": float(fed.lr), "data-root": _data_root(cfg),
         "checkpoint-dir": str(Path(fed.checkpoint_dir) / stage),
         "resume": bool(fed.resume), "evaluate": bool(fed.evaluate), "timeout-s": float(fed.timeout_s),
         "min-sites": int(fed.min_sites), "max-update-ratio": float(fed.max_update_ratio),
@@ -51,16 +50,18 @@ def run_config(
 
 
 def site_config(cfg: DictConfig, planned_steps: Mapping[str, int]) -> dict[str, Any]:
-    """What every simulated site holds as its own node config: its ledger folder and its DP policy.
+    """What every simulated site holds as its own node config: task, data root, training config, ledger, DP.
 
     The simulation bakes this into the sites' ClientApp (`echoflow.clients.app.make_client_app`); in a deployment
-    each SuperNode's ``--node-config`` carries the same keys (`echoflow.clients.policy`). Never sent in a message.
+    each SuperNode's ``--node-config`` carries the same keys (`echoflow.clients.policy`). Never sent in a message:
+    a message naming another task, data root or config (outside the server's per-stage keys) is refused.
 
     Args:
         cfg: the composed config (groups ``dp`` and ``federation``).
         planned_steps: stage -> rounds x local steps the site plans to train it (its noise is calibrated for them).
     """
-    config: dict[str, Any] = {"state-dir": str(cfg.federation.state_root)}
+    config: dict[str, Any] = {"state-dir": str(cfg.federation.state_root), "task": str(cfg.federation.task),
+                              "data-root": _data_root(cfg), "config-json": json.dumps(_resolved(cfg))}
     dp = cfg.dp
     if not dp.enabled:
         return config
@@ -71,6 +72,14 @@ def site_config(cfg: DictConfig, planned_steps: Mapping[str, int]) -> dict[str, 
     if dp.get("secret_seed") is not None:
         config["dp-secret-seed"] = int(dp.secret_seed)
     return config
+
+
+def _resolved(cfg: DictConfig) -> dict[str, Any]:
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+
+
+def _data_root(cfg: DictConfig) -> str:
+    return str(Path(cfg.workdir) / "cohort")
 
 
 def run_config_toml(config: Mapping[str, Any]) -> str:

@@ -9,6 +9,7 @@ stage's whole run config as JSON under `RUN_CONFIG`).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,9 @@ SERVER_ROUND = "server-round"
 """``config`` key: the 1-based round number of a train message."""
 PROXIMAL_MU = "proximal-mu"
 """``config`` key: FedProx μ of a train message (0 without FedProx)."""
+REFUSAL = re.compile(r"^site \d+ refuses ")
+"""How a site's error reply begins when the site refuses the message under its own policy
+(`echoflow.clients.settings.ClientSettings.refuse`); the server's round records such a site as ``refused``."""
 ARRAY_KEYS = "array-keys"
 """SecAgg+ FitIns config key: the names of the global arrays, in the order of the legacy parameter list."""
 

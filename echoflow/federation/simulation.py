@@ -20,6 +20,7 @@ from typing import Any
 
 from echoflow.clients.app import make_client_app
 from echoflow.clients.faults import FAULT_PLAN
+from echoflow.clients.policy import setup_of
 from echoflow.errors import EchoFlowError
 from echoflow.server.app import make_server_app
 from echoflow.server.checkpoint import FederationState, load_latest
@@ -60,7 +61,8 @@ def simulate_stages(run_configs: Sequence[Mapping[str, Any]], sim: SimulationCon
                     site_config: Mapping[str, Any] | None = None) -> list[FederationState]:
     """Run (or resume) one federation per run config, in order, in one simulation; returns their final states.
 
-    ``site_config``: every site's own node config (its DP policy), baked into the ClientApp, never a message.
+    ``site_config``: every site's own node config (its setup and DP policy), baked into the ClientApp, never a
+    message; without its setup keys (`policy.SETUP_KEYS`), the sites are set up with the first run config's.
 
     Raises:
         EchoFlowError: when a run config is incomplete or a federation wrote no checkpoint.
@@ -84,9 +86,11 @@ def simulate_stages(run_configs: Sequence[Mapping[str, Any]], sim: SimulationCon
     flwr_logger.setLevel(logging.INFO if sim.verbose else logging.WARNING)
     flwr_logger.addFilter(_no_deprecation_notice)
     faults = any(FAULT_PLAN in run_config for run_config in run_configs)  # test and soak runs only
+    # the launcher sets its sites up: what it launches (task, data root, config) unless told their own setup
+    own = setup_of(run_configs[0]) | dict(site_config or {})
     try:
         run_simulation(
-            server_app=make_server_app(run_configs), client_app=make_client_app(faults=faults, site_config=site_config),
+            server_app=make_server_app(run_configs), client_app=make_client_app(faults=faults, site_config=own),
             num_supernodes=sim.sites, backend_config=backend_config,
         )
     finally:

@@ -10,7 +10,7 @@ spent); otherwise it raises, before anything is aggregated or checkpointed.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -30,6 +30,7 @@ class Training:
         replies: every valid reply (also those of sites whose budget is spent). updates: the accepted updates,
         by site, for the strategy. missing: site label -> why it is absent. rejected: label -> why its update
         was not aggregated. arrays: the weights a cyclic round ended with (they replace aggregation), else None.
+        refused: label -> why the site refused to train (its own policy).
     """
 
     replies: list[Message]
@@ -37,6 +38,7 @@ class Training:
     missing: dict[str, str]
     rejected: dict[str, str]
     arrays: dict[str, Tensor] | None = None
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 def sample_training(
@@ -65,8 +67,9 @@ def gather_training(
                                  connected=connected, phase="train", timeout_s=settings.timeout_s)
     updates, rejected, exhausted = screen_attendance(attendance, arrays, server_round=server_round, settings=settings)
     require_quorum(server_round, usable=len(updates) + exhausted, sampled=len(sent), min_sites=settings.min_sites,
-                   missing=attendance.missing, rejected=rejected)
-    return Training(replies=attendance.replies, updates=updates, missing=attendance.missing, rejected=rejected)
+                   missing=attendance.missing, rejected=rejected, refused=attendance.refused)
+    return Training(replies=attendance.replies, updates=updates, missing=attendance.missing, rejected=rejected,
+                    refused=attendance.refused)
 
 
 def screen_attendance(
@@ -99,6 +102,7 @@ def gather_cyclic_training(
     current, replies, updates = dict(arrays), [], []
     missing: dict[str, str] = {}
     rejected: dict[str, str] = {}
+    refused: dict[str, str] = {}
     exhausted = 0
     for message in order[shift:] + order[:shift]:
         message.content["arrays"] = ArrayRecord(current)
@@ -106,13 +110,15 @@ def gather_cyclic_training(
                                      connected=connected, phase="train", timeout_s=settings.timeout_s)
         accepted, why, spent = screen_attendance(attendance, current, server_round=server_round, settings=settings)
         missing, rejected, exhausted = missing | attendance.missing, rejected | why, exhausted + spent
+        refused |= attendance.refused
         replies += attendance.replies
         if accepted:
             current = dict(accepted[0].content.array_records["arrays"].to_torch_state_dict())
             updates += accepted
     require_quorum(server_round, usable=len(updates) + exhausted, sampled=len(sent), min_sites=settings.min_sites,
-                   missing=missing, rejected=rejected)
-    return Training(replies=replies, updates=updates, missing=missing, rejected=rejected, arrays=current)
+                   missing=missing, rejected=rejected, refused=refused)
+    return Training(replies=replies, updates=updates, missing=missing, rejected=rejected, arrays=current,
+                    refused=refused)
 
 
 def gather_evaluation(

@@ -70,7 +70,8 @@ def run_federation(grid: Grid, settings: ServerSettings, run_config: Mapping[str
                 tracker.log_round(server_round, round_metrics(entry["sites"], entry["aggregate"],
                                                               wall_s=entry["wall_s"]))
                 tracker.log_curves(entry["sites"])
-                tracker.log_faults(server_round, missing=entry["missing"], rejected=entry["rejected"])
+                tracker.log_faults(server_round, missing=entry["missing"], rejected=entry["rejected"],
+                                   refused=entry["refused"])
         if LATENT_SCALE_KEY in state.arrays and state.round > 0:  # the VAE: sites agree on one latent scale
             scale = federated_latent_scale(grid, state.arrays, run_config_record(settings.run_config),
                                             timeout_s=settings.timeout_s)
@@ -92,8 +93,9 @@ def run_round(
 ) -> FederationState:
     """One round of training (+ evaluation); returns the next state (not yet saved).
 
-    Sites that crash, hang or drop out are left out and named in the round's ``missing``; updates that fail
-    screening in its ``rejected`` (`echoflow.server.gather`). ``roster`` maps node ids to sites.
+    Sites that crash, hang or drop out are left out and named in the round's ``missing``; sites that refuse the
+    message under their own policy in its ``refused``; updates that fail screening in its ``rejected``
+    (`echoflow.server.gather`). ``roster`` maps node ids to sites.
     """
     started = time.perf_counter()
     config = run_config_record(settings.run_config)
@@ -106,19 +108,21 @@ def run_round(
         aggregated, _ = strategy.aggregate_train(server_round, train.updates)
         if aggregated is not None:
             new_arrays = dict(aggregated.to_torch_state_dict())
-    missing = [train.missing]
+    missing, refused = [train.missing], [train.refused]
     if settings.evaluate:
         evaluated = gather_evaluation(grid, strategy, new_arrays, config, roster, server_round=server_round,
                                       settings=settings)
         missing.append(evaluated.missing)
+        refused.append(evaluated.refused)
         for site, values in _site_metrics(evaluated.replies).items():
             if "eval-loss" in values:  # a site without validation data is not evaluated
                 per_site.setdefault(site, {})["eval-loss"] = values["eval-loss"]
     sites = dict(state.sites) | {str(s): dict(v) for s, v in per_site.items()}
-    faults = {"sites-missing": float(len(train.missing)), "sites-rejected": float(len(train.rejected))}
+    faults = {"sites-missing": float(len(train.missing)), "sites-rejected": float(len(train.rejected)),
+              "sites-refused": float(len(train.refused))}
     entry = {"round": server_round, "wall_s": time.perf_counter() - started, "sites": per_site,
              "aggregate": _aggregate(per_site) | faults, "trained": len(train.updates),
-             "missing": merge_missing(*missing), "rejected": train.rejected}
+             "missing": merge_missing(*missing), "rejected": train.rejected, "refused": merge_missing(*refused)}
     return FederationState(round=server_round, arrays=new_arrays, strategy=strategy_state(strategy), sites=sites,
                            history=[*state.history, entry], run_config=state.run_config,
                            mlflow_run_id=state.mlflow_run_id)
@@ -143,7 +147,8 @@ def stage_stopped(stage: str, entry: Mapping[str, Any]) -> str:
     """The one-line error of a round no site could train in: the stage would keep untrained weights."""
     spent = sorted(str(site) for site, values in entry["sites"].items() if values.get("budget-exhausted", 0.0))
     why = [f"site {site}: privacy budget spent" for site in spent]
-    why += [f"site {site}: {reason}" for site, reason in {**entry["missing"], **entry["rejected"]}.items()]
+    faults = {**entry["missing"], **entry.get("refused", {}), **entry["rejected"]}
+    why += [f"site {site}: {reason}" for site, reason in faults.items()]
     return (f"stage {stage}: round {entry['round']}: no site could train ({'; '.join(why) or 'none sampled'}); "
             "stopping the run rather than going on with untrained weights")
 

@@ -6,8 +6,10 @@ ours. A roll call at the start of a federation asks every connected node its sit
 
 A sampled site is missing from a round when its reply is an error (it crashed), when no reply came within
 the round's timeout (it hangs, or its SuperNode went away mid-round), or when a site seen before is no
-longer connected (it dropped out). A round is aggregated only when at least ``federation.min_sites`` sites
-sent a usable reply; otherwise the round fails with an `EchoFlowError` and the last checkpoint stays put.
+longer connected (it dropped out). A site whose error reply says it refuses the message under its own policy
+(`protocol.REFUSAL`: weaker DP, another task, data or config) is recorded apart, as ``refused``. A round is
+aggregated only when at least ``federation.min_sites`` sites sent a usable reply; otherwise the round fails
+with an `EchoFlowError` and the last checkpoint stays put.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from echoflow.errors import EchoFlowError
-from echoflow.federation.protocol import ROLL_CALL
+from echoflow.federation.protocol import REFUSAL, ROLL_CALL
 from echoflow.server.screening import site_order
 
 log = logging.getLogger(__name__)
@@ -80,24 +82,34 @@ class Attendance:
 
     Attributes:
         replies: the valid replies. labels: their sites' labels (same order). missing: label -> why absent.
+        refused: label -> why the site refused the message (its own policy, `protocol.REFUSAL`).
     """
 
     replies: list[Message]
     labels: list[str]
     missing: dict[str, str]
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 def take_attendance(
     sent: Sequence[Message], replies: Iterable[Message], roster: Roster, *, connected: Iterable[int], phase: str,
     timeout_s: float,
 ) -> Attendance:
-    """Match ``replies`` to the ``sent`` messages of ``phase`` (``train``/``evaluate``); name who is missing."""
+    """Match ``replies`` to the ``sent`` messages of ``phase`` (``train``/``evaluate``); name the absent sites.
+
+    A site that refused the message (its own policy) is named in ``refused``, any other absent one in ``missing``.
+    """
     received = list(replies)
     roster.learn(received)
     missing: dict[str, str] = {}
+    refused: dict[str, str] = {}
     for reply in received:
         if reply.has_error():
-            missing[roster.label(reply.metadata.src_node_id)] = f"{phase}: error: {_short(reply.error.reason)}"
+            text = _short(reply.error.reason)
+            if REFUSAL.match(text):
+                refused[roster.label(reply.metadata.src_node_id)] = f"{phase}: {text}"
+            else:
+                missing[roster.label(reply.metadata.src_node_id)] = f"{phase}: error: {text}"
     answered = {reply.metadata.src_node_id for reply in received}
     for message in sent:
         if message.metadata.dst_node_id not in answered:
@@ -106,11 +118,12 @@ def take_attendance(
     missing |= {str(site): f"{phase}: not connected" for node, site in roster.sites.items() if node not in online}
     valid = [reply for reply in received if not reply.has_error()]
     return Attendance(replies=valid, labels=[roster.label(r.metadata.src_node_id) for r in valid],
-                      missing={label: missing[label] for label in sorted(missing, key=site_order)})
+                      missing={label: missing[label] for label in sorted(missing, key=site_order)},
+                      refused={label: refused[label] for label in sorted(refused, key=site_order)})
 
 
 def merge_missing(*phases: Mapping[str, str]) -> dict[str, str]:
-    """One reason per missing site over a round's phases (``"train: …; evaluate: …"``), sorted by site."""
+    """One reason per missing (or refusing) site over a round's phases (``"train: …; evaluate: …"``), sorted by site."""
     merged: dict[str, list[str]] = {}
     for phase in phases:
         for label, why in phase.items():
@@ -120,12 +133,12 @@ def merge_missing(*phases: Mapping[str, str]) -> dict[str, str]:
 
 def require_quorum(
     server_round: int, *, usable: int, sampled: int, min_sites: int, missing: Mapping[str, str],
-    rejected: Mapping[str, str],
+    rejected: Mapping[str, str], refused: Mapping[str, str] | None = None,
 ) -> None:
     """Raise unless at least ``min_sites`` sites sent a usable training reply this round."""
     if usable >= min_sites:
         return
-    absent = [f"site {label}: {why}" for label, why in missing.items()]
+    absent = [f"site {label}: {why}" for label, why in {**missing, **(refused or {})}.items()]
     absent += [f"site {label}: rejected: {why}" for label, why in rejected.items()]
     raise EchoFlowError(f"round {server_round}: {usable} of {sampled} sampled sites sent a usable update, "
                         f"federation.min_sites is {min_sites} ({'; '.join(absent) or 'none sampled'})")

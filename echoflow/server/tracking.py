@@ -64,14 +64,16 @@ class RunTracker:
         for i in range(0, len(items), MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i : i + MAX_BATCH])
 
-    def log_faults(self, server_round: int, *, missing: Mapping[str, str], rejected: Mapping[str, str]) -> None:
-        """Record who was missing from round ``server_round`` and whose update was rejected, and why.
+    def log_faults(self, server_round: int, *, missing: Mapping[str, str], rejected: Mapping[str, str],
+                   refused: Mapping[str, str] | None = None) -> None:
+        """Record who was missing from round ``server_round``, who refused it, whose update was rejected, and why.
 
         Written as ``faults/round_NNNN.json`` (only for rounds with faults); the counts are round metrics.
         """
-        if missing or rejected:
+        if missing or rejected or refused:
             self.client.log_dict(self.run_id, {"round": server_round, "missing": dict(missing),
-                                               "rejected": dict(rejected)}, f"faults/round_{server_round:04d}.json")
+                                               "refused": dict(refused or {}), "rejected": dict(rejected)},
+                                 f"faults/round_{server_round:04d}.json")
 
     def log_artifact(self, path: Path, *, artifact_path: str | None = None) -> None:
         """Upload a file or folder."""

@@ -84,13 +84,13 @@ def tight_cluster(centre: np.ndarray, n: int, *, angle: float, rng: np.random.Ge
     """``n`` prepared members exactly ``angle`` rad from ``centre``, each of float32 norm above 1 (rounding's
     worst case for a cone angle taken from arccos of a minimum cosine: every cosine rounds up to 1)."""
     kept: list[np.ndarray] = []
-    while len(kept) < n:
-        u = rng.standard_normal(len(centre))
-        u -= (u @ centre) * centre
-        x = prepare((np.cos(angle) * centre + np.sin(angle) * u / np.linalg.norm(u))[None], similarity="cosine")[0]
-        if np.linalg.norm(x.astype(np.float64)) > 1 + 2e-8:
-            kept.append(x)
-    return np.stack(kept)
+    while sum(map(len, kept)) < n:  # a few in a thousand candidates qualify: draw them in batches
+        u = rng.standard_normal((4096, len(centre)))
+        u -= (u @ centre)[:, None] * centre
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        x = prepare(np.cos(angle) * centre + np.sin(angle) * u, similarity="cosine")
+        kept.append(x[np.linalg.norm(x.astype(np.float64), axis=1) > 1 + 2e-8])
+    return np.concatenate(kept)[:n]
 
 
 def test_bounded_ivf_never_misses_an_over_tau_pair_of_a_tight_list() -> None:
@@ -114,10 +114,58 @@ def test_bounded_ivf_never_misses_an_over_tau_pair_of_a_tight_list() -> None:
         queries.append(q)
         taus.append(float(q @ row) - 1e-6)
     queries_ = np.stack(queries)
-    missed = 0
+    missed, exact = 0, ExactIndex.build(real)
     for q, tau in zip(queries_, taus, strict=True):
-        truth = ExactIndex.build(real).search(q[None], k=1, threshold=tau).similarity[0, 0]
+        truth = exact.search(q[None], k=1, threshold=tau).similarity[0, 0]
         got = ivf.search(q[None], k=1, threshold=tau).similarity[0, 0]
         assert truth >= tau
         missed += int(got < tau)
     assert missed == 0, f"{missed} of {len(taus)} over-τ pairs missed"
+
+
+def toward(centre: np.ndarray, member: np.ndarray, phi: float) -> np.ndarray:
+    """The prepared unit query ``phi`` rad from ``centre`` on the great circle through ``member``."""
+    x = member.astype(np.float64) / np.linalg.norm(member.astype(np.float64))
+    w = x - (x @ centre) * centre
+    return prepare((np.cos(phi) * centre + np.sin(phi) * w / np.linalg.norm(w))[None], similarity="cosine")
+
+
+def test_shells_skip_members_a_query_cannot_reach_yet_decide_pairs_at_their_edge_exactly() -> None:
+    """One list: a ring of members 0.4 rad from its centre (outer shells) and a core within 0.005 rad (inner shell).
+
+    A query 0.25 rad out toward a ring member sits exactly on the ring shells' inner edge (α_lo − β = φ at τ =
+    cos 0.15); τ just under and just over the pair must be decided as exact search decides. A query 0.9 rad out
+    cannot reach the core, whose shell must be skipped.
+    """
+    rng = np.random.default_rng(6)
+    centre = prepare(rng.standard_normal((1, 32)), similarity="cosine")[0].astype(np.float64)
+    ring = tight_cluster(centre, 96, angle=0.4, rng=rng)
+    real = np.concatenate([ring, tight_cluster(centre, 32, angle=0.005, rng=rng)])
+    ivf, exact = BoundedIVFIndex.build(real, nlist=1, nprobe=0, seed=0), ExactIndex.build(real)
+    for member in ring[:16]:
+        for phi in (0.25, 0.3):
+            q = toward(centre, member, phi)
+            truth = exact.search(q, k=1).similarity[0, 0]
+            assert np.isclose(truth, q[0] @ member, atol=1e-6)  # the ring member is the nearest
+            for tau in (truth - 1e-6, truth + 1e-6):
+                got = ivf.search(q, k=1, threshold=float(tau)).similarity[0, 0]
+                assert (got >= tau) == (truth >= tau), (phi, tau - truth)
+    far = toward(centre, ring[0], 0.9)
+    truth = exact.search(far, k=1).similarity[0, 0]
+    got = ivf.search(far, k=1, threshold=float(truth - 1e-6))
+    assert got.similarity[0, 0] >= truth - 1e-6
+    assert got.scanned == pytest.approx(96 / 128)  # the core's shell was skipped
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_two_level_index_decides_planted_near_tau_pairs_exactly(seed: int) -> None:
+    """Near copies of real frames as queries, τ 1e-6 under and over each copy's true maximum."""
+    rng = np.random.default_rng(seed)
+    space = PatientSpace.random(dim=32, factors=6, seed=seed)
+    real = space.frames(space.patients(300, rng), 20, rng)[0]
+    queries = near_copies(real, 40, noise=0.05, rng=rng)[0]
+    ivf = build_bounded_ivf(real, nlist=48, seed=seed)
+    truth = ExactIndex.build(real).search(queries, k=1).similarity[:, 0]
+    for q, t in zip(queries, truth, strict=True):
+        for tau in (t - 1e-6, t + 1e-6):
+            assert (ivf.search(q[None], k=1, threshold=float(tau)).similarity[0, 0] >= tau) == (t >= tau)

@@ -28,19 +28,31 @@ NODE_BASE = 7_000
 
 
 class LocalGrid(Grid):
-    """``sites`` nodes in this process, each running `make_client_app`."""
+    """``sites`` nodes in this process, each running `make_client_app`.
+
+    ``node_config``: what every site holds as its own node config; ``site_configs``: per site index, entries
+    that override it for that site alone.
+    """
 
     def __init__(self, sites: int, *, order_seed: int = 0, parallel: bool = False,
-                 node_config: dict[str, Any] | None = None) -> None:
+                 node_config: dict[str, Any] | None = None, site_configs: dict[int, dict[str, Any]] | None = None,
+                 ) -> None:
         # the process-wide identity Flower stamps on new messages (the simulation engine sets it likewise)
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
         self.app = make_client_app(faults=True)  # inert unless a test's run config plans faults
         self.contexts = {NODE_BASE + i: Context(run_id=1, node_id=NODE_BASE + i,
                                                 node_config={"partition-id": i, "num-partitions": sites,
-                                                             **(node_config or {})},
+                                                             **(node_config or {}),
+                                                             **(site_configs or {}).get(i, {})},
                                                 state=RecordDict(), run_config={}) for i in range(sites)}
         self.order = random.Random(order_seed)
         self.pool = ThreadPoolExecutor(max_workers=sites if parallel else 1)
+
+    def set_up(self, node_config: dict[str, Any]) -> LocalGrid:
+        """Add ``node_config`` to every site's own node config (a launcher setting its sites up); returns self."""
+        for context in self.contexts.values():
+            context.node_config = {**node_config, **context.node_config}
+        return self
 
     def set_run(self, run: Run) -> None:
         raise NotImplementedError

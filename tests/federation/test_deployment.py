@@ -19,6 +19,7 @@ import echoflow.federation.echo_task as echo_task
 from echoflow.audit.federated import SiteAuditor
 from echoflow.audit.run import AuditSettings, embed_sites
 from echoflow.cli import app
+from echoflow.clients.policy import setup_of
 from echoflow.config import load_config, plain
 from echoflow.data.phantom import generate_cohort
 from echoflow.data.sites import load_site
@@ -64,7 +65,7 @@ def test_the_global_vae_travels_in_messages_and_sites_never_read_the_server_fold
     monkeypatch.setattr(echo_task, "global_network", lambda *a: pytest.fail(f"a site read a server folder: {a}"))
     monkeypatch.setattr(echo_task, "recall", lambda stage, key, recall=echo_task.recall: received.append(
         recall(stage, key)) or received[-1])
-    grid = LocalGrid(2)
+    grid = LocalGrid(2, node_config=setup_of(config))
     try:
         state = loop.run_federation(grid, ServerSettings.from_run_config(config), config)
     finally:
@@ -126,7 +127,9 @@ def test_superlink_and_two_supernodes_with_tls_and_node_auth_run_two_rounds(tmp_
                            check=True, capture_output=True, timeout=60)
             start(["flower-supernode", "--root-certificates", str(certs / "ca.crt"), "--superlink",
                    f"127.0.0.1:{port}", "--auth-supernode-private-key", str(certs / f"site_{site:02d}"), "--port",
-                   str(free_port()), "--node-config", f"partition-id={site}"], tmp_path / f"node{site}.log")
+                   str(free_port()), "--node-config",  # the site's own task and data, not the run config's
+                   f'partition-id={site} task="tests.federation.toy:TASK" data-root="{tmp_path / "cohort"}"'],
+                  tmp_path / f"node{site}.log")
         run = subprocess.run(["flwr", "run", str(DEPLOY), "local", "--run-config", str(tmp_path / "run.toml")],
                              env=env, capture_output=True, text=True, timeout=60)
         assert run.returncode == 0 and "Successfully started run" in run.stdout, run.stdout + run.stderr

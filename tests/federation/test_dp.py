@@ -23,6 +23,7 @@ from echoflow.clients.dp import (
     poisson_batches,
 )
 from echoflow.clients.dp_engine import FastDPOptimizer, FastGradSampleModule, grouped_conv_grad_sample
+from echoflow.clients.policy import setup_of
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import train_round
 from echoflow.config import load_config, plain
@@ -142,7 +143,7 @@ def test_site_stops_when_the_next_round_would_exceed_its_budget(tmp_path: Path) 
     config = toy_run_config(tmp_path, **{"dp-enabled": True, "dp-epsilon": 2.0, "rounds": 2})
     policy = {"dp-enabled": True, "dp-epsilon": 2.0, "dp-plan": json.dumps({"toy": 1.0}),
               "dp-planned-steps": json.dumps({"toy": 10})}
-    settings = ClientSettings.from_context(config, {"partition-id": 0} | policy)
+    settings = ClientSettings.from_context(config, {"partition-id": 0} | setup_of(config) | policy)
     assert settings.task == TASK
     arrays = group_arrays(TOY.build_stage("toy", {}))
     ledger = None

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from echoflow.clients.moments import LATENT_MOMENTS, latent_moments
+from echoflow.clients.policy import setup_of
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import evaluate, train_round
 from echoflow.config import load_config
@@ -30,7 +31,7 @@ def echo_settings(tmp: Path, site: int, node: dict[str, Any] | None = None, **ex
     cfg = OmegaConf.to_container(load_config([*TINY, f"workdir={tmp}"]), resolve=True)
     run_config = {"task": "echoflow.federation.echo_task:TASK", "stage": "vae", "config-json": json.dumps(cfg),
                   "rounds": 1, "local-steps": 2, "batch-size": 4, "lr": 1e-3, "data-root": str(tmp / "cohort")}
-    return ClientSettings.from_context(run_config | extra, {"partition-id": site} | (node or {}))
+    return ClientSettings.from_context(run_config | extra, {"partition-id": site} | setup_of(run_config) | (node or {}))
 
 
 def dp_policy(plan: dict[str, float]) -> dict[str, Any]:

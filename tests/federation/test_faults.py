@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import echoflow.server.loop as loop
+from echoflow.clients.policy import setup_of
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import train_round
 from echoflow.errors import EchoFlowError
@@ -25,8 +26,9 @@ from tests.federation.toy import TASK
 
 
 def federate(config: dict[str, Any], grid: LocalGrid) -> FederationState:
+    """Set the sites up as the launcher of ``config`` (task, data, config: their own), then federate."""
     try:
-        return loop.run_federation(grid, ServerSettings.from_run_config(config), config)
+        return loop.run_federation(grid.set_up(setup_of(config)), ServerSettings.from_run_config(config), config)
     finally:
         grid.close()
 
@@ -142,8 +144,8 @@ def test_cyclic_rounds_are_the_sites_training_in_turn_and_pass_over_a_crashed_si
     arrays = group_arrays(TASK.build_stage("toy", {"n": 64}))
     for server_round, sites in ((1, [0, 1, 2]), (2, [2, 0])):  # round 2 starts one site later; site 1 crashes
         for site in sites:
-            result, _ = train_round(ClientSettings.from_context(config, {"partition-id": site}), arrays,
-                                    server_round=server_round, ledger=None)
+            settings = ClientSettings.from_context(config, {"partition-id": site} | setup_of(config))
+            result, _ = train_round(settings, arrays, server_round=server_round, ledger=None)
             assert result.arrays is not None
             arrays = result.arrays
     assert all(torch.equal(state.arrays[k], arrays[k]) for k in arrays)

@@ -11,6 +11,7 @@ import torch
 from flwr.common import bytes_to_ndarray
 from flwr.server.workflow.secure_aggregation import secaggplus_workflow
 
+from echoflow.clients.policy import setup_of
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import train_round
 from echoflow.errors import EchoFlowError
@@ -29,8 +30,8 @@ def site_updates(config: dict[str, Any], initial: dict[str, torch.Tensor]) -> li
     """Each site's round-1 update, recomputed here exactly as the site computes it (same seeds)."""
     updates = []
     for site in range(SITES):
-        result, _ = train_round(ClientSettings.from_context(config, {"partition-id": site}), initial, server_round=1,
-                                ledger=None)
+        settings = ClientSettings.from_context(config, {"partition-id": site} | setup_of(config))
+        result, _ = train_round(settings, initial, server_round=1, ledger=None)
         assert result.arrays is not None
         updates.append(np.concatenate([(result.arrays[k].double() - initial[k].double()).numpy().ravel()
                                        for k in initial]))

@@ -3,7 +3,10 @@
 - noise prediction: the server replays a site's round (same run config) and gets the site's DP noise;
 - DP switched off (or weakened) by a message;
 - a DP pipeline silently skipping stages: one budget per site must cover several stages, and a stage no site
-  can train stops the run instead of keeping its random initial weights.
+  can train stops the run instead of keeping its random initial weights;
+- another code path or other data by message: the task a site runs, its data folder and its training config are
+  its own (node config), so a message naming others is refused, and a site with no data folder of its own
+  never takes one from a message.
 
 In-process (real ClientApp, strategies and round loop through `LocalGrid`; no Ray): seconds each.
 """
@@ -26,6 +29,8 @@ from echoflow.errors import EchoFlowError
 from echoflow.federation.task import group_arrays
 from echoflow.server.checkpoint import FederationState
 from echoflow.server.settings import ServerSettings
+from tests.federation import toy
+from tests.federation.conftest import TASK as TASK_PATH
 from tests.federation.conftest import toy_run_config
 from tests.federation.grid import LocalGrid
 from tests.federation.toy import TASK
@@ -44,6 +49,11 @@ def dp_run_config(tmp: Path, **overrides: Any) -> dict[str, Any]:
     """The server's run config asking for the same DP the sites' policies hold."""
     return toy_run_config(tmp, **{"dp-enabled": True, "dp-epsilon": EPSILON, "dp-delta": 0.0,
                                   "dp-max-grad-norm": 1.0} | overrides)
+
+
+def own_setup(tmp: Path) -> dict[str, Any]:
+    """A site's own code path, data and training config (its node config; in simulation baked into its app)."""
+    return {"task": TASK_PATH, "data-root": str(tmp / "cohort"), "config-json": json.dumps({"n": 64})}
 
 
 def federate(config: dict[str, Any], grid: LocalGrid) -> FederationState:
@@ -73,7 +83,7 @@ def recorded_noise(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
 
 def one_round(tmp: Path, node_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
     noises = recorded_noise(monkeypatch)
-    settings = ClientSettings.from_context(dp_run_config(tmp), {"partition-id": 0} | node_config)
+    settings = ClientSettings.from_context(dp_run_config(tmp), {"partition-id": 0} | own_setup(tmp) | node_config)
     result, _ = train_round(settings, group_arrays(TASK.build_stage("toy", {})), server_round=1, ledger=None)
     assert result.arrays is not None and noises
     return torch.cat(noises)
@@ -100,7 +110,7 @@ def test_a_reproducible_simulation_takes_its_secret_seed_from_the_sites_own_conf
     assert torch.equal(first, again) and not torch.equal(first, other)
     with pytest.raises(EchoFlowError, match="dp-secret-seed"):
         ClientSettings.from_context(dp_run_config(tmp_path, **{"dp-secret-seed": 123}),
-                                    {"partition-id": 0} | site_policy())
+                                    {"partition-id": 0} | own_setup(tmp_path) | site_policy())
 
 
 @pytest.mark.parametrize(("request_", "why"), [
@@ -114,7 +124,8 @@ def test_a_reproducible_simulation_takes_its_secret_seed_from_the_sites_own_conf
 def test_a_message_weakening_the_sites_policy_is_refused(
     tmp_path: Path, request_: dict[str, Any], why: str,
 ) -> None:
-    settings = ClientSettings.from_context(dp_run_config(tmp_path, **request_), {"partition-id": 0} | site_policy())
+    settings = ClientSettings.from_context(dp_run_config(tmp_path, **request_),
+                                           {"partition-id": 0} | own_setup(tmp_path) | site_policy())
     arrays = group_arrays(TASK.build_stage("toy", {}))
     with pytest.raises(EchoFlowError, match=f"refuses.*{why}"):
         train_round(settings, arrays, server_round=1, ledger=None)
@@ -122,7 +133,7 @@ def test_a_message_weakening_the_sites_policy_is_refused(
 
 def test_dp_switched_off_by_message_gets_no_update_and_the_round_records_the_refusal(tmp_path: Path) -> None:
     config = dp_run_config(tmp_path, **{"dp-enabled": False, "min-sites": 1})
-    grid = LocalGrid(2, node_config=site_policy())
+    grid = LocalGrid(2, node_config=site_policy() | own_setup(tmp_path))
     try:
         with pytest.raises(EchoFlowError, match=r"round 1: 0 of 2 .*site 0: .*refuses.*DP off") as caught:
             federate(config, grid)
@@ -133,7 +144,7 @@ def test_dp_switched_off_by_message_gets_no_update_and_the_round_records_the_ref
 
 
 def test_two_dp_stages_share_one_budget_and_both_train(tmp_path: Path) -> None:
-    grid = LocalGrid(2, node_config=site_policy())
+    grid = LocalGrid(2, node_config=site_policy() | own_setup(tmp_path))
     try:
         states = [federate(dp_run_config(tmp_path, stage=stage, **{"checkpoint-dir": str(tmp_path / stage)}), grid)
                   for stage in ("toy", "toy2")]
@@ -153,10 +164,62 @@ def test_two_dp_stages_share_one_budget_and_both_train(tmp_path: Path) -> None:
 
 def test_a_stage_whose_budget_is_spent_stops_the_run(tmp_path: Path) -> None:
     """Federating a stage a second time finds its share spent: the run stops instead of going on untrained."""
-    grid = LocalGrid(2, node_config=site_policy())
+    grid = LocalGrid(2, node_config=site_policy() | own_setup(tmp_path))
     try:
         federate(dp_run_config(tmp_path, **{"checkpoint-dir": str(tmp_path / "first")}), grid)
         with pytest.raises(EchoFlowError, match="no site could train"):
             federate(dp_run_config(tmp_path, **{"checkpoint-dir": str(tmp_path / "again")}), grid)
     finally:
         grid.close()
+
+
+@pytest.mark.parametrize(("request_", "why"), [
+    ({"task": "tests.federation.toy:OTHER"}, "task"),
+    ({"data-root": "/srv/another-hospital"}, "data-root"),
+    ({"config-json": json.dumps({"n": 8})}, "config"),
+])
+def test_a_message_cannot_point_a_site_at_other_code_or_data(
+    tmp_path: Path, request_: dict[str, Any], why: str,
+) -> None:
+    config = toy_run_config(tmp_path, **request_, **{"min-sites": 1})
+    toy.READ.clear()
+    grid = LocalGrid(2, node_config=own_setup(tmp_path))
+    try:
+        with pytest.raises(EchoFlowError, match=rf"round 1: 0 of 2 .*site 0: .*refuses.*{why}"):
+            federate(config, grid)
+    finally:
+        grid.close()
+    assert toy.READ == []  # no site ran the other code, nor opened any data for it
+
+
+def test_a_site_without_a_data_folder_of_its_own_takes_none_from_a_message(tmp_path: Path) -> None:
+    with pytest.raises(EchoFlowError, match=r"node_config: .*'site-dir'.*'data-root'"):
+        ClientSettings.from_context(toy_run_config(tmp_path), {"partition-id": 0})
+
+
+def test_the_round_records_a_refusal_apart_from_missing_sites(tmp_path: Path) -> None:
+    """Site 1's policy is ε=2, the run asks ε=4: site 1 refuses, site 0 trains; the round says who refused."""
+    config = dp_run_config(tmp_path, **{"min-sites": 1})
+    grid = LocalGrid(2, node_config=site_policy() | own_setup(tmp_path),
+                     site_configs={1: {"dp-epsilon": EPSILON / 2}})
+    try:
+        state = federate(config, grid)
+    finally:
+        grid.close()
+    for entry in state.history:
+        assert entry["trained"] == 1 and sorted(entry["sites"]) == [0]
+        assert list(entry["refused"]) == ["1"] and "refuses" in entry["refused"]["1"]
+        assert "ε=4" in entry["refused"]["1"] and "1" not in entry["missing"]
+        assert entry["aggregate"]["sites-refused"] == 1.0 and entry["aggregate"]["sites-missing"] == 0.0
+
+
+def test_the_server_keeps_its_per_stage_keys_of_the_config(tmp_path: Path) -> None:
+    """Per-stage federation settings and checkpoint folders are the server's; the rest of the config the site's."""
+    own = {"n": 64, "federation": {"local_steps": 5}}
+    asked = {"n": 64, "federation": {"local_steps": 50}, "stage_checkpoints": {"vae": "/server/vae"}}
+    node = {"partition-id": 0} | own_setup(tmp_path) | {"config-json": json.dumps(own)}
+    settings = ClientSettings.from_context(toy_run_config(tmp_path, **{"config-json": json.dumps(asked)}), node)
+    assert settings.refusal() is None and settings.config == asked
+    changed = ClientSettings.from_context(toy_run_config(tmp_path, **{"config-json": json.dumps(asked | {"n": 8})}),
+                                          node)
+    assert "at 'n'" in str(changed.refusal())

@@ -47,12 +47,19 @@ class PointSet(Dataset[dict[str, Tensor]]):
         return {"x": self.x[i]}
 
 
+READ: list[tuple[str, Path]] = []
+"""Every ``(task, site folder)`` a site's ``site_data`` was asked for in this process (attack tests read it)."""
+
+
 class ToyTask:
+    label = "toy"
+
     def build_stage(self, name: str, config: Mapping[str, Any]) -> ToyStage:
         torch.manual_seed(int(config.get("seed", 0)))
         return ToyStage(name)
 
     def site_data(self, name: str, site_dir: Path, config: Mapping[str, Any]) -> tuple[PointSet, PointSet]:
+        READ.append((self.label, site_dir))
         site = int(site_dir.name.split("_")[-1])
         g = torch.Generator().manual_seed(100 + site)
         n = int(config.get("n", 64))
@@ -60,4 +67,11 @@ class ToyTask:
         return PointSet(x[:n]), PointSet(x[n:])
 
 
+class OtherTask(ToyTask):
+    """The same toy under another import path: code a site never agreed to run."""
+
+    label = "other"
+
+
 TASK = ToyTask()
+OTHER = OtherTask()
