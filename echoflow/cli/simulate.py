@@ -59,7 +59,8 @@ def export(overrides: list[str], path: Path) -> None:
     if stage != "all" and stage not in stages_of("all"):
         raise EchoFlowError(f"stage: --export-run-config needs a stage or all, got {stage!r}")
     cfg = load_config([o for o in overrides if not o.startswith("stage=")])
-    configs = [run_config(cfg, stage=s, stage_checkpoints=stage_folders(cfg, before=s)) for s in stages_of(stage)]
+    configs = [run_config(cfg, stage=s, stage_checkpoints=stage_folders(cfg, before=s)) | {"data-root": ""}
+               for s in stages_of(stage)]  # a site's data folder is its own node config, never the server's
     config = configs[0] | ({STAGES_JSON: json.dumps(configs)} if stage == "all" else {})
     path.write_text(run_config_toml(config))
     typer.echo(f"{path}: run config of stage {stage}")

@@ -73,8 +73,8 @@ class RunRequest:
         def number(key: str) -> float | None:
             return float(run_config[key]) if key in run_config else None
 
-        def text(key: str) -> str | None:
-            return str(run_config[key]) if key in run_config else None
+        def text(key: str) -> str | None:  # "" (a deployed app's declared default) does not say
+            return str(run_config[key]) if run_config.get(key, "") != "" else None
 
         enabled = bool(run_config["dp-enabled"]) if "dp-enabled" in run_config else None
         config = _config(run_config, "run_config") if "config-json" in run_config else None

@@ -106,7 +106,7 @@ def take_attendance(
     for reply in received:
         if reply.has_error():
             text = _short(reply.error.reason)
-            if REFUSAL.match(text):
+            if REFUSAL.search(text):
                 refused[roster.label(reply.metadata.src_node_id)] = f"{phase}: {text}"
             else:
                 missing[roster.label(reply.metadata.src_node_id)] = f"{phase}: error: {text}"

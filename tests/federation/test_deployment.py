@@ -104,49 +104,13 @@ def test_a_site_builds_its_audit_index_from_its_own_folder(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_superlink_and_two_supernodes_with_tls_and_node_auth_run_two_rounds(tmp_path: Path) -> None:
-    certs = tmp_path / "certs"
-    subprocess.run([str(DEPLOY / "certificates.sh"), str(certs), "2"], check=True, capture_output=True)
-    port = free_port()
-    env = os.environ | {"FLWR_HOME": str(tmp_path / "flwr"), "PYTHONPATH": str(REPO)}  # the toy task lives in tests/
-    (tmp_path / "flwr").mkdir()
-    (tmp_path / "flwr" / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n')
-    (tmp_path / "run.toml").write_text(
-        'task = "tests.federation.toy:TASK"\nstage = "toy"\nconfig-json = "{\\"n\\": 64}"\nrounds = 2\n'
-        f'local-steps = 5\ndata-root = "{tmp_path / "cohort"}"\ncheckpoint-dir = "{tmp_path / "ckpt"}"\n')
-    with process_pool(env) as start:
-        link = start(["flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile",
-                      str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth",
-                      "--disable-runtime-dependency-installation", "--port", str(port)], tmp_path / "link.log")
-        wait_for(lambda: "Uvicorn running on https" in (tmp_path / "link.log").read_text(), timeout_s=60,
-                 what="SuperLink start")
-        for site in (0, 1):
-            subprocess.run(["flwr", "supernode", "register", str(certs / f"site_{site:02d}.pub"), "local"], env=env,
-                           check=True, capture_output=True, timeout=60)
-            start(["flower-supernode", "--root-certificates", str(certs / "ca.crt"), "--superlink",
-                   f"127.0.0.1:{port}", "--auth-supernode-private-key", str(certs / f"site_{site:02d}"), "--port",
-                   str(free_port()), "--node-config",  # the site's own task and data, not the run config's
-                   f'partition-id={site} task="tests.federation.toy:TASK" data-root="{tmp_path / "cohort"}"'],
-                  tmp_path / f"node{site}.log")
-        run = subprocess.run(["flwr", "run", str(DEPLOY), "local", "--run-config", str(tmp_path / "run.toml")],
-                             env=env, capture_output=True, text=True, timeout=60)
-        assert run.returncode == 0 and "Successfully started run" in run.stdout, run.stdout + run.stderr
-        wait_for(lambda: (s := load_latest(tmp_path / "ckpt")) is not None and s.round == 2, timeout_s=420,
-                 what="round 2 checkpoint")
-        assert link.poll() is None
-    state = load_latest(tmp_path / "ckpt")
-    assert state is not None and [sorted(e["sites"]) for e in state.history] == [["0", "1"], ["0", "1"]]
-    assert all("eval-loss" in site for e in state.history for site in e["sites"].values())
-
-
-@pytest.mark.slow
 def test_stage_all_deployed_with_each_supernode_in_its_own_folder_and_no_path_in_common(tmp_path: Path) -> None:
     """SuperLink + 2 SuperNodes (TLS, node auth) federate all five stages in one `flwr run`.
 
     The server, the operator and each node work in their own folder; a site's data lives only in its node's
     folder, and the server's checkpoints only in the server's. The latent stages get the global VAE in messages.
+    Each node names its own data (node 0 its `site-dir`, node 1 a `data-root` holding `site_01`) and node 0 its
+    task; every round is evaluated on the sites' VAL patients.
     """
     server, nodes = tmp_path / "server", [tmp_path / f"node{i}" for i in (0, 1)]
     certs = server / "certs"
@@ -184,8 +148,9 @@ def test_stage_all_deployed_with_each_supernode_in_its_own_folder_and_no_path_in
             shutil.copy(certs / "ca.crt", node / "ca.crt")
             subprocess.run(["flwr", "supernode", "register", str(node / "key.pub"), "local"], env=operator,
                            check=True, capture_output=True, timeout=60)
-            node_config = (f'partition-id={i} site-dir="{node / "data" / sites[i].name}" '
-                           f'state-dir="{node / "state"}"')
+            data = (f'site-dir="{node / "data" / sites[i].name}" task="{echo_task.__name__}:TASK"' if i == 0
+                    else f'data-root="{node / "data"}"')
+            node_config = f'partition-id={i} {data} state-dir="{node / "state"}"'
             start(["flower-supernode", "--root-certificates", str(node / "ca.crt"), "--superlink",
                    f"127.0.0.1:{port}", "--auth-supernode-private-key", str(node / "key"), "--port",
                    str(free_port()), "--node-config", node_config], node / "node.log", cwd=node,
@@ -198,5 +163,6 @@ def test_stage_all_deployed_with_each_supernode_in_its_own_folder_and_no_path_in
     for stage in ("vae", "image_flow", "reid", "video_flow", "ef"):
         state = load_latest(server / "federation" / stage)
         assert state is not None and state.history[0]["trained"] == 2, stage
+        assert all("eval-loss" in site for site in state.history[0]["sites"].values()), stage
     assert not (server / "work" / "cohort").exists()  # the server never had the sites' data
     assert str(tmp_path / "node") not in (server / "run.toml").read_text()  # nor did its run config name a site path

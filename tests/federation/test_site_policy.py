@@ -14,18 +14,22 @@ In-process (real ClientApp, strategies and round loop through `LocalGrid`; no Ra
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import echoflow.server.loop as loop
+from echoflow.cli import app
 from echoflow.clients.dp_engine import FastDPOptimizer
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import train_round
 from echoflow.errors import EchoFlowError
+from echoflow.federation.protocol import REFUSAL
 from echoflow.federation.task import group_arrays
 from echoflow.server.checkpoint import FederationState
 from echoflow.server.settings import ServerSettings
@@ -223,3 +227,23 @@ def test_the_server_keeps_its_per_stage_keys_of_the_config(tmp_path: Path) -> No
     changed = ClientSettings.from_context(toy_run_config(tmp_path, **{"config-json": json.dumps(asked | {"n": 8})}),
                                           node)
     assert "at 'n'" in str(changed.refusal())
+
+
+def test_a_refusal_is_recognised_as_flower_deployment_wraps_it() -> None:
+    """Simulation replies carry the refusal itself; a SuperNode wraps it as ``<class '…'>:<'…'>`` (seen in the
+    stage=all deployment test before this was fixed: its refusal was recorded as a missing site)."""
+    said = "site 1 refuses vae (round 1): the run asks DP off; this site's policy is DP on (ε=8)"
+    assert REFUSAL.search(said)
+    assert REFUSAL.search(f"<class 'echoflow.clients.policy.PolicyRefusal'>:<'{said}'>")
+    assert not REFUSAL.search("<class 'RuntimeError'>:<'CUDA out of memory; site 1 refuses nothing'>")
+
+
+def test_an_exported_run_config_names_no_data_folder_and_an_empty_one_says_nothing(tmp_path: Path) -> None:
+    """The deployed app's declared default ``data-root = ""`` does not make a site with its own folder refuse."""
+    out = tmp_path / "run.toml"
+    result = CliRunner().invoke(app, ["simulate", "--export-run-config", str(out), "stage=all", f"workdir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    exported = tomllib.loads(out.read_text())
+    assert exported["data-root"] == "" and all(c["data-root"] == "" for c in json.loads(exported["stages-json"]))
+    node = {"partition-id": 0} | own_setup(tmp_path)
+    assert ClientSettings.from_context(toy_run_config(tmp_path, **{"data-root": ""}), node).refusal() is None
