@@ -110,7 +110,8 @@ def test_stage_all_deployed_with_each_supernode_in_its_own_folder_and_no_path_in
     The server, the operator and each node work in their own folder; a site's data lives only in its node's
     folder, and the server's checkpoints only in the server's. The latent stages get the global VAE in messages.
     Each node names its own data (node 0 its `site-dir`, node 1 a `data-root` holding `site_01`) and node 0 its
-    task; every round is evaluated on the sites' VAL patients.
+    task. Federated evaluation is off: the same ClientApp code is evaluated in simulation, and each exchange here
+    costs Flower's 3-s polls on both sides plus a ClientApp process.
     """
     server, nodes = tmp_path / "server", [tmp_path / f"node{i}" for i in (0, 1)]
     certs = server / "certs"
@@ -123,7 +124,7 @@ def test_stage_all_deployed_with_each_supernode_in_its_own_folder_and_no_path_in
     shutil.rmtree(tmp_path / "phantom")
     overrides = [o for o in PIPELINE_TINY if not o.startswith("pipeline.")] + [
         f"workdir={server}/work", f"federation.checkpoint_dir={server}/federation", "federation.rounds=1",
-        "federation.local_steps=3", "mlflow.tracking_uri=", "stage=all"]
+        "federation.local_steps=3", "federation.evaluate=false", "mlflow.tracking_uri=", "stage=all"]
     exported = CliRunner().invoke(app, ["simulate", "--export-run-config", str(server / "run.toml"), *overrides])
     assert exported.exit_code == 0, exported.output
     port = free_port()
@@ -163,6 +164,5 @@ def test_stage_all_deployed_with_each_supernode_in_its_own_folder_and_no_path_in
     for stage in ("vae", "image_flow", "reid", "video_flow", "ef"):
         state = load_latest(server / "federation" / stage)
         assert state is not None and state.history[0]["trained"] == 2, stage
-        assert all("eval-loss" in site for site in state.history[0]["sites"].values()), stage
     assert not (server / "work" / "cohort").exists()  # the server never had the sites' data
     assert str(tmp_path / "node") not in (server / "run.toml").read_text()  # nor did its run config name a site path
