@@ -25,10 +25,10 @@ SERVER_ROUND = "server-round"
 """``config`` key: the 1-based round number of a train message."""
 PROXIMAL_MU = "proximal-mu"
 """``config`` key: FedProx μ of a train message (0 without FedProx)."""
-REFUSAL = re.compile(r"(?:^|:<')site \d+ refuses ")
-"""How a site's error reply reads when the site refuses the message under its own policy
-(`echoflow.clients.settings.ClientSettings.refuse`): the reason itself in simulation, after Flower's
-``<class '…PolicyRefusal'>:<'`` in deployment; the server's round records such a site as ``refused``."""
+REFUSAL = re.compile(r"site \d+ refuses ")
+"""How a site's error reply begins, unwrapped from Flower's error text (`echoflow.server.roster`), when the site
+refuses the message under its own policy (`echoflow.clients.settings.ClientSettings.refuse`); the server's round
+records such a site as ``refused``."""
 ARRAY_KEYS = "array-keys"
 """SecAgg+ FitIns config key: the names of the global arrays, in the order of the legacy parameter list."""
 

@@ -15,6 +15,7 @@ with an `EchoFlowError` and the last checkpoint stays put.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ ROLL_CALL_TIMEOUT_S = 120.0
 REASON_CHARS = 200
 #: What Flower puts before the text of a ClientApp's exception in an error reply.
 FLOWER_MESSAGE = "occurred. Message: "
+#: How a SuperNode (deployment) wraps a ClientApp's exception: ``<class '…'>:<'words'>``.
+FLOWER_WRAPPER = re.compile(r"^<class '[^']*'>:<'")
 
 
 @dataclass
@@ -106,7 +109,7 @@ def take_attendance(
     for reply in received:
         if reply.has_error():
             text = _short(reply.error.reason)
-            if REFUSAL.search(text):
+            if REFUSAL.match(text):
                 refused[roster.label(reply.metadata.src_node_id)] = f"{phase}: {text}"
             else:
                 missing[roster.label(reply.metadata.src_node_id)] = f"{phase}: error: {text}"
@@ -160,8 +163,11 @@ def wait_for_sites(grid: Grid, needed: int, *, timeout_s: float, server_round: i
 
 
 def _short(reason: str | None) -> str:
-    """The site's own words from a failed reply (Flower wraps them as ``<type>:<'… Message: words'>``)."""
+    """The site's own words from a failed reply, unwrapped from Flower's error text.
+
+    Simulation wraps them as ``<type>:<'… Message: words'>``, a SuperNode as ``<class '…'>:<'words'>``.
+    """
     lines = [line.strip() for line in (reason or "").strip().splitlines() if line.strip()]
     text = (lines[-1] if lines else "unknown error").removesuffix("'>")
-    text = text.split(FLOWER_MESSAGE, 1)[-1]
+    text = FLOWER_WRAPPER.sub("", text.split(FLOWER_MESSAGE, 1)[-1])
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 1] + "…"

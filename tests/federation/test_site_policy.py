@@ -32,6 +32,7 @@ from echoflow.errors import EchoFlowError
 from echoflow.federation.protocol import REFUSAL
 from echoflow.federation.task import group_arrays
 from echoflow.server.checkpoint import FederationState
+from echoflow.server.roster import _short
 from echoflow.server.settings import ServerSettings
 from tests.federation import toy
 from tests.federation.conftest import TASK as TASK_PATH
@@ -233,9 +234,10 @@ def test_a_refusal_is_recognised_as_flower_deployment_wraps_it() -> None:
     """Simulation replies carry the refusal itself; a SuperNode wraps it as ``<class '…'>:<'…'>`` (seen in the
     stage=all deployment test before this was fixed: its refusal was recorded as a missing site)."""
     said = "site 1 refuses vae (round 1): the run asks DP off; this site's policy is DP on (ε=8)"
-    assert REFUSAL.search(said)
-    assert REFUSAL.search(f"<class 'echoflow.clients.policy.PolicyRefusal'>:<'{said}'>")
-    assert not REFUSAL.search("<class 'RuntimeError'>:<'CUDA out of memory; site 1 refuses nothing'>")
+    assert REFUSAL.match(_short(said))
+    assert REFUSAL.match(_short(f"<class 'echoflow.clients.policy.PolicyRefusal'>:<'{said}'>"))
+    assert _short(f"<class 'echoflow.clients.policy.PolicyRefusal'>:<'{said}'>") == said
+    assert not REFUSAL.match(_short("<class 'RuntimeError'>:<'CUDA out of memory; site 1 refuses nothing'>"))
 
 
 def test_an_exported_run_config_names_no_data_folder_and_an_empty_one_says_nothing(tmp_path: Path) -> None:
