@@ -1,18 +1,21 @@
 """An inverted-file index whose threshold decision is exact: probe every list shell that could hold a match.
 
-For a list with centroid c and members x (unit vectors, as `prepare` makes them), and a unit query q:
+The lists live in a low-dimensional bound space (`echoflow.audit.projection`): each prepared real vector x maps
+to a unit z(x) ∈ R^(m+1) with ⟨q, x⟩ ≤ ⟨z(q), z(x)⟩, so every bound below, taken on the z's, bounds the real
+inner product too. For a list with centroid c and members z (unit vectors), and a unit query z(q):
 
-- ball bound: ⟨q, x⟩ = ⟨q, c⟩ + ⟨q, x − c⟩ ≤ ⟨q, c⟩ + r, with r = max ‖x − c‖ over the list;
-- shell bound: if a shell's members lie at angles α ∈ [α_lo, α_hi] from ĉ = c/‖c‖ and q at angle φ from ĉ, then
-  ∠(q, x) ≥ max(0, φ − α_hi, α_lo − φ) (`echoflow.audit.lists`); the outermost shell's α_hi is the list's cone
-  angle θ, which alone gives the cone bound ⟨q, x⟩ ≤ cos(max(0, φ − θ)).
+- ball bound: ⟨q, x⟩ ≤ ⟨z(q), c⟩ + r, with r = max ‖z − c‖ over the list;
+- shell bound: if a shell's members lie at angles α ∈ [α_lo, α_hi] from ĉ = c/‖c‖ and z(q) at angle φ from ĉ,
+  then ∠(z(q), z) ≥ max(0, φ − α_hi, α_lo − φ) (`echoflow.audit.lists`); the outermost shell's α_hi is the list's
+  cone angle θ, which alone gives the cone bound cos(max(0, φ − θ)).
 
-Both bounds are tests on ⟨q, c⟩, one pair of thresholds per shell, so the probe costs one centroid GEMM. Per
-query we scan every shell whose bounds (plus a float32 safety margin) reach τ, and all of the ``nprobe`` lists of
-the best ball bound for an approximate nearest neighbour. Inner products with scanned members are exact, so no
-real sample over τ is missed, while a high τ skips most lists and most shells of the lists it probes. A returned
-maximum is exact whenever it is at least every list's ball bound that was not scanned whole; otherwise it is a
-lower bound.
+Both bounds are tests on ⟨z(q), c⟩, one pair of thresholds per shell, so the probe costs one centroid GEMM. Per
+query, the members of every shell whose bounds (plus a float32 safety margin) reach τ pass through the pair
+bound ⟨z(q), z(x)⟩ ≥ τ (stacked small GEMMs, `echoflow.audit.scan`), and the few that pass get their exact
+inner product; the ``nprobe`` lists of the best ball bound are scanned exactly for an approximate nearest
+neighbour. So no real sample over τ is missed, while a high τ skips most lists, most shells of the lists it
+probes and nearly every pair of the shells it scans. A returned maximum is exact whenever it is at least every
+list's ball bound that was not scanned whole; otherwise it is a lower bound.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import numpy as np
 
 from echoflow.audit.lists import SHELLS, Lists, measure_lists, shell_offsets
 from echoflow.audit.neighbours import Neighbours, Similarity, SiteIndex, prepare
+from echoflow.audit.projection import PROJECTED_DIMS, principal_basis, project
+from echoflow.audit.scan import batches, pairs_over, top_k
 from echoflow.errors import EchoFlowError
 from echoflow.progress import progress_bar
 
@@ -40,37 +45,34 @@ PROBE_TILE = 256
 
 
 class BoundedIVFIndex(SiteIndex):
-    """``faiss.IndexIVFFlat`` (inner product) plus per-list radii; exact at the threshold.
+    """Inverted lists of a site's real embeddings, bounded in a low-dimensional space; exact at the threshold.
 
-    faiss trains the lists (k-means), assigns and stores the members, and persists them; the search reads the
-    lists in place (no copy) and scans them list-major with BLAS.
+    The lists are stored list after list twice: the prepared vectors (exact products) and their bound-space
+    z's (`echoflow.audit.projection`), which carry the lists' geometry. On disk they are a
+    ``faiss.IndexIVFFlat`` (inner product) of the prepared vectors plus the basis in the sidecar.
     """
 
     kind = "bounded_ivf"
 
-    def __init__(self, ivf: faiss.IndexIVF, *, similarity: Similarity, nprobe: int = 1,
-                 lists: Lists | None = None) -> None:
-        """Wrap a trained ``ivf``.
+    def __init__(self, ivf: faiss.IndexIVF, *, similarity: Similarity, nprobe: int, basis: np.ndarray | None,
+                 lists: Lists, vectors: np.ndarray) -> None:
+        """Wrap measured lists.
 
-        ``lists``: when the builder already holds the measured lists (``ivf``'s quantizer holding
-        ``lists.centroids``); ``ivf``'s own lists are then left empty until `save`.
+        Args:
+            ivf: the faiss index the lists are saved as (its lists may be empty until `save`).
+            similarity: ``cosine`` or ``pearson``.
+            nprobe: lists of the best ball bound always scanned exactly, for an approximate neighbour below τ.
+            basis: (D, m) bound-space basis, or None when the lists are bounded on the vectors themselves.
+            lists: the lists of the z's (centroids, shells, radii in the bound space).
+            vectors: (N, D) float32 prepared vectors, row i = local id i.
         """
         self.similarity = similarity
         self.nprobe = nprobe
-        self._ivf = ivf
-        self._centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+        self._ivf, self._basis = ivf, basis
+        self._centroids = lists.centroids
         self._centroid_norms = np.maximum(np.linalg.norm(self._centroids.astype(np.float64), axis=1), 1e-12)
-        if ivf.invlists is None:
-            raise EchoFlowError("bounded IVF: the faiss index has no inverted lists")
-        self._lists = ivf.invlists
-        if lists is None:
-            sizes = np.array([self._lists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
-            self._sorted_ids, self._sorted = self._copy_lists(sizes)
-            self._offsets, self._radius, shells = measure_lists(
-                self._sorted, self._sorted_ids, self._centroids, np.repeat(np.arange(ivf.nlist), sizes))
-        else:
-            self._offsets, self._sorted_ids, self._sorted = lists.offsets, lists.ids, lists.vectors
-            self._radius, shells = lists.radius, lists.shells
+        self._offsets, self._sorted_ids, self._z, self._x = lists.offsets, lists.ids, lists.vectors, vectors
+        self._radius, shells = lists.radius, lists.shells
         self._sizes = np.diff(self._offsets)
         self._shell_lo, self._shell_hi = shells[..., 0], shells[..., 1]
         self._theta = np.where(self._sizes > 0, self._shell_hi.max(axis=1), 0.0)
@@ -87,9 +89,10 @@ class BoundedIVFIndex(SiteIndex):
         nlist: int | None = None,
         nprobe: int = 1,
         train_per_list: int = 16,
+        dims: int = PROJECTED_DIMS,
         seed: int = 0,
     ) -> BoundedIVFIndex:
-        """Index (N, D) raw real embeddings; local id i = row i.
+        """Index (N, D) raw real embeddings with faiss's k-means lists; local id i = row i.
 
         Args:
             vectors: (N, D) raw real embeddings.
@@ -97,6 +100,7 @@ class BoundedIVFIndex(SiteIndex):
             nlist: inverted lists; default ``N // 64`` (at least 1). Smaller lists mean tighter radii.
             nprobe: lists of the best ball bound always probed, for an approximate neighbour below τ.
             train_per_list: k-means training sample per list (a subsample of the data, 10 iterations).
+            dims: bound-space dimensions (`principal_basis`; none when ``dims + 1 >= D``).
             seed: k-means seed.
         """
         x = prepare(vectors, similarity=similarity, what="real embeddings")
@@ -112,7 +116,8 @@ class BoundedIVFIndex(SiteIndex):
             advance(1)
             ivf.add(x)
             advance(1)
-            index = cls(ivf, similarity=similarity, nprobe=nprobe)
+            index = cls._from_faiss(ivf, similarity=similarity, nprobe=nprobe,
+                                    basis=principal_basis(x, dims, seed=seed))
             advance(1)
         return index
 
@@ -121,10 +126,32 @@ class BoundedIVFIndex(SiteIndex):
         """Rebuild from a read faiss index and its sidecar (radii are recomputed and checked against it)."""
         if not isinstance(raw, faiss.IndexIVFFlat):
             raise EchoFlowError(f"bounded IVF index file: expected an IndexIVFFlat, got {type(raw).__name__}")
-        index = cls(raw, similarity=meta["similarity"], nprobe=int(meta["nprobe"]))
+        basis = None if meta.get("basis") is None else np.array(meta["basis"], dtype=np.float64)
+        index = cls._from_faiss(raw, similarity=meta["similarity"], nprobe=int(meta["nprobe"]), basis=basis)
         if not np.allclose(index._radius, np.array(meta["radius"], dtype=np.float64), atol=1e-5):
             raise EchoFlowError("bounded IVF sidecar: list radii do not match the index file")
         return index
+
+    @classmethod
+    def _from_faiss(cls, ivf: faiss.IndexIVF, *, similarity: Similarity, nprobe: int,
+                    basis: np.ndarray | None) -> BoundedIVFIndex:
+        """Read ``ivf``'s filled lists, map them to the bound space and measure them (centres: member means)."""
+        if ivf.invlists is None:
+            raise EchoFlowError("bounded IVF: the faiss index has no inverted lists")
+        sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+        ids, x = _copy_lists(ivf, sizes)
+        x_by_id = np.empty_like(x)
+        x_by_id[ids] = x
+        z = project(x, basis)  # x itself without a basis: measured (sorted within lists) in place
+        starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+        centroids = np.zeros((ivf.nlist, z.shape[1]), dtype=np.float32)
+        full = sizes > 0
+        centroids[full] = np.add.reduceat(z, starts[full], dtype=np.float64) / sizes[full, None]
+        rows = np.arange(len(x))
+        offsets, radius, shells = measure_lists(z, rows, centroids, np.repeat(np.arange(ivf.nlist), sizes))
+        ids = ids[rows]
+        lists = Lists(centroids=centroids, offsets=offsets, ids=ids, vectors=z, radius=radius, shells=shells)
+        return cls(ivf, similarity=similarity, nprobe=nprobe, basis=basis, lists=lists, vectors=x_by_id)
 
     @property
     def ntotal(self) -> int:  # noqa: D102
@@ -138,22 +165,6 @@ class BoundedIVFIndex(SiteIndex):
     def nlist(self) -> int:
         """Number of inverted lists."""
         return int(self._ivf.nlist)
-
-    def _copy_lists(self, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Members of all lists, list after list: (ids (N,), vectors (N, D) float32) for lists of ``sizes``.
-
-        An owned contiguous copy: BLAS on views into faiss's list storage ran ~10× slower here.
-        """
-        lists, d, n = self._lists, self.dim, int(self._ivf.ntotal)
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        ids = np.empty(n, dtype=np.int64)
-        vectors = np.empty((n, d), dtype=np.float32)
-        for i in np.flatnonzero(sizes):
-            lo, hi = int(offsets[i]), int(offsets[i + 1])
-            ids[lo:hi] = faiss.rev_swig_ptr(lists.get_ids(int(i)), hi - lo)
-            codes = faiss.rev_swig_ptr(lists.get_codes(int(i)), (hi - lo) * d * 4)
-            vectors[lo:hi] = codes.view(np.float32).reshape(-1, d)
-        return ids, vectors
 
     def _shell_limits(self, tau: float) -> tuple[np.ndarray, np.ndarray]:
         """((nlist, SHELLS) lower, upper) float32: shell (i, h) can hold ⟨q, x⟩ ≥ τ only if lower ≤ ⟨q, c_i⟩ ≤ upper.
@@ -202,84 +213,100 @@ class BoundedIVFIndex(SiteIndex):
     def _search_chunk(self, chunk: np.ndarray, *, k: int,
                       threshold: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """`search` of prepared queries: ((Q, k) similarity, (Q, k) ids, (Q,) exact, real vectors compared)."""
+        qz = project(chunk, self._basis)
         if threshold is None:  # first pass: the nprobe lists; then every list whose bound reaches its k-th best
-            first = self._scan(chunk, *self._probe(chunk, None)[:2], k=k)[0][:, k - 1]
+            lists, rows = self._probe(qz, None)[2:4]
+            first = self._exact(chunk, lists, rows, k=k, shells=False)
+            kth = self._merge(*first[:3], queries=len(chunk), k=k)[0][:, k - 1]
 
             def rule(qc: np.ndarray, lo: int) -> np.ndarray:
-                return np.repeat(self.bounds(qc)[:, None] >= first[lo : lo + qc.shape[1]], SHELLS, axis=1)
+                return np.repeat(self.bounds(qc)[:, None] >= kth[lo : lo + qc.shape[1]], SHELLS, axis=1)
+
+            shells, rows = self._probe(qz, rule)[:2]
+            second = self._exact(chunk, shells, rows, k=k, shells=True)
+            parts = [first, second]
+            exact = np.ones(len(chunk), dtype=bool)
         else:
             lower, upper = (a[:, :, None] for a in self._shell_limits(threshold))
 
             def rule(qc: np.ndarray, lo: int) -> np.ndarray:
                 return (qc[:, None] >= lower) & (qc[:, None] <= upper)
 
-        shells, rows, ceiling = self._probe(chunk, rule)
-        sim, idx = self._scan(chunk, shells, rows, k=k)
-        exact = np.ones(len(chunk), dtype=bool) if threshold is None else sim[:, k - 1] >= ceiling
-        return sim, idx, exact, int(self._shell_size[shells].sum())
+            shells, rows, lists, near, ceiling = self._probe(qz, rule)
+            parts = [self._exact(chunk, lists, near, k=k, shells=False), self._survivors(chunk, qz, shells, rows,
+                                                                                          threshold, k=k)]
+        pair_rows, pair_sim, pair_pos, compared = (np.concatenate(x) for x in zip(*parts, strict=True))
+        sim, ids = self._merge(pair_rows, pair_sim, pair_pos, queries=len(chunk), k=k)
+        if threshold is not None:
+            exact = sim[:, k - 1] >= ceiling
+        return sim, ids, exact, int(compared.sum())
 
-    def _probe(self, chunk: np.ndarray, rule: Callable[[np.ndarray, int], np.ndarray] | None,
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(shell, query) pairs to scan, shell-major, and per query the best ball bound of a list not scanned whole.
+    def _probe(self, qz: np.ndarray, rule: Callable[[np.ndarray, int], np.ndarray] | None,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Shells to scan, the lists to scan exactly, and per query the best ball bound of a list not scanned whole.
 
-        Every query probes all shells of its ``nprobe`` lists of the best ball bound, and the shells for which
-        ``rule(qc, lo)`` is True ((nlist, SHELLS, t) from a tile's (nlist, t) centroid products ``qc``, queries
-        ``lo:lo + t``). Works in query tiles whose products stay in cache.
+        Every query scans its ``nprobe`` lists of the best ball bound whole, exactly, and the other shells for
+        which ``rule(qc, lo)`` is True ((nlist, SHELLS, t) from a tile's (nlist, t) centroid products ``qc``,
+        queries ``lo:lo + t``) through the pair bound. Works in query tiles whose products stay in cache.
 
         Returns:
-            (shells (P,) flat shell index i·SHELLS + h, rows (P,) query, ceiling (Q,) float32).
+            (shells (P,) flat shell index i·SHELLS + h, rows (P,) query, both sorted by shell; lists (R,), their
+            rows (R,), sorted by list; ceiling (Q,) float32).
         """
         filled = (self._shell_size > 0).reshape(self.nlist, SHELLS, 1)
-        empty = ~filled
-        ceiling = np.empty(len(chunk), dtype=np.float32)
+        ceiling = np.empty(len(qz), dtype=np.float32)
         nprobe = min(self.nprobe, self.nlist)
-        shells, rows = [], []
-        for lo in range(0, len(chunk), PROBE_TILE):
-            qc = self._centroids @ chunk[lo : lo + PROBE_TILE].T
+        found: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        for lo in range(0, len(qz), PROBE_TILE):
+            qc = self._centroids @ qz[lo : lo + PROBE_TILE].T
             ball = qc + self._radius32[:, None]  # ⟨q, c⟩ + r ≥ ⟨q, x⟩; -inf for an empty list
-            tile = np.zeros((self.nlist, SHELLS, qc.shape[1]), dtype=bool) if rule is None else rule(qc, lo)
+            best = np.zeros(ball.shape, dtype=bool)
             if nprobe == 1:  # the list of the best ball bound (ties: all); argmax along axis 0 is a slow strided pass
-                tile |= (ball == ball.max(axis=0))[:, None] & filled
+                best = ball == ball.max(axis=0)
             elif nprobe > 1:
-                best = np.zeros(ball.shape, dtype=bool)
                 np.put_along_axis(best, np.argpartition(-ball, nprobe - 1, axis=0)[:nprobe], True, axis=0)
-                tile |= best[:, None] & filled
-            tile &= filled
-            np.putmask(ball, (tile | empty).all(axis=1), -np.inf)
+            best &= self._sizes[:, None] > 0
+            np.putmask(ball, best, -np.inf)
             ceiling[lo : lo + PROBE_TILE] = ball.max(axis=0)
+            tile = np.zeros((self.nlist, SHELLS, qc.shape[1]), dtype=bool) if rule is None else rule(qc, lo)
+            tile &= filled & ~best[:, None]
             s, r = np.nonzero(tile.reshape(-1, qc.shape[1]))
-            shells.append(s.astype(np.int32))
-            rows.append((r + lo).astype(np.int32))
-        shell, row = np.concatenate(shells), np.concatenate(rows)
-        order = np.argsort(shell, kind="stable")  # tiles are sorted runs: a merge
-        return shell[order], row[order], ceiling
+            b, rb = np.nonzero(best)
+            found.append((s.astype(np.int32), (r + lo).astype(np.int32), b.astype(np.int32),
+                          (rb + lo).astype(np.int32)))
+        shell, row, lists, near = (np.concatenate(x) for x in zip(*found, strict=True))
+        by_shell, by_list = np.argsort(shell, kind="stable"), np.argsort(lists, kind="stable")  # sorted runs: merges
+        return shell[by_shell], row[by_shell], lists[by_list], near[by_list], ceiling
 
-    def _scan(self, q: np.ndarray, shells: np.ndarray, rows: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k of each query over the members of its probed shells: ((Q, k) similarity, (Q, k) ids).
+    def _exact(self, q: np.ndarray, blocks: np.ndarray, rows: np.ndarray, *, k: int,
+               shells: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Exact top-k of each (block, query) pair, blocks being shells or whole lists, sorted by block.
 
-        Pairs (``shells[p]``, ``rows[p]``) sorted by shell. Shell-major: each probed shell is read once and
-        multiplied with all its queries (BLAS), which keeps it in cache (a query-major scan, faiss's
-        ``search_preassigned``, streams every list once per query). Each pair keeps its top-k; one merge per
-        query follows.
+        Returns (rows (P,), similarity (P, k), list-sorted positions (P, k), members compared (P,)).
         """
-        cuts = np.flatnonzero(np.diff(shells)) + 1
-        starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(shells)]])
-        pair_sim = np.full((len(rows), k), -np.inf, dtype=np.float32)
-        pair_pos = np.zeros((len(rows), k), dtype=np.int64)  # row within its shell, then of the list-sorted copy
-        first = shells[starts]
-        spans = zip(starts.tolist(), ends.tolist(), self._shell_start[first].tolist(), self._shell_size[first].tolist(),
-                    strict=True)
-        for lo, hi, base, size in spans:
-            s = np.take(q, rows[lo:hi], axis=0) @ self._sorted[base : base + size].T
-            if k == 1:
-                s.max(axis=1, out=pair_sim[lo:hi, 0])
-                s.argmax(axis=1, out=pair_pos[lo:hi, 0])
-                continue
-            top = np.argsort(-s, axis=1)[:, :k] if s.shape[1] <= k else np.argpartition(-s, k - 1, axis=1)[:, :k]
-            pair_sim[lo:hi, : top.shape[1]] = np.take_along_axis(s, top, axis=1)
-            pair_pos[lo:hi, : top.shape[1]] = top
-        pair_pos += self._shell_start[shells][:, None]
-        return self._merge(rows, pair_sim, pair_pos, queries=len(q), k=k)
+        start, size = (self._shell_start, self._shell_size) if shells else (self._offsets[:-1], self._sizes)
+        parts = [top_k(batch, k) for batch in batches(q, self._x, blocks=blocks, rows=rows, start=start, size=size,
+                                                        order=self._sorted_ids)]
+        if not parts:
+            return _no_pairs(k)
+        r, sim, pos = (np.concatenate(x) for x in zip(*parts, strict=True))
+        return r, sim, pos, size[blocks]
+
+    def _survivors(self, q: np.ndarray, qz: np.ndarray, shells: np.ndarray, rows: np.ndarray, threshold: float, *,
+                   k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Pairs of the scanned shells whose bound-space product reaches τ, with their exact products.
+
+        Returns (rows (H,), similarity (H, k): the exact product then -inf, positions (H, k), (P,) shell sizes).
+        """
+        cut = np.float32(threshold - BOUND_MARGIN)
+        found = [pairs_over(batch, cut) for batch in batches(qz, self._z, blocks=shells, rows=rows,
+                                                              start=self._shell_start, size=self._shell_size)]
+        if not found:
+            return _no_pairs(k)
+        r, pos = (np.concatenate(x) for x in zip(*found, strict=True))
+        sim = np.full((len(r), k), -np.inf, dtype=np.float32)
+        sim[:, 0] = np.einsum("ij,ij->i", q[r], self._x[self._sorted_ids[pos]])
+        return r, sim, np.repeat(pos[:, None], k, axis=1), self._shell_size[shells]
 
     def _merge(self, rows: np.ndarray, pair_sim: np.ndarray, pair_pos: np.ndarray, *, queries: int,
                k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -305,14 +332,43 @@ class BoundedIVFIndex(SiteIndex):
         return sim, ids
 
     def vectors(self) -> np.ndarray:  # noqa: D102
-        out = np.empty_like(self._sorted)
-        out[self._sorted_ids] = self._sorted
-        return out
+        return self._x
 
     def _write(self, path: Path) -> dict[str, Any]:
         if self._ivf.ntotal != self.ntotal:  # built from sorted lists (see __init__): fill faiss's lists now
+            x = self._x[self._sorted_ids]
+            if self._ivf.quantizer.ntotal == 0:  # faiss's centres live in the vectors' space: the member means
+                full = self._sizes > 0
+                means = np.zeros((self.nlist, self.dim), dtype=np.float32)
+                means[full] = np.add.reduceat(x, self._offsets[:-1][full], dtype=np.float64) / self._sizes[
+                    full, None]
+                self._ivf.quantizer.add(means)
+                self._ivf.is_trained = True
             assign = np.repeat(np.arange(self.nlist, dtype=np.int64), self._sizes)
-            self._ivf.add_core(self.ntotal, faiss.swig_ptr(self._sorted), faiss.swig_ptr(self._sorted_ids),
+            self._ivf.add_core(self.ntotal, faiss.swig_ptr(x), faiss.swig_ptr(self._sorted_ids),
                                faiss.swig_ptr(assign))
         faiss.write_index(self._ivf, str(path))
-        return {"nlist": self.nlist, "nprobe": self.nprobe, "radius": self._radius.tolist()}
+        basis = None if self._basis is None else self._basis.tolist()
+        return {"nlist": self.nlist, "nprobe": self.nprobe, "radius": self._radius.tolist(), "basis": basis}
+
+
+def _copy_lists(ivf: faiss.IndexIVF, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Members of all of ``ivf``'s lists, list after list: (ids (N,), vectors (N, D) float32) for lists of ``sizes``.
+
+    An owned contiguous copy: BLAS on views into faiss's list storage ran ~10× slower here.
+    """
+    lists, d, n = ivf.invlists, int(ivf.d), int(sizes.sum())
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    ids = np.empty(n, dtype=np.int64)
+    vectors = np.empty((n, d), dtype=np.float32)
+    for i in np.flatnonzero(sizes):
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        ids[lo:hi] = faiss.rev_swig_ptr(lists.get_ids(int(i)), hi - lo)
+        codes = faiss.rev_swig_ptr(lists.get_codes(int(i)), (hi - lo) * d * 4)
+        vectors[lo:hi] = codes.view(np.float32).reshape(-1, d)
+    return ids, vectors
+
+
+def _no_pairs(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    empty = np.zeros(0, dtype=np.int64)
+    return empty, np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64), empty

@@ -22,6 +22,7 @@ import numpy as np
 from echoflow.audit.bounded_ivf import QUERY_CHUNK, BoundedIVFIndex
 from echoflow.audit.lists import Lists, measure_lists
 from echoflow.audit.neighbours import Neighbours, Similarity, SiteIndex, prepare
+from echoflow.audit.projection import PROJECTED_DIMS, principal_basis, project
 from echoflow.errors import EchoFlowError
 from echoflow.progress import progress_bar
 from echoflow.verified import json_object, read_verified
@@ -200,20 +201,21 @@ def two_level_lists(vectors: np.ndarray, *, similarity: Similarity, nlist: int, 
 
 
 def build_bounded_ivf(vectors: np.ndarray, *, similarity: Similarity = "cosine", nlist: int | None = None,
-                      seed: int = 0) -> BoundedIVFIndex:
-    """A `BoundedIVFIndex` whose lists come from `two_level_lists` (default ``nlist`` = N / 128)."""
-    vectors = np.asarray(vectors)
-    if vectors.ndim != 2 or len(vectors) == 0:  # `prepare`'s check, before the raw rows are clustered
-        prepare(vectors, similarity=similarity, what="real embeddings")
-    n, d = vectors.shape
+                      dims: int = PROJECTED_DIMS, seed: int = 0) -> BoundedIVFIndex:
+    """A `BoundedIVFIndex` whose lists come from `two_level_lists` of the bound-space z's.
+
+    ``nlist``: default N / 128 (`LIST_SIZE`); ``dims``: see `principal_basis`.
+    """
+    x = prepare(vectors, similarity=similarity, what="real embeddings")
+    n, d = x.shape
     nlist = max(1, min(nlist or n // LIST_SIZE, n))
     with progress_bar(f"build bounded IVF ({n} vectors)", total=2) as advance:
-        lists = two_level_lists(vectors, similarity=similarity, nlist=nlist, seed=seed)
+        basis = principal_basis(x, dims, seed=seed)
+        lists = two_level_lists(project(x, basis), similarity="cosine", nlist=nlist, seed=seed)
         advance(1)
-        quantizer = faiss.IndexFlatIP(d)
-        quantizer.add(lists.centroids)
-        ivf = faiss.IndexIVFFlat(quantizer, d, len(lists.centroids), faiss.METRIC_INNER_PRODUCT)
-        index = BoundedIVFIndex(ivf, similarity=similarity, lists=lists)  # faiss's own lists are filled on save
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, len(lists.centroids), faiss.METRIC_INNER_PRODUCT)
+        # faiss's own lists (and centres) are filled on save
+        index = BoundedIVFIndex(ivf, similarity=similarity, nprobe=1, basis=basis, lists=lists, vectors=x)
         advance(1)
     return index
 
