@@ -20,7 +20,6 @@ list's ball bound that was not scanned whole; otherwise it is a lower bound.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ class BoundedIVFIndex(SiteIndex):
     kind = "bounded_ivf"
 
     def __init__(self, ivf: faiss.IndexIVF, *, similarity: Similarity, nprobe: int, basis: np.ndarray | None,
-                 lists: Lists, vectors: np.ndarray) -> None:
+                 lists: Lists, vectors: np.ndarray, prepared: bool) -> None:
         """Wrap measured lists.
 
         Args:
@@ -64,14 +63,17 @@ class BoundedIVFIndex(SiteIndex):
             nprobe: lists of the best ball bound always scanned exactly, for an approximate neighbour below τ.
             basis: (D, m) bound-space basis, or None when the lists are bounded on the vectors themselves.
             lists: the lists of the z's (centroids, shells, radii in the bound space).
-            vectors: (N, D) float32 prepared vectors, row i = local id i.
+            vectors: (N, D) the real embeddings, row i = local id i; kept by reference (not copied: the search
+                prepares the few rows it compares exactly), so they must not change while the index is used.
+            prepared: True when ``vectors`` are prepared already (float32 unit rows).
         """
         self.similarity = similarity
         self.nprobe = nprobe
         self._ivf, self._basis = ivf, basis
         self._centroids = lists.centroids
         self._centroid_norms = np.maximum(np.linalg.norm(self._centroids.astype(np.float64), axis=1), 1e-12)
-        self._offsets, self._sorted_ids, self._z, self._x = lists.offsets, lists.ids, lists.vectors, vectors
+        self._offsets, self._sorted_ids, self._z = lists.offsets, lists.ids, lists.vectors
+        self._raw, self._prepared = vectors, prepared
         self._radius, shells = lists.radius, lists.shells
         self._sizes = np.diff(self._offsets)
         self._shell_lo, self._shell_hi = shells[..., 0], shells[..., 1]
@@ -100,7 +102,7 @@ class BoundedIVFIndex(SiteIndex):
             nlist: inverted lists; default ``N // 64`` (at least 1). Smaller lists mean tighter radii.
             nprobe: lists of the best ball bound always probed, for an approximate neighbour below τ.
             train_per_list: k-means training sample per list (a subsample of the data, 10 iterations).
-            dims: bound-space dimensions (`principal_basis`; none when ``dims + 1 >= D``).
+            dims: bound-space dimensions (`echoflow.audit.projection.principal_basis`).
             seed: k-means seed.
         """
         x = prepare(vectors, similarity=similarity, what="real embeddings")
@@ -117,7 +119,7 @@ class BoundedIVFIndex(SiteIndex):
             ivf.add(x)
             advance(1)
             index = cls._from_faiss(ivf, similarity=similarity, nprobe=nprobe,
-                                    basis=principal_basis(x, dims, seed=seed))
+                                    basis=principal_basis(x, similarity="cosine", dims=dims, seed=seed))
             advance(1)
         return index
 
@@ -136,7 +138,7 @@ class BoundedIVFIndex(SiteIndex):
     def _from_faiss(cls, ivf: faiss.IndexIVF, *, similarity: Similarity, nprobe: int,
                     basis: np.ndarray | None) -> BoundedIVFIndex:
         """Read ``ivf``'s filled lists, map them to the bound space and measure them (centres: member means)."""
-        if ivf.invlists is None:
+        if ivf.invlists is None:  # checked before the sizes are read (`_copy_lists` reads the lists)
             raise EchoFlowError("bounded IVF: the faiss index has no inverted lists")
         sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
         ids, x = _copy_lists(ivf, sizes)
@@ -151,7 +153,8 @@ class BoundedIVFIndex(SiteIndex):
         offsets, radius, shells = measure_lists(z, rows, centroids, np.repeat(np.arange(ivf.nlist), sizes))
         ids = ids[rows]
         lists = Lists(centroids=centroids, offsets=offsets, ids=ids, vectors=z, radius=radius, shells=shells)
-        return cls(ivf, similarity=similarity, nprobe=nprobe, basis=basis, lists=lists, vectors=x_by_id)
+        return cls(ivf, similarity=similarity, nprobe=nprobe, basis=basis, lists=lists, vectors=x_by_id,
+                   prepared=True)
 
     @property
     def ntotal(self) -> int:  # noqa: D102
@@ -215,68 +218,76 @@ class BoundedIVFIndex(SiteIndex):
         """`search` of prepared queries: ((Q, k) similarity, (Q, k) ids, (Q,) exact, real vectors compared)."""
         qz = project(chunk, self._basis)
         if threshold is None:  # first pass: the nprobe lists; then every list whose bound reaches its k-th best
-            lists, rows = self._probe(qz, None)[2:4]
+            lists, rows = self._probe(qz)[2:4]
             first = self._exact(chunk, lists, rows, k=k, shells=False)
             kth = self._merge(*first[:3], queries=len(chunk), k=k)[0][:, k - 1]
-
-            def rule(qc: np.ndarray, lo: int) -> np.ndarray:
-                return np.repeat(self.bounds(qc)[:, None] >= kth[lo : lo + qc.shape[1]], SHELLS, axis=1)
-
-            shells, rows = self._probe(qz, rule)[:2]
-            second = self._exact(chunk, shells, rows, k=k, shells=True)
-            parts = [first, second]
+            shells, rows = self._probe(qz, kth=kth)[:2]
+            parts = [first, self._exact(chunk, shells, rows, k=k, shells=True)]
             exact = np.ones(len(chunk), dtype=bool)
         else:
-            lower, upper = (a[:, :, None] for a in self._shell_limits(threshold))
-
-            def rule(qc: np.ndarray, lo: int) -> np.ndarray:
-                return (qc[:, None] >= lower) & (qc[:, None] <= upper)
-
-            shells, rows, lists, near, ceiling = self._probe(qz, rule)
-            parts = [self._exact(chunk, lists, near, k=k, shells=False), self._survivors(chunk, qz, shells, rows,
-                                                                                          threshold, k=k)]
+            shells, rows, lists, near, ceiling = self._probe(qz, limits=self._shell_limits(threshold))
+            parts = [self._exact(chunk, lists, near, k=k, shells=False),
+                     self._survivors(chunk, qz, shells, rows, threshold, k=k)]
         pair_rows, pair_sim, pair_pos, compared = (np.concatenate(x) for x in zip(*parts, strict=True))
         sim, ids = self._merge(pair_rows, pair_sim, pair_pos, queries=len(chunk), k=k)
         if threshold is not None:
             exact = sim[:, k - 1] >= ceiling
         return sim, ids, exact, int(compared.sum())
 
-    def _probe(self, qz: np.ndarray, rule: Callable[[np.ndarray, int], np.ndarray] | None,
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _probe(self, qz: np.ndarray, *, limits: tuple[np.ndarray, np.ndarray] | None = None,
+               kth: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Shells to scan, the lists to scan exactly, and per query the best ball bound of a list not scanned whole.
 
-        Every query scans its ``nprobe`` lists of the best ball bound whole, exactly, and the other shells for
-        which ``rule(qc, lo)`` is True ((nlist, SHELLS, t) from a tile's (nlist, t) centroid products ``qc``,
-        queries ``lo:lo + t``) through the pair bound. Works in query tiles whose products stay in cache.
+        Every query scans its ``nprobe`` lists of the best ball bound whole, exactly, and other shells: with
+        ``limits`` (`_shell_limits`), those whose limits hold its centroid product; with ``kth`` (Q,), every shell
+        of the lists whose `bounds` reach its value; with neither, none. Works in query tiles whose centroid
+        products stay in cache; a list-level test first, then the shells of the lists that pass it.
 
         Returns:
             (shells (P,) flat shell index i·SHELLS + h, rows (P,) query, both sorted by shell; lists (R,), their
             rows (R,), sorted by list; ceiling (Q,) float32).
         """
-        filled = (self._shell_size > 0).reshape(self.nlist, SHELLS, 1)
+        filled = (self._shell_size > 0).reshape(self.nlist, SHELLS)
+        if limits is not None:
+            lower, upper = limits
+            reach = lower.min(axis=1)  # a list's loosest shell; inf for an empty list
         ceiling = np.empty(len(qz), dtype=np.float32)
         nprobe = min(self.nprobe, self.nlist)
-        found: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        for lo in range(0, len(qz), PROBE_TILE):
-            qc = self._centroids @ qz[lo : lo + PROBE_TILE].T
-            ball = qc + self._radius32[:, None]  # ⟨q, c⟩ + r ≥ ⟨q, x⟩; -inf for an empty list
-            best = np.zeros(ball.shape, dtype=bool)
-            if nprobe == 1:  # the list of the best ball bound (ties: all); argmax along axis 0 is a slow strided pass
-                best = ball == ball.max(axis=0)
-            elif nprobe > 1:
-                np.put_along_axis(best, np.argpartition(-ball, nprobe - 1, axis=0)[:nprobe], True, axis=0)
-            best &= self._sizes[:, None] > 0
-            np.putmask(ball, best, -np.inf)
-            ceiling[lo : lo + PROBE_TILE] = ball.max(axis=0)
-            tile = np.zeros((self.nlist, SHELLS, qc.shape[1]), dtype=bool) if rule is None else rule(qc, lo)
-            tile &= filled & ~best[:, None]
-            s, r = np.nonzero(tile.reshape(-1, qc.shape[1]))
-            b, rb = np.nonzero(best)
-            found.append((s.astype(np.int32), (r + lo).astype(np.int32), b.astype(np.int32),
-                          (rb + lo).astype(np.int32)))
-        shell, row, lists, near = (np.concatenate(x) for x in zip(*found, strict=True))
-        by_shell, by_list = np.argsort(shell, kind="stable"), np.argsort(lists, kind="stable")  # sorted runs: merges
-        return shell[by_shell], row[by_shell], lists[by_list], near[by_list], ceiling
+        found: list[tuple[np.ndarray, ...]] = []
+        for lo in range(0, len(qz), PROBE_TILE):  # query-major (t, nlist) tiles: reductions run along rows
+            qc = qz[lo : lo + PROBE_TILE] @ self._centroids.T
+            t = len(qc)
+            ball = qc + self._radius32  # ⟨q, c⟩ + r ≥ ⟨q, x⟩; -inf for an empty list
+            if nprobe == 0:
+                best = np.zeros((t, 0), dtype=np.int64)
+            elif nprobe == 1:
+                best = ball.argmax(axis=1)[:, None]
+            else:
+                best = np.argpartition(-ball, nprobe - 1, axis=1)[:, :nprobe]
+            np.put_along_axis(ball, best, -np.inf, axis=1)
+            ceiling[lo : lo + t] = ball.max(axis=1)
+            reached = np.zeros(qc.shape, dtype=bool)
+            if limits is not None:
+                reached = qc >= reach
+            elif kth is not None:
+                reached = self.bounds(qc.T).T >= kth[lo : lo + t, None]
+            np.put_along_axis(reached, best, False, axis=1)
+            flat = np.flatnonzero(reached)
+            row, listed = np.divmod(flat, self.nlist)
+            if limits is not None:
+                value = qc.ravel()[flat][:, None]
+                pair, shell = np.divmod(np.flatnonzero((value >= lower[listed]) & (value <= upper[listed])), SHELLS)
+            else:
+                pair, shell = np.divmod(np.flatnonzero(filled[listed]), SHELLS)
+            near = np.repeat(np.arange(lo, lo + t), best.shape[1])
+            keep = self._sizes[best.ravel()] > 0
+            found.append(((listed[pair] * SHELLS + shell).astype(np.int32), (row[pair] + lo).astype(np.int32),
+                          best.ravel()[keep].astype(np.int32), near[keep].astype(np.int32)))
+        shell, rows, lists, near = (np.concatenate(x) for x in zip(*found, strict=True))
+        # stable sorts of tiles' sorted runs; 16-bit keys take numpy's radix sort
+        key = shell.astype(np.uint16) if self.nlist * SHELLS <= 2**16 else shell
+        by_shell, by_list = np.argsort(key, kind="stable"), np.argsort(lists, kind="stable")
+        return shell[by_shell], rows[by_shell], lists[by_list], near[by_list], ceiling
 
     def _exact(self, q: np.ndarray, blocks: np.ndarray, rows: np.ndarray, *, k: int,
                shells: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -285,8 +296,8 @@ class BoundedIVFIndex(SiteIndex):
         Returns (rows (P,), similarity (P, k), list-sorted positions (P, k), members compared (P,)).
         """
         start, size = (self._shell_start, self._shell_size) if shells else (self._offsets[:-1], self._sizes)
-        parts = [top_k(batch, k) for batch in batches(q, self._x, blocks=blocks, rows=rows, start=start, size=size,
-                                                        order=self._sorted_ids)]
+        parts = [top_k(batch, k) for batch in batches(q, self._members, blocks=blocks, rows=rows, start=start,
+                                                        size=size)]
         if not parts:
             return _no_pairs(k)
         r, sim, pos = (np.concatenate(x) for x in zip(*parts, strict=True))
@@ -299,13 +310,13 @@ class BoundedIVFIndex(SiteIndex):
         Returns (rows (H,), similarity (H, k): the exact product then -inf, positions (H, k), (P,) shell sizes).
         """
         cut = np.float32(threshold - BOUND_MARGIN)
-        found = [pairs_over(batch, cut) for batch in batches(qz, self._z, blocks=shells, rows=rows,
+        found = [pairs_over(batch, cut) for batch in batches(qz, self._z.__getitem__, blocks=shells, rows=rows,
                                                               start=self._shell_start, size=self._shell_size)]
         if not found:
             return _no_pairs(k)
         r, pos = (np.concatenate(x) for x in zip(*found, strict=True))
         sim = np.full((len(r), k), -np.inf, dtype=np.float32)
-        sim[:, 0] = np.einsum("ij,ij->i", q[r], self._x[self._sorted_ids[pos]])
+        sim[:, 0] = np.einsum("ij,ij->i", q[r], self._members(pos))
         return r, sim, np.repeat(pos[:, None], k, axis=1), self._shell_size[shells]
 
     def _merge(self, rows: np.ndarray, pair_sim: np.ndarray, pair_pos: np.ndarray, *, queries: int,
@@ -331,12 +342,19 @@ class BoundedIVFIndex(SiteIndex):
         ids[query[keep], rank[keep]] = self._sorted_ids[flat_pos[keep]]
         return sim, ids
 
+    def _members(self, at: np.ndarray) -> np.ndarray:
+        """(..., D) float32 prepared vectors of the members at list-sorted positions ``at`` (any shape)."""
+        rows = self._raw[self._sorted_ids[at.ravel()]]
+        if not self._prepared and len(rows):
+            rows = prepare(rows, similarity=self.similarity, what="real embeddings")
+        return rows.reshape(*at.shape, self.dim)
+
     def vectors(self) -> np.ndarray:  # noqa: D102
-        return self._x
+        return self._raw if self._prepared else prepare(self._raw, similarity=self.similarity, what="real embeddings")
 
     def _write(self, path: Path) -> dict[str, Any]:
         if self._ivf.ntotal != self.ntotal:  # built from sorted lists (see __init__): fill faiss's lists now
-            x = self._x[self._sorted_ids]
+            x = self._members(np.arange(self.ntotal))
             if self._ivf.quantizer.ntotal == 0:  # faiss's centres live in the vectors' space: the member means
                 full = self._sizes > 0
                 means = np.zeros((self.nlist, self.dim), dtype=np.float32)
@@ -358,6 +376,8 @@ def _copy_lists(ivf: faiss.IndexIVF, sizes: np.ndarray) -> tuple[np.ndarray, np.
     An owned contiguous copy: BLAS on views into faiss's list storage ran ~10× slower here.
     """
     lists, d, n = ivf.invlists, int(ivf.d), int(sizes.sum())
+    if lists is None:
+        raise EchoFlowError("bounded IVF: the faiss index has no inverted lists")
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     ids = np.empty(n, dtype=np.int64)
     vectors = np.empty((n, d), dtype=np.float32)

@@ -3,11 +3,11 @@
 Measured on clustered patient-like data, HNSW lost true neighbours and SQ8/PQ flipped decisions at the
 threshold, so no approximate score decides alone: both indexes here keep the release decision exact.
 
-The bounded IVF's lists come from a two-level k-means (`two_level_lists`): ~√L coarse cells, then each cell
-split into lists of ~128 members. One flat k-means into L = N / 128 lists costs N·L inner products to assign
-alone — at 250k vectors per site more than brute-force search of 10k queries — while two levels cost
-N·2√L. The assignment only has to be good, not optimal: each list's radius is measured on its actual members,
-so the bounds (and the exact decision) hold for any assignment.
+The bounded IVF's lists come from a two-level k-means (`two_level_lists`) of the rows' 25-d bound-space images
+(`echoflow.audit.projection`): ~√L coarse cells, then each cell split into lists of ~256 members. One flat
+k-means into L = N / 256 lists costs N·L inner products to assign alone, while two levels cost N·2√L. The
+assignment only has to be good, not optimal: each list's radius is measured on its actual members, so the bounds
+(and the exact decision) hold for any assignment.
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ import numpy as np
 from echoflow.audit.bounded_ivf import QUERY_CHUNK, BoundedIVFIndex
 from echoflow.audit.lists import Lists, measure_lists
 from echoflow.audit.neighbours import Neighbours, Similarity, SiteIndex, prepare
-from echoflow.audit.projection import PROJECTED_DIMS, principal_basis, project
+from echoflow.audit.projection import PROJECTED_DIMS, bound_space
 from echoflow.errors import EchoFlowError
 from echoflow.progress import progress_bar
 from echoflow.verified import json_object, read_verified
 
 IndexKind = Literal["auto", "exact", "bounded_ivf"]
 AUTO_EXACT_BELOW = 50_000
-# members per list of the two-level build (4 shells of 32): measured best of 64/128/256 on the benchmark's data
-LIST_SIZE = 128
+# members per list of the two-level build (4 shells of 64, each scanned in pieces of 32): of 128/256/512 lists
+# in the 25-d bound space, 256 measured best on the audit benchmark (fewer lists to probe, more pairs to filter)
+LIST_SIZE = 256
 
 
 def top1(q: np.ndarray, x: np.ndarray, *, tile: int = 2048,
@@ -204,18 +205,23 @@ def build_bounded_ivf(vectors: np.ndarray, *, similarity: Similarity = "cosine",
                       dims: int = PROJECTED_DIMS, seed: int = 0) -> BoundedIVFIndex:
     """A `BoundedIVFIndex` whose lists come from `two_level_lists` of the bound-space z's.
 
-    ``nlist``: default N / 128 (`LIST_SIZE`); ``dims``: see `principal_basis`.
+    ``nlist``: default N / 256 (`LIST_SIZE`); ``dims``: see `echoflow.audit.projection.bound_space`.
     """
-    x = prepare(vectors, similarity=similarity, what="real embeddings")
-    n, d = x.shape
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or len(vectors) == 0:  # `prepare`'s check, before anything is built
+        prepare(vectors, similarity=similarity, what="real embeddings")
+    n, d = vectors.shape
     nlist = max(1, min(nlist or n // LIST_SIZE, n))
     with progress_bar(f"build bounded IVF ({n} vectors)", total=2) as advance:
-        basis = principal_basis(x, dims, seed=seed)
-        lists = two_level_lists(project(x, basis), similarity="cosine", nlist=nlist, seed=seed)
+        basis, z = bound_space(vectors, similarity=similarity, dims=dims, seed=seed)
+        lists = two_level_lists(z, similarity="cosine", nlist=nlist, seed=seed)
         advance(1)
         ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, len(lists.centroids), faiss.METRIC_INNER_PRODUCT)
-        # faiss's own lists (and centres) are filled on save
-        index = BoundedIVFIndex(ivf, similarity=similarity, nprobe=1, basis=basis, lists=lists, vectors=x)
+        # faiss's own lists (and centres) are filled on save; without a basis the lists' vectors are the prepared
+        # rows, kept instead of the raw ones
+        index = BoundedIVFIndex(ivf, similarity=similarity, nprobe=1, basis=basis, lists=lists,
+                                vectors=vectors if basis is not None else lists.vectors[np.argsort(lists.ids)],
+                                prepared=basis is None)
         advance(1)
     return index
 
@@ -234,7 +240,7 @@ def build_index(
         vectors: (N, D) raw real embeddings; local sample id i = row i.
         kind: ``exact``, ``bounded_ivf``, or ``auto`` (exact below 50,000 vectors, bounded IVF from there).
         similarity: ``cosine`` or ``pearson`` (see `echoflow.audit.neighbours`).
-        nlist: IVF lists; default ≈ N / 128 (`LIST_SIZE`; each list is cut into angular shells).
+        nlist: IVF lists; default ≈ N / 256 (`LIST_SIZE`; each list is cut into angular shells).
         seed: k-means seed (IVF only).
     """
     if kind not in ("auto", "exact", "bounded_ivf"):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from echoflow.audit.neighbours import Similarity, prepare
+
 # principal directions kept: measured on the audit benchmark (1M re-id embeddings): 16 lets ~4x as many pairs
 # through to the exact check, 32 scans ~30 % more numbers per pair for ~2x fewer survivors
 PROJECTED_DIMS = 24
@@ -27,21 +29,41 @@ PROJECTED_DIMS = 24
 BASIS_SAMPLE = 20_000
 
 
-def principal_basis(x: np.ndarray, dims: int, *, seed: int = 0) -> np.ndarray | None:
-    """(D, dims) float64 orthonormal top principal directions (uncentred) of the unit rows ``x`` (N, D).
+def principal_basis(vectors: np.ndarray, *, similarity: Similarity, dims: int = PROJECTED_DIMS,
+                    seed: int = 0) -> np.ndarray | None:
+    """(D, dims) float64 orthonormal top principal directions of ``vectors`` (N, D); None when ``dims + 1 >= D``.
 
-    None when ``dims + 1 >= D``: the map would not shrink the vectors, and the index uses them as they are.
+    Uncentred, from a sample of the prepared rows.
     """
-    n, d = x.shape
+    n, d = np.shape(vectors)
     if dims + 1 >= d:
         return None
     rng = np.random.default_rng(seed)
-    sample = x[np.sort(rng.choice(n, min(n, BASIS_SAMPLE), replace=False))].astype(np.float64)
-    _, vectors = np.linalg.eigh(sample.T @ sample)
-    return np.ascontiguousarray(vectors[:, ::-1][:, :dims])
+    sample = prepare(vectors[np.sort(rng.choice(n, min(n, BASIS_SAMPLE), replace=False))], similarity=similarity,
+                     what="real embeddings")
+    # the float32 Gram matrix only steers which directions are kept; eigh makes them orthonormal in float64
+    return np.ascontiguousarray(np.linalg.eigh((sample.T @ sample).astype(np.float64))[1][:, ::-1][:, :dims])
 
 
-def project(x: np.ndarray, basis: np.ndarray | None, *, chunk: int = 16384) -> np.ndarray:
+def bound_space(vectors: np.ndarray, *, similarity: Similarity, dims: int = PROJECTED_DIMS, seed: int = 0,
+                chunk: int = 4096) -> tuple[np.ndarray | None, np.ndarray]:
+    """(basis (D, dims) float64 or None, z (N, dims + 1) float32) of raw rows ``vectors`` (N, D).
+
+    The basis: `principal_basis`. Rows are prepared and mapped ``chunk`` at a time, so no prepared (N, D) copy is
+    ever held. None, and z the prepared rows themselves, when ``dims + 1 >= D``: the map would not shrink them.
+    """
+    basis = principal_basis(vectors, similarity=similarity, dims=dims, seed=seed)
+    if basis is None:
+        return None, prepare(vectors, similarity=similarity, what="real embeddings")
+    n = len(vectors)
+    z = np.empty((n, dims + 1), dtype=np.float32)
+    for lo in range(0, n, chunk):
+        z[lo : lo + chunk] = project(prepare(vectors[lo : lo + chunk], similarity=similarity, what="real embeddings"),
+                                     basis)
+    return basis, z
+
+
+def project(x: np.ndarray, basis: np.ndarray | None, *, chunk: int = 4096) -> np.ndarray:
     """(N, m+1) float32 z(x) of unit rows ``x`` (N, D) (see the module docstring); ``x`` itself when no basis."""
     if basis is None:
         return x

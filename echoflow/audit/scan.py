@@ -10,7 +10,7 @@ repeats where they matter (top-k).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,18 +40,18 @@ class Batch:
     products: np.ndarray
 
 
-def batches(left: np.ndarray, store: np.ndarray, *, blocks: np.ndarray, rows: np.ndarray, start: np.ndarray,
-            size: np.ndarray, order: np.ndarray | None = None, width: int = WIDTH) -> Iterator[Batch]:
+def batches(left: np.ndarray, members: Callable[[np.ndarray], np.ndarray], *, blocks: np.ndarray, rows: np.ndarray,
+            start: np.ndarray, size: np.ndarray, width: int = WIDTH) -> Iterator[Batch]:
     """Inner products of ``left[rows[p]]`` with every member of block ``blocks[p]``, in stacked batches.
 
     Args:
         left: (Q, K) float32 queries.
-        store: (N, K) float32 members; block b holds rows ``start[b]:start[b] + size[b]``.
+        members: (B, W) store rows -> (B, W, K) float32 member vectors; block b holds store rows
+            ``start[b]:start[b] + size[b]``.
         blocks: (P,) block of each pair, sorted (pairs of one block adjacent).
         rows: (P,) query row of each pair.
         start: (nblocks,) first store row of each block.
         size: (nblocks,) members of each block.
-        order: (N,) row of ``store`` holding block row i (``store[order[i]]``); None: ``store[i]``.
         width: most members per piece.
     """
     if len(blocks) == 0:
@@ -76,17 +76,16 @@ def batches(left: np.ndarray, store: np.ndarray, *, blocks: np.ndarray, rows: np
         row_ok = ar < count[i:j, None]
         take = rows[lo[span[i:j], None] + np.minimum(ar, count[i:j, None] - 1)]
         member_ok = column < piece_size[i:j, None]
-        members = piece_start[i:j, None] + np.minimum(column, piece_size[i:j, None] - 1)
-        right = store[members] if order is None else store[order[members]]
-        products = np.matmul(left[take], right.transpose(0, 2, 1))
-        yield Batch(rows=take, row_ok=row_ok, members=members, member_ok=member_ok, products=products)
+        at = piece_start[i:j, None] + np.minimum(column, piece_size[i:j, None] - 1)
+        right = np.ascontiguousarray(members(at).transpose(0, 2, 1))  # ~1.5x faster than a strided product
+        yield Batch(rows=take, row_ok=row_ok, members=at, member_ok=member_ok, products=np.matmul(left[take], right))
         i = j
 
 
 def pairs_over(batch: Batch, threshold: np.float32) -> tuple[np.ndarray, np.ndarray]:
     """(query rows (H,), store rows (H,)) of every product ≥ ``threshold`` in ``batch`` (padding repeats dropped)."""
     hit = batch.products >= threshold
-    b, i = np.nonzero(hit.any(axis=2) & batch.row_ok)  # rows first: hits are rare, a 3-D nonzero is slow
+    b, i = np.nonzero(_any_last(hit) & batch.row_ok)  # rows first: hits are rare, a 3-D nonzero is slow
     if len(b) == 0:
         return b, b
     within, column = np.nonzero(hit[b, i] & batch.member_ok[b])
@@ -112,3 +111,17 @@ def top_k(batch: Batch, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     sim[:, : best.shape[1]] = np.take_along_axis(products, best, axis=1)
     pos[:, : best.shape[1]] = np.take_along_axis(batch.members[b], best, axis=1)
     return batch.rows[b, i], sim, pos
+
+
+def _any_last(hit: np.ndarray) -> np.ndarray:
+    """``hit.any(axis=-1)`` of a C-contiguous bool array, 8 bools a word.
+
+    numpy's own reduction along a short last axis costs ~2 ns an element.
+    """
+    if hit.shape[-1] % 8:
+        return np.asarray(hit.any(axis=-1))
+    words = hit.view(np.uint64)
+    out = words[..., 0] != 0
+    for w in range(1, words.shape[-1]):
+        out |= words[..., w] != 0
+    return out
