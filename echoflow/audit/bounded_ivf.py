@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 
 from echoflow.audit.lists import SHELLS, Lists, measure_lists, shell_offsets
-from echoflow.audit.neighbours import Neighbours, Similarity, SiteIndex, prepare
+from echoflow.audit.neighbours import Neighbours, Similarity, SiteIndex, normalise, prepare
 from echoflow.audit.projection import PROJECTED_DIMS, principal_basis, project
 from echoflow.audit.scan import batches, pairs_over, top_k
 from echoflow.errors import EchoFlowError
@@ -344,9 +344,10 @@ class BoundedIVFIndex(SiteIndex):
 
     def _members(self, at: np.ndarray) -> np.ndarray:
         """(..., D) float32 prepared vectors of the members at list-sorted positions ``at`` (any shape)."""
-        rows = self._raw[self._sorted_ids[at.ravel()]]
-        if not self._prepared and len(rows):
-            rows = prepare(rows, similarity=self.similarity, what="real embeddings")
+        rows = self._raw[self._sorted_ids[at.ravel()]]  # a copy: fancy indexing
+        if not self._prepared:  # the raw rows passed `prepare`'s checks when the index was built
+            rows = rows.astype(np.float32, copy=False)
+            normalise(rows, similarity=self.similarity)
         return rows.reshape(*at.shape, self.dim)
 
     def vectors(self) -> np.ndarray:  # noqa: D102

@@ -131,20 +131,11 @@ def _group_sums(x: np.ndarray, group: np.ndarray, k: int) -> np.ndarray:
     return onehot @ x
 
 
-def _nearest(x: np.ndarray, centroids: np.ndarray, *, centred: bool = False, chunk: int = 16384) -> np.ndarray:
-    """(N,) int64 index of each row's largest inner product with ``centroids`` (one GEMM per chunk).
-
-    The argmax ignores a row's positive scale, so raw rows give their prepared rows' answer; ``centred``
-    (Pearson) subtracts each row's mean first, as ⟨x − m, c⟩ = ⟨x, c⟩ − m Σc.
-    """
-    total = centroids.sum(axis=1)
+def _nearest(x: np.ndarray, centroids: np.ndarray, *, chunk: int = 4096) -> np.ndarray:
+    """(N,) int64 index of each row's largest inner product with ``centroids`` (one GEMM per chunk)."""
     out = np.empty(len(x), dtype=np.int64)
     for i in range(0, len(x), chunk):
-        part = np.asarray(x[i : i + chunk], dtype=np.float32)
-        scores = part @ centroids.T
-        if centred:
-            scores -= part.mean(axis=1, keepdims=True) * total
-        out[i : i + chunk] = scores.argmax(axis=1)
+        out[i : i + chunk] = (x[i : i + chunk] @ centroids.T).argmax(axis=1)
     return out
 
 
@@ -156,16 +147,14 @@ def _member_means(x: np.ndarray, assign: np.ndarray, k: int) -> tuple[np.ndarray
     return means, (np.cumsum(used) - 1)[assign]
 
 
-def two_level_lists(vectors: np.ndarray, *, similarity: Similarity, nlist: int, seed: int = 0) -> Lists:
-    """Inverted lists of real embeddings by two-level spherical k-means (see the module docstring).
+def two_level_lists(vectors: np.ndarray, *, nlist: int, seed: int = 0) -> Lists:
+    """Inverted lists of unit vectors by two-level spherical k-means (see the module docstring).
 
-    The coarse cells are found on the raw rows (`_nearest`); each cell is then prepared once straight into its
-    place in the list-sorted copy, split there, and its lists sorted and measured (`measure_lists`) while it is in
-    cache, so the build writes the (N, D) vectors once.
+    The coarse cells are found on all rows (`_nearest`); the rows are then copied cell after cell, and each cell
+    split, its lists sorted and measured (`measure_lists`) while it is in cache.
 
     Args:
-        vectors: (N, D) raw real embeddings; local id i = row i.
-        similarity: ``cosine`` or ``pearson`` (see `prepare`).
+        vectors: (N, D) float32 unit vectors (prepared rows or their bound-space images); local id i = row i.
         nlist: number of lists wanted (the result has about as many; every list is non-empty).
         seed: sampling and initialisation seed.
 
@@ -173,19 +162,18 @@ def two_level_lists(vectors: np.ndarray, *, similarity: Similarity, nlist: int, 
         The lists, each centred on its member mean.
     """
     rng = np.random.default_rng(seed)
-    n, d = np.shape(vectors)
+    n = len(vectors)
     cells = max(1, min(round(np.sqrt(nlist)), n))
-    sample = prepare(vectors[np.sort(rng.choice(n, min(n, 32 * cells), replace=False))], similarity=similarity,
-                     what="real embeddings")
-    coarse = _nearest(vectors, _spherical_kmeans(sample, cells, rng=rng, niter=8), centred=similarity == "pearson")
+    sample = vectors[np.sort(rng.choice(n, min(n, 32 * cells), replace=False))]
+    coarse = _nearest(vectors, _spherical_kmeans(sample, cells, rng=rng, niter=8))
     order = np.argsort(coarse, kind="stable")
     cuts = np.searchsorted(coarse[order], np.arange(cells + 1))
-    out, ids = np.empty((n, d), dtype=np.float32), order
+    out, ids = vectors[order], order
     centroids, offsets, radius, shells = [], [np.zeros(1, dtype=np.int64)], [], []
     for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
         if lo == hi:
             continue
-        sub = prepare(vectors[order[lo:hi]], similarity=similarity, what="real embeddings", out=out[lo:hi])
+        sub = out[lo:hi]
         k = max(1, min(round((hi - lo) * nlist / n), hi - lo))
         local = np.zeros(hi - lo, dtype=np.int64)
         if k > 1:
@@ -214,7 +202,7 @@ def build_bounded_ivf(vectors: np.ndarray, *, similarity: Similarity = "cosine",
     nlist = max(1, min(nlist or n // LIST_SIZE, n))
     with progress_bar(f"build bounded IVF ({n} vectors)", total=2) as advance:
         basis, z = bound_space(vectors, similarity=similarity, dims=dims, seed=seed)
-        lists = two_level_lists(z, similarity="cosine", nlist=nlist, seed=seed)
+        lists = two_level_lists(z, nlist=nlist, seed=seed)
         advance(1)
         ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, len(lists.centroids), faiss.METRIC_INNER_PRODUCT)
         # faiss's own lists (and centres) are filled on save; without a basis the lists' vectors are the prepared

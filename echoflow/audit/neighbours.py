@@ -51,15 +51,23 @@ def prepare(vectors: np.ndarray, *, similarity: Similarity, what: str = "embeddi
         np.copyto(part, vectors[lo : lo + PREPARE_CHUNK], casting="same_kind")
         if not np.isfinite(part).all():
             raise EchoFlowError(f"{what}: contains NaN or inf")
-        if similarity == "pearson":
-            part -= part.mean(axis=1, keepdims=True)
-        # squared norms summed in float64 (no overflow, no cancellation); the rows themselves stay float32
-        norms = np.sqrt(np.einsum("ij,ij->i", part, part, dtype=np.float64))[:, None]
-        zero += int((norms < 1e-12).sum())
-        part /= np.maximum(norms, 1e-12).astype(np.float32)
+        zero += normalise(part, similarity=similarity)
     if zero:
         raise EchoFlowError(f"{what}: {zero} vector(s) have zero norm ({similarity})")
     return x
+
+
+def normalise(x: np.ndarray, *, similarity: Similarity) -> int:
+    """`prepare`'s arithmetic in place on finite float32 rows ``x`` (N, D), unchecked; returns the zero-norm rows.
+
+    For rows known to be finite (checked once when an index was built), e.g. the few an index compares exactly.
+    """
+    if similarity == "pearson":
+        x -= x.mean(axis=1, keepdims=True)
+    # squared norms summed in float64 (no overflow, no cancellation); the rows themselves stay float32
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))[:, None]
+    x /= np.maximum(norms, 1e-12).astype(np.float32)
+    return int((norms < 1e-12).sum())
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,10 @@
 
 The bounded IVF compares each query with the members of a few thousand small blocks (list shells); one GEMM per
 block spends most of its time in Python and numpy call overhead (~7,800 per site on the audit benchmark). Here
-the blocks are cut into pieces of at most ``width`` members, the (piece, queries) spans sorted by query count and
-stacked, so one ``np.matmul`` over a (B, rows, K) x (B, K, width) batch serves B pieces at once. Short spans and
-pieces are padded by repeating their last query or member, so padding never adds a new pair; callers drop
-repeats where they matter (top-k).
+the (block, queries) spans are grouped by block size (rounded up to `GRANULE` members) and sorted by query count,
+and stacked, so one ``np.matmul`` over a (B, rows, K) x (B, K, width) batch serves B blocks at once, each query
+row gathered once per block. Short spans and blocks are padded by repeating their last query or member, so
+padding never adds a new pair; callers drop repeats where they matter (top-k).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# pieces of at most this many members (a shell of a 128-member list holds ~32)
-WIDTH = 32
+# block sizes are rounded up to a multiple of this many members (padding); 8 bools make a word for `_any_last`
+GRANULE = 8
 # products per stacked batch: 4 MiB of float32, cache-sized
 BATCH_PRODUCTS = 2**20
 
@@ -41,7 +41,7 @@ class Batch:
 
 
 def batches(left: np.ndarray, members: Callable[[np.ndarray], np.ndarray], *, blocks: np.ndarray, rows: np.ndarray,
-            start: np.ndarray, size: np.ndarray, width: int = WIDTH) -> Iterator[Batch]:
+            start: np.ndarray, size: np.ndarray) -> Iterator[Batch]:
     """Inner products of ``left[rows[p]]`` with every member of block ``blocks[p]``, in stacked batches.
 
     Args:
@@ -51,32 +51,27 @@ def batches(left: np.ndarray, members: Callable[[np.ndarray], np.ndarray], *, bl
         blocks: (P,) block of each pair, sorted (pairs of one block adjacent).
         rows: (P,) query row of each pair.
         start: (nblocks,) first store row of each block.
-        size: (nblocks,) members of each block.
-        width: most members per piece.
+        size: (nblocks,) members of each block (every scanned block non-empty).
     """
     if len(blocks) == 0:
         return
     cuts = np.flatnonzero(np.diff(blocks)) + 1
     lo, hi = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(blocks)]])
     block = blocks[lo]
-    pieces = -(-size[block] // width)  # ceil; every scanned block is non-empty
-    span = np.repeat(np.arange(len(lo)), pieces)
-    first = np.arange(len(span)) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # piece number within its block
-    piece_start = start[block][span] + first * width
-    piece_size = np.minimum(width, start[block][span] + size[block][span] - piece_start)
-    count = (hi - lo)[span]
-    most = np.argsort(-count, kind="stable")
-    span, piece_start, piece_size, count = span[most], piece_start[most], piece_size[most], count[most]
-    column = np.arange(width)
+    width, count = -(-size[block] // GRANULE) * GRANULE, hi - lo
+    order = np.lexsort((-count, width))  # by width, then most rows first
+    lo, block, width, count = lo[order], block[order], width[order], count[order]
     i = 0
-    while i < len(span):
-        r = int(count[i])  # the most rows in this batch (sorted descending)
-        j = min(len(span), i + max(1, BATCH_PRODUCTS // (r * width)))
-        ar = np.arange(r)
+    while i < len(lo):
+        w, r = int(width[i]), int(count[i])  # the most rows in this batch
+        end = int(np.searchsorted(width, w, side="right"))  # this width's spans, most rows first
+        full = i + int(np.searchsorted(-count[i:end], -(r - max(1, r // 4)), side="right"))  # ≤ 25 % padded rows
+        j = min(full, i + max(1, BATCH_PRODUCTS // (r * w)))
+        ar, column = np.arange(r), np.arange(w)
         row_ok = ar < count[i:j, None]
-        take = rows[lo[span[i:j], None] + np.minimum(ar, count[i:j, None] - 1)]
-        member_ok = column < piece_size[i:j, None]
-        at = piece_start[i:j, None] + np.minimum(column, piece_size[i:j, None] - 1)
+        take = rows[lo[i:j, None] + np.minimum(ar, count[i:j, None] - 1)]
+        member_ok = column < size[block[i:j], None]
+        at = start[block[i:j], None] + np.minimum(column, size[block[i:j], None] - 1)
         right = np.ascontiguousarray(members(at).transpose(0, 2, 1))  # ~1.5x faster than a strided product
         yield Batch(rows=take, row_ok=row_ok, members=at, member_ok=member_ok, products=np.matmul(left[take], right))
         i = j
