@@ -169,3 +169,21 @@ def test_two_level_index_decides_planted_near_tau_pairs_exactly(seed: int) -> No
     for q, t in zip(queries, truth, strict=True):
         for tau in (t - 1e-6, t + 1e-6):
             assert (ivf.search(q[None], k=1, threshold=float(tau)).similarity[0, 0] >= tau) == (t >= tau)
+
+
+def test_top_k_at_tau_in_a_small_bound_space_counts_each_member_once() -> None:
+    """An 8-d bound space (loose: many pairs pass the filter) and k = 3: every pair over τ found exactly, the
+    nearest list's estimated members and the filter's survivors merged without repeating a member."""
+    rng = np.random.default_rng(7)
+    space = PatientSpace.random(dim=32, factors=6, seed=7)
+    real = space.frames(space.patients(200, rng), 10, rng)[0]
+    queries = near_copies(real, 60, noise=0.02, rng=rng)[0]
+    want = ExactIndex.build(real).search(queries, k=3)
+    tau = float(np.quantile(want.similarity[:, 1], 0.5))
+    got = build_bounded_ivf(real, nlist=16, dims=8).search(queries, k=3, threshold=tau)
+    over = want.similarity >= tau
+    assert over.sum() > 40
+    np.testing.assert_allclose(got.similarity[over], want.similarity[over], atol=1e-5)
+    np.testing.assert_array_equal(got.ids[over], want.ids[over])
+    for row in got.ids:
+        assert len(set(row[row >= 0].tolist())) == int((row >= 0).sum())
