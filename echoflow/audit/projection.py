@@ -11,8 +11,9 @@ z's (m+1 = 25 numbers a pair instead of D = 128) and computes the exact product 
 keeps. Re-id embeddings are nearly low-rank (on the audit benchmark's data the top 24 of 128 directions hold 94 %
 of the energy), so the bound is tight: ~1e-5 of all pairs pass it at the audit's τ.
 
-z is computed in float64 from the float32 rows (exact to ~1e-15) and stored in float32 (rounding ~1e-7, inside
-the bounded IVF's float32 margin).
+z is computed in float64 (exact to ~1e-15) and stored in float32 (rounding ~1e-7, inside the bounded IVF's float32
+margin). A site's real rows are normalised in float64 on the way (`bound_space`): their prepared float32 copies,
+which the exact products use, differ from those by ~1e-7, inside the same margin.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from echoflow.audit.neighbours import Similarity, prepare
+from echoflow.errors import EchoFlowError
 
 # principal directions kept: measured on the audit benchmark (1M re-id embeddings): 16 lets ~4x as many pairs
 # through to the exact check, 32 scans ~30 % more numbers per pair for ~2x fewer survivors
@@ -49,17 +51,28 @@ def bound_space(vectors: np.ndarray, *, similarity: Similarity, dims: int = PROJ
                 chunk: int = 4096) -> tuple[np.ndarray | None, np.ndarray]:
     """(basis (D, dims) float64 or None, z (N, dims + 1) float32) of raw rows ``vectors`` (N, D).
 
-    The basis: `principal_basis`. Rows are prepared and mapped ``chunk`` at a time, so no prepared (N, D) copy is
-    ever held. None, and z the prepared rows themselves, when ``dims + 1 >= D``: the map would not shrink them.
+    The basis: `principal_basis`. Rows are normalised and mapped ``chunk`` at a time, so no prepared (N, D) copy
+    is ever held. None, and z the prepared rows themselves, when ``dims + 1 >= D``: the map would not shrink them.
     """
     basis = principal_basis(vectors, similarity=similarity, dims=dims, seed=seed)
     if basis is None:
         return None, prepare(vectors, similarity=similarity, what="real embeddings")
     n = len(vectors)
     z = np.empty((n, dims + 1), dtype=np.float32)
-    for lo in range(0, n, chunk):
-        z[lo : lo + chunk] = project(prepare(vectors[lo : lo + chunk], similarity=similarity, what="real embeddings"),
-                                     basis)
+    zero = 0
+    for lo in range(0, n, chunk):  # `prepare`'s checks and normalisation, in float64 and fused with the map
+        part = np.asarray(vectors[lo : lo + chunk], dtype=np.float64)
+        if similarity == "pearson":
+            part = part - part.mean(axis=1, keepdims=True)
+        squares = np.einsum("ij,ij->i", part, part)
+        if not np.isfinite(squares).all():
+            raise EchoFlowError("real embeddings: contains NaN or inf")
+        zero += int((squares < 1e-24).sum())
+        inside = (part @ basis) / np.sqrt(np.maximum(squares, 1e-24))[:, None]
+        z[lo : lo + chunk, :-1] = inside
+        z[lo : lo + chunk, -1] = np.sqrt(np.maximum(1.0 - np.einsum("ij,ij->i", inside, inside), 0.0))
+    if zero:
+        raise EchoFlowError(f"real embeddings: {zero} vector(s) have zero norm ({similarity})")
     return basis, z
 
 
