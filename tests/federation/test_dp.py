@@ -4,6 +4,7 @@ exhaustion, and the faster Opacus engine (per-sample gradients, the clipping bou
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,12 @@ from echoflow.clients.dp import (
     patient_groups,
     poisson_batches,
 )
-from echoflow.clients.dp_engine import FastDPOptimizer, FastGradSampleModule, grouped_conv_grad_sample
+from echoflow.clients.dp_engine import (
+    FastDPOptimizer,
+    FastGradSampleModule,
+    grouped_conv_grad_sample,
+    shifted_conv_grad_sample,
+)
 from echoflow.clients.policy import setup_of
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import train_round
@@ -168,10 +174,30 @@ def test_site_stops_when_the_next_round_would_exceed_its_budget(tmp_path: Path) 
     ],
 )
 def test_grouped_conv_grad_sample_equals_opacus(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
+    assert_sampler_equals_opacus(grouped_conv_grad_sample, layer)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv3d(8, 16, (3, 1, 1), padding=(1, 0, 0)),  # the (2+1)D networks' temporal kernel
+        nn.Conv3d(6, 4, (3, 1, 1), padding=(2, 0, 0), dilation=(2, 1, 1), bias=False),
+        nn.Conv2d(16, 8, 1),
+        nn.Conv2d(3, 5, (1, 3), padding=(0, 2)),  # padding wider than the kernel needs: a larger output
+        nn.Conv1d(3, 4, 3, padding=1),
+        nn.Conv2d(4, 6, 3, padding=1),  # 9 taps: the dispatcher sends it elsewhere, the sampler is still exact
+    ],
+)
+def test_shifted_conv_grad_sample_equals_opacus(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
+    assert_sampler_equals_opacus(shifted_conv_grad_sample, layer)
+
+
+def assert_sampler_equals_opacus(sampler: Callable[..., dict[torch.Tensor, torch.Tensor]],
+                                 layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
     x = torch.randn(5, layer.in_channels, *[9] * (layer.weight.dim() - 2))
     backprops = torch.randn_like(layer(x))
     reference = compute_conv_grad_sample(layer, [x], backprops)
-    fast = grouped_conv_grad_sample(layer, x, backprops)
+    fast = sampler(layer, x, backprops)
     assert fast.keys() == reference.keys()
     for p, grad in reference.items():
         assert fast[p].shape == (5, *p.shape)
