@@ -289,6 +289,49 @@ def test_dp_step_clips_each_samples_own_gradient_computed_alone(net_type: type[n
     assert torch.sqrt(sum(p.grad.square().sum() for p in net.parameters())) <= 6 * bound * (1 + 1e-4)
 
 
+class MeanLossStage:
+    """A one-group stage with a batch-MEAN loss over TwoViewNet, as the real stages have."""
+
+    name = "toy"
+
+    def __init__(self) -> None:
+        self.net = TwoViewNet()
+
+    def groups(self) -> dict[str, nn.Module]:
+        return {"model": self.net}
+
+    def loss(self, group: str, batch: dict[str, torch.Tensor], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.net(batch["x"]).square().sum(dim=1).mean(), {}
+
+
+def test_make_private_releases_the_mean_of_each_items_own_gradient_clipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole DP path (mean loss, hooks, clipping, 1 / expected batch size) against each item's gradient
+    computed alone, with the item's own loss (not its share of the batch mean); σ = 0 so the update is exact."""
+    torch.manual_seed(0)
+    stage, expected_batch = MeanLossStage(), 4.0
+    x = torch.randn(6, 4, 8, 8)
+    x[0] *= 30  # far above the bound; the others are clipped less or not at all
+    net = stage.net
+    alone = [torch.autograd.grad(net(x[i:i + 1]).square().sum(), list(net.parameters())) for i in range(6)]
+    norms = [float(torch.sqrt(sum(g.square().sum() for g in grads))) for grads in alone]
+    bound = sorted(norms)[2]  # some items clipped, some not
+    factors = [min(1.0, bound / (n + 1e-6)) for n in norms]
+    expected = torch.cat([sum(grads[j] * f for grads, f in zip(alone, factors, strict=True)).flatten()
+                          for j in range(len(alone[0]))]) / expected_batch
+    trainer = Trainer(stage, TrainConfig(steps=1, grad_clip=0.0, ema_decay=0.0, amp=False))
+    ledger = PrivacyLedger(epsilon=8.0, delta=1e-3)
+    ledger.stages["toy"] = StageMechanism(noise_multiplier=0.0, sample_rate=0.5, planned_steps=1, share=1.0,
+                                          epsilon_cap=8.0)
+    make_private(trainer, ledger, stage="toy", max_grad_norm=bound, batch_size=expected_batch,
+                 generator=torch.Generator().manual_seed(0))
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: seen.append(
+        torch.cat([p.grad.flatten() for group in self.param_groups for p in group["params"]])))
+    trainer.train_step({"x": x})
+    assert torch.allclose(seen[0], expected, atol=1e-4 * bound, rtol=1e-3)
+    assert ledger.stage_steps["toy"] == 1
+
+
 def test_fast_optimizer_noise_has_the_mechanisms_std_and_mean_scaling() -> None:
     torch.manual_seed(0)
     net = nn.Linear(300, 200)
