@@ -28,8 +28,9 @@ allowed (GroupNorm, not BatchNorm), and no second gradient pass (the VAE's adapt
 that couples a batch's items (re-id's InfoNCE: the other patients are negatives) gets batch-level clipping
 instead (`echoflow.clients.dp_batch`): per-item clipping would bound nothing per patient there.
 
-Speed: `make_private` uses Opacus through `echoflow.clients.dp_engine` (grouped-convolution per-sample
-gradients, output-tensor hooks, no discarded summed weight gradients, vectorised clipping and noise) — the same
+Speed: `make_private` uses Opacus through `echoflow.clients.dp_engine` (grouped-convolution or per-tap GEMM
+per-sample gradients, output-tensor hooks, no discarded summed weight or bias gradients, vectorised clipping and
+noise; the hooked group back-propagates the sum of the items' losses, so no per-layer rescaling) — the same
 mechanism, so the same (σ, q, steps) and ε; ``benchmarks/federation.py`` prints the step-time ratio per network.
 """
 
