@@ -98,7 +98,7 @@ def dp_overhead(steps: int) -> None:
     Both draw from the same 256 synthetic examples of 64 patients (4 items each): DP by patient-level Poisson
     sampling (one item per sampled patient; expected batch = the federation's), plain by a uniform batch OF THE
     SAME SIZE as that step's Poisson batch, so both arms do the same work but for DP (a fixed plain batch of 8
-    against Poisson batches whose median is 7.5 favoured DP by a few percent). The draws are not timed. CPU time
+    against Poisson batches of mean 7.4-8.3 compared unequal work). The draws are not timed. CPU time
     of this one-thread process, not wall time: other processes on a shared machine then slow both arms less
     unevenly. The VAE runs as under DP (fixed adversarial weight), before and after its GAN term switches on
     (the generator loss then also runs the discriminator).
