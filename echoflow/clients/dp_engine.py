@@ -10,7 +10,7 @@ per-parameter Python loops of `DPOptimizer` (``scale_grad`` even re-walks all pa
 - `FastGradSampleModule` is Opacus' hook-based `GradSampleModule` with that sampler for Conv1d/2d/3d, output
   tensor hooks instead of module backward hooks, and no summed weight or bias gradients (DP-SGD discards
   them). With the bias's too (oneDNN computed the weight gradient whenever the bias's was asked for) and the
-  shifted sampler, the DP/plain step ratio fell from 1.6-1.7x to 1.1-1.35x on the demo networks
+  shifted sampler, the DP/plain step ratio fell from 1.3-1.7x to 1.1-1.4x on the demo networks
   (``benchmarks/federation.py --only dp``).
 - `FastDPOptimizer` is `DPOptimizer` clipping with one matrix-vector product per parameter, drawing the
   step's noise in one call and scaling with one fused op.
@@ -45,8 +45,9 @@ def conv_grad_sample(layer: Conv, activations: list[Tensor], backprops: Tensor) 
     """Per-sample gradients of a convolution's weight and bias, shaped ``(batch, *param.shape)``.
 
     Whichever sampler was fastest per layer of the demo networks (batch 8, one thread): `shifted_conv_grad_sample`
-    for kernels of at most 3 taps (1x1 and temporal (3, 1, 1) kernels, stride 1, one group: 1.3-3x faster than the
-    grouped sampler, which for temporal kernels was even slower than the plain step's summed gradient),
+    for kernels of at most 3 taps (1x1 and temporal (3, 1, 1) kernels, stride 1, one group: ~1.5-2x faster than the
+    grouped sampler on the (2+1)D networks' temporal layers, on par or faster on 1x1 ones; oneDNN's grouped and
+    summed weight gradients of temporal kernels were both slow),
     `grouped_conv_grad_sample` where it beats Opacus' im2col sampler, Opacus' otherwise, and for string padding,
     non-zero padding modes and empty batches.
     """
