@@ -41,8 +41,10 @@ def test_tiny_pipeline_end_to_end_then_resumes_without_redoing(tmp_path: Path, m
                         or decode(path, size=size))
     with start_run(cfg, "pipeline") as run:
         summary = run_pipeline(cfg)
-    # every trained model is read once per run, every video decoded once per process (the sites run in Ray)
-    assert loaded == dict.fromkeys(["vae", "image_flow", "reid", "video_flow", "ef"], 1)
+    # every trained model is read once per run (the parity regressors, trained in worker processes, once each
+    # after), every video decoded once per process (the sites run in Ray)
+    assert loaded == dict.fromkeys(["vae", "image_flow", "reid", "video_flow", "ef", "real", "synthetic",
+                                    "real+synthetic"], 1)
     assert decoded and set(decoded.values()) == {1}
     for artifact in ("summary/summary.json", "summary/summary.html", "summary/summary.md", "summary/ef_scatter.png",
                      "summary/loss_curves.png", "audit/audit.json", "audit/audit.html", "audit/released/FileList.csv"):

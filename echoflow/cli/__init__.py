@@ -8,7 +8,7 @@ import sys
 import typer
 
 from echoflow.cli.audit import audit_app
-from echoflow.cli.common import QUIET, limit_threads
+from echoflow.cli.common import QUIET
 from echoflow.cli.config import config_app
 from echoflow.cli.data import data_app
 from echoflow.cli.evaluate import evaluate_app
@@ -18,6 +18,7 @@ from echoflow.cli.runs import runs_app
 from echoflow.cli.sample import sample
 from echoflow.cli.simulate import simulate
 from echoflow.cli.train import train
+from echoflow.config import limit_threads
 from echoflow.errors import EchoFlowError
 from echoflow.progress import QUIET_ENV
 

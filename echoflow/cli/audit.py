@@ -14,8 +14,8 @@ import typer
 from echoflow.audit.decide import AuditFailedError
 from echoflow.audit.report import log_to_mlflow
 from echoflow.audit.site_index import build_site_index
-from echoflow.cli.common import OVERRIDES, apply_runtime
-from echoflow.config import load_config
+from echoflow.cli.common import OVERRIDES
+from echoflow.config import apply_runtime, load_config
 from echoflow.models.vae import AdversarialVAE
 from echoflow.study.models import Cohort, Models, trained_network
 from echoflow.study.run import audit_settings, audit_videos

@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import os
 
-import torch
 import typer
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig
-from threadpoolctl import threadpool_limits
 
 OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. `train.vae.optim.steps=500 data.sites=2`.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars (also off when stderr is not a terminal).")
 MULTIRUN = typer.Option(False, "--multirun", "-m", help="Sweep comma lists, e.g. `dp=none,eps8` (one run each).")
 
-
-
-def limit_threads(threads: int) -> None:
-    """Cap torch's and the BLAS/OpenMP pools' threads (1 per process ran 5-10x faster on 2 busy cores)."""
-    torch.set_num_threads(threads)
-    threadpool_limits(threads)
-
-
-def apply_runtime(cfg: DictConfig) -> None:
-    """Process-wide settings from the config: threads per process (``threads: 0`` = every core)."""
-    limit_threads(int(cfg.threads) or os.cpu_count() or 1)
 
 
 def sweep(overrides: list[str]) -> list[list[str]]:

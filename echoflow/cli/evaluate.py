@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from echoflow.cli.common import OVERRIDES, apply_runtime
-from echoflow.config import load_config, plain
+from echoflow.cli.common import OVERRIDES
+from echoflow.config import apply_runtime, load_config, plain
 from echoflow.stages.networks import load_network
 from echoflow.study.ef_following import DEFAULT_EFS, video_flow_report
 from echoflow.study.evaluate import evaluate_models

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from echoflow.cli.common import MULTIRUN, OVERRIDES, apply_runtime, sweep
-from echoflow.config import load_config
+from echoflow.cli.common import MULTIRUN, OVERRIDES, sweep
+from echoflow.config import apply_runtime, load_config
 from echoflow.study.run import run_pipeline
 from echoflow.tracking import start_run
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 import typer
 
-from echoflow.cli.common import OVERRIDES, apply_runtime
-from echoflow.config import load_config
+from echoflow.cli.common import OVERRIDES
+from echoflow.config import apply_runtime, load_config
 from echoflow.study.generate import Sampling, generate_videos, write_synthetic
 from echoflow.study.models import Models
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from echoflow.cli.common import OVERRIDES, QUIET, apply_runtime
-from echoflow.config import load_config
+from echoflow.cli.common import OVERRIDES, QUIET
+from echoflow.config import apply_runtime, load_config
 from echoflow.stages import STAGES
 from echoflow.study.centralized import train_stages
 from echoflow.study.models import Cohort

@@ -28,8 +28,9 @@ allowed (GroupNorm, not BatchNorm), and no second gradient pass (the VAE's adapt
 that couples a batch's items (re-id's InfoNCE: the other patients are negatives) gets batch-level clipping
 instead (`echoflow.clients.dp_batch`): per-item clipping would bound nothing per patient there.
 
-Speed: `make_private` uses Opacus through `echoflow.clients.dp_engine` (grouped-convolution per-sample
-gradients, output-tensor hooks, no discarded summed weight gradients, vectorised clipping and noise) — the same
+Speed: `make_private` uses Opacus through `echoflow.clients.dp_engine` (grouped-convolution or per-tap GEMM
+per-sample gradients, output-tensor hooks, no discarded summed weight or bias gradients, vectorised clipping and
+noise; the hooked group back-propagates the sum of the items' losses, so no per-layer rescaling) — the same
 mechanism, so the same (σ, q, steps) and ε; ``benchmarks/federation.py`` prints the step-time ratio per network.
 """
 
@@ -198,6 +199,11 @@ class PrivateStage:
     ``zero_grad``, so its hooks are off then. Poisson sampling draws no example with probability (1-q)^n.
     Skipping that step would reveal the draw; instead every group gets zero per-sample gradients and its
     DPOptimizer adds noise as usual.
+
+    A stage's loss is a batch mean, so item i's share of its gradient is 1/n of the item's own gradient. A
+    group with per-sample hooks back-propagates n × the loss (the sum of the items' losses; its value is still
+    the mean, for the logs), and the hooks, made with ``loss_reduction="sum"``, record each item's own gradient
+    with no per-layer rescaling (one multiplication per layer and step saved).
     """
 
     def __init__(self, stage: Stage, hooks: dict[str, GradSampleModule]) -> None:
@@ -211,8 +217,12 @@ class PrivateStage:
         """The stage's loss, or a zero loss with empty per-sample gradients when the batch is empty."""
         for name, hooks in self.hooks.items():
             hooks.hooks_enabled = name == group
-        if batch_size_of(batch) > 0:
-            return self.stage.loss(group, batch, step=step)
+        n = batch_size_of(batch)
+        if n > 0:
+            loss, logged = self.stage.loss(group, batch, step=step)
+            if group in self.hooks:  # gradient n x the mean's, value the mean
+                loss = loss * n - (loss * (n - 1)).detach()
+            return loss, logged
         params = [p for p in self.groups()[group].parameters() if p.requires_grad]
         for p in params:
             p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]
@@ -303,7 +313,7 @@ def make_private(trainer: Trainer, ledger: PrivacyLedger, *, stage: str, max_gra
         if problems:
             raise EchoFlowError(f"dp: group {name!r} cannot be trained with DP-SGD: {problems[0]}")
         # hooks live on net's layers; the stage calls net itself
-        hooks[name] = FastGradSampleModule(net, loss_reduction="mean")
+        hooks[name] = FastGradSampleModule(net, loss_reduction="sum")  # PrivateStage sums the items' losses
     sigma = ledger.stages[stage].noise_multiplier * math.sqrt(len(groups))
 
     def count(_optimizer: DPOptimizer) -> None:

@@ -5,9 +5,13 @@ convolution gradients (im2col: the input copied k² times, then one matmul per s
 per-parameter Python loops of `DPOptimizer` (``scale_grad`` even re-walks all parameters for each one).
 
 - `conv_grad_sample` computes a convolution's per-sample weight gradients with ONE grouped
-  ``convolution_backward`` (the batch folded into the channel groups), the same sums without the copies.
+  ``convolution_backward`` (the batch folded into the channel groups), the same sums without the copies, or,
+  for kernels of at most 3 taps, with one batched GEMM per tap on shifted views of the input.
 - `FastGradSampleModule` is Opacus' hook-based `GradSampleModule` with that sampler for Conv1d/2d/3d, output
-  tensor hooks instead of module backward hooks, and no summed weight gradients (DP-SGD discards them).
+  tensor hooks instead of module backward hooks, and no summed weight or bias gradients (DP-SGD discards
+  them). With the bias's too (oneDNN computed the weight gradient whenever the bias's was asked for) and the
+  shifted sampler, the DP/plain step ratio fell from 1.3-1.7x to 1.1-1.4x on the demo networks
+  (``benchmarks/federation.py --only dp``).
 - `FastDPOptimizer` is `DPOptimizer` clipping with one matrix-vector product per parameter, drawing the
   step's noise in one call and scaling with one fused op.
 
@@ -17,6 +21,8 @@ Nothing here changes the mechanism: per-sample gradients, the clipping bound C, 
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any, ClassVar
@@ -38,14 +44,21 @@ Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 def conv_grad_sample(layer: Conv, activations: list[Tensor], backprops: Tensor) -> dict[Tensor, Tensor]:
     """Per-sample gradients of a convolution's weight and bias, shaped ``(batch, *param.shape)``.
 
-    `grouped_conv_grad_sample` where it is faster than Opacus' im2col sampler (measured per layer of the demo
-    networks, batch 8, one thread); Opacus' otherwise, and for string padding, non-zero padding modes and empty
-    batches.
+    Whichever sampler was fastest per layer of the demo networks (batch 8, one thread): `shifted_conv_grad_sample`
+    for kernels of at most 3 taps (1x1 and temporal (3, 1, 1) kernels, stride 1, one group: ~1.5-2x faster than the
+    grouped sampler on the (2+1)D networks' temporal layers, on par or faster on 1x1 ones; oneDNN's grouped and
+    summed weight gradients of temporal kernels were both slow),
+    `grouped_conv_grad_sample` where it beats Opacus' im2col sampler, Opacus' otherwise, and for string padding,
+    non-zero padding modes and empty batches.
     """
-    if (len(activations[0]) == 0 or isinstance(layer.padding, str) or layer.padding_mode != "zeros"
-            or not _grouped_is_faster(layer, backprops)):
+    if len(activations[0]) == 0 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
         return compute_conv_grad_sample(layer, activations, backprops)
-    return grouped_conv_grad_sample(layer, activations[0].to(backprops.dtype), backprops)
+    x = activations[0].to(backprops.dtype)
+    if layer.groups == 1 and set(layer.stride) == {1} and math.prod(layer.kernel_size) <= 3:
+        return shifted_conv_grad_sample(layer, x, backprops)
+    if not _grouped_is_faster(layer, backprops):
+        return compute_conv_grad_sample(layer, activations, backprops)
+    return grouped_conv_grad_sample(layer, x, backprops)
 
 
 def _grouped_is_faster(layer: Conv, backprops: Tensor) -> bool:
@@ -81,6 +94,37 @@ def grouped_conv_grad_sample(layer: Conv, x: Tensor, backprops: Tensor) -> dict[
             [False, True, False],
         )
         grads[layer.weight] = weight_grad.view(n, *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        grads[layer.bias] = backprops.flatten(2).sum(2)
+    return grads
+
+
+def shifted_conv_grad_sample(layer: Conv, x: Tensor, backprops: Tensor) -> dict[Tensor, Tensor]:
+    """Per-sample gradients of a stride-1, one-group convolution: one batched GEMM per kernel tap.
+
+    On the zero-padded input's grid flattened to one axis, kernel tap ``j`` reads the input shifted by a fixed
+    offset ``o_j``; with the output gradient laid on the same grid (zeros outside the output), the tap's
+    per-sample weight gradient is ``backprops_grid[:, :, :L] @ x_grid[:, :, o_j:o_j + L]ᵀ`` (a strided view, no
+    copy). A few long GEMMs: what a 1x1 or a temporal (3, 1, 1) kernel needs.
+    """
+    if isinstance(layer.padding, str) or layer.groups != 1 or set(layer.stride) != {1}:
+        raise EchoFlowError("dp: the shifted sampler needs numeric padding, stride 1 and one group")
+    n = len(x)
+    grads: dict[Tensor, Tensor] = {}
+    if layer.weight.requires_grad:
+        padding = [side for pad in reversed(layer.padding) for side in (pad, pad)]
+        padded = F.pad(x, padding) if any(padding) else x
+        grid = padded.shape[2:]
+        room = [side for out, size in zip(reversed(backprops.shape[2:]), reversed(grid), strict=True)
+                for side in (0, size - out)]
+        on_grid = (F.pad(backprops, room) if any(room) else backprops).flatten(2)
+        flat = padded.flatten(2)
+        steps = [math.prod(grid[i + 1:]) for i in range(len(grid))]
+        offsets = [sum(t * d * step for t, d, step in zip(tap, layer.dilation, steps, strict=True))
+                   for tap in itertools.product(*(range(k) for k in layer.kernel_size))]
+        length = flat.shape[2] - max(offsets)
+        taps = [torch.bmm(on_grid[:, :, :length], flat[:, :, o:o + length].transpose(1, 2)) for o in offsets]
+        grads[layer.weight] = torch.stack(taps, dim=-1).view(n, *layer.weight.shape)
     if layer.bias is not None and layer.bias.requires_grad:
         grads[layer.bias] = backprops.flatten(2).sum(2)
     return grads
@@ -128,11 +172,13 @@ class FastGradSampleModule(GradSampleModule):
       that forward's input, instead of a module full-backward hook (which wraps every layer's inputs and
       outputs in an extra autograd function on each forward and backward) and Opacus' per-module activation
       lists, counters and zero-filled staging copies. Opacus' grad samplers compute the per-sample gradients.
-    - Autograd would also compute every convolution's and linear layer's summed weight gradient, which DP-SGD
-      discards (the optimiser uses the clipped per-sample gradients): the weight stops requiring a gradient for
-      the duration of the layer's forward, so the backward computes only the input gradient. A layer whose
-      input needs no gradient (the first) keeps its weight gradient: without it the layer would have no
-      backward at all.
+    - Autograd would also compute every convolution's and linear layer's summed weight and bias gradients,
+      which DP-SGD discards (the optimiser uses the clipped per-sample gradients): weight and bias stop
+      requiring a gradient for the duration of the layer's forward, so the backward computes only the input
+      gradient. The bias matters as much as the weight: oneDNN's convolution backward computes the weight
+      gradient whenever the bias gradient is asked for (the demo VAE's backward: 72 ms with the bias's
+      gradient, 47 ms without; one thread). A layer whose input needs no gradient (the first) keeps both:
+      without them the layer would have no backward at all.
     """
 
     GRAD_SAMPLERS: ClassVar[dict[type[nn.Module], Callable[..., dict[Tensor, Tensor]]]] = {
@@ -153,8 +199,13 @@ class FastGradSampleModule(GradSampleModule):
             raise EchoFlowError("dp: per-sample gradients need the batch dimension first")
         self.autograd_grad_sample_hooks: list[Any] = []
         self._module.autograd_grad_sample_hooks = self.autograd_grad_sample_hooks
-        self._switched_off: set[nn.Module] = set()
+        self._switched_off: dict[nn.Module, list[nn.Parameter]] = {}
+        # each layer's own parameters and their size, listed once: ``module.parameters()`` walks a generator
+        # (three calls per layer per step were 3 ms of a 64 ms image-flow step)
+        self._own: dict[nn.Module, tuple[list[nn.Parameter], int]] = {}
         for module in self.iterate_submodules(self._module):
+            own = list(module.parameters(recurse=False))
+            self._own[module] = own, sum(p.numel() for p in own)
             if force_functorch or type(module) not in self.GRAD_SAMPLERS:
                 prepare_layer(module, batch_first=True)
             self.autograd_grad_sample_hooks.append(module.register_forward_hook(self._after_forward, always_call=True))
@@ -164,19 +215,19 @@ class FastGradSampleModule(GradSampleModule):
 
     def _weight_grad_off(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args else None
-        weight = module.weight
-        if (self.hooks_enabled and module.training and torch.is_grad_enabled() and weight.requires_grad
+        if (self.hooks_enabled and module.training and torch.is_grad_enabled() and module.weight.requires_grad
                 and isinstance(x, Tensor) and x.requires_grad):
-            weight.requires_grad_(False)
-            self._switched_off.add(module)
+            switched = [p for p in self._own[module][0] if p.requires_grad]
+            for p in switched:
+                p.requires_grad_(False)
+            self._switched_off[module] = switched
 
     def _after_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        """Restore the weight; hand this forward's input to a hook on its output (no per-module bookkeeping)."""
-        if module in self._switched_off:
-            self._switched_off.discard(module)
-            module.weight.requires_grad_(True)
+        """Restore weight and bias; hand this forward's input to a hook on its output (no per-module bookkeeping)."""
+        for p in self._switched_off.pop(module, ()):
+            p.requires_grad_(True)
         if not (self.hooks_enabled and module.training and torch.is_grad_enabled()
-                and any(p.requires_grad for p in module.parameters(recurse=False))):
+                and any(p.requires_grad for p in self._own[module][0])):
             return
         if not (isinstance(output, Tensor) and output.requires_grad):
             raise EchoFlowError(f"dp: {type(module).__name__} output carries no gradient for per-sample gradients")
@@ -192,7 +243,7 @@ class FastGradSampleModule(GradSampleModule):
         # whichever is smaller, the layer's output gradient or its per-sample gradients
         n = len(activations[0])
         scale = n if self.loss_reduction == "mean" else 1
-        per_sample_size = n * sum(p.numel() for p in module.parameters(recurse=False))
+        per_sample_size = n * self._own[module][1]
         scale_first = scale != 1 and backprops.numel() <= per_sample_size
         grads = sampler(module, activations, backprops * scale if scale_first else backprops)
         for p, grad in grads.items():

@@ -8,7 +8,7 @@ Outputs live in the run's working directory (``cfg.workdir``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,11 +45,13 @@ def train_stages(cfg: DictConfig, names: Sequence[str], cohort: Cohort, *, quiet
 
 
 def train_stage(name: str, cfg: DictConfig, sites: Sequence[SiteData], *, out: Path | None = None,
-                quiet: bool = False) -> nn.Module:
+                quiet: bool = False, on_metrics: Callable[[int, dict[str, float]], None] | None = None
+                ) -> nn.Module:
     """Train stage ``name`` on ``sites`` (pixels or latents as the stage needs), resuming if interrupted.
 
     Returns the final network (EMA weights when kept), also saved to ``<out>/model.safetensors`` (default
-    ``out``: ``<workdir>/<name>``, where `trained_network` looks).
+    ``out``: ``<workdir>/<name>``, where `trained_network` looks). Training metrics go to ``on_metrics``
+    (default: the active MLflow run, as ``<name>/<metric>``).
     For the VAE, the latent scale (1 / std of latent means on the training frames) is measured and stored.
     Initial weights come from ``cfg.seed`` alone (as the federation server's do), not from whatever drew random
     numbers earlier in the process: the parity regressors start equal, and a resumed pipeline trains as a fresh one.
@@ -62,7 +64,7 @@ def train_stage(name: str, cfg: DictConfig, sites: Sequence[SiteData], *, out: P
     trainer.resume(out)
     dataset = stage_dataset(name, sites, clip_frames=cfg.data.clip_frames, clip_fps=cfg.data.clip_fps)
     trainer.fit(random_batches(dataset, batch_size=trainer.config.batch_size), checkpoint_dir=out,
-                on_metrics=log_metrics(name), quiet=quiet)
+                on_metrics=on_metrics or log_metrics(name), quiet=quiet)
     net = trainer.averaged_model().cpu().eval()
     if isinstance(net, AdversarialVAE):
         measure_latent_scale(net, to_unit(np.concatenate([video for site in sites for video in site.videos]))

@@ -17,7 +17,10 @@ regressors live in ``<workdir>/parity/<source>/``.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,15 +32,19 @@ from scipy import linalg
 from torch import Tensor, nn
 
 from echoflow.audit.embed import embed
-from echoflow.data.sites import ClipDataset, SiteData
+from echoflow.config import limit_threads, plain, threads_of
+from echoflow.data.sites import ClipDataset, SiteData, load_sites
 from echoflow.errors import EchoFlowError
 from echoflow.models.flow import Method, Target
 from echoflow.models.reid import verification_auc
 from echoflow.models.vae import AdversarialVAE
+from echoflow.progress import progress_bar
 from echoflow.stages.data import encode_sites
+from echoflow.stages.networks import load_network
 from echoflow.study.centralized import train_stage
 from echoflow.study.generate import animate_frames, decode_clips, sample_latent_frames
 from echoflow.study.models import Cohort, Models, trained_network
+from echoflow.tracking import log_metrics
 
 
 @dataclass(frozen=True)
@@ -199,15 +206,38 @@ def score(pred: np.ndarray, truth: np.ndarray, site: np.ndarray, names: Sequence
     return scores
 
 
-def train_regressors(cfg: DictConfig, cohort: Cohort, released: Path | None, *,
-                     quiet: bool = False) -> dict[str, nn.Module]:
-    """EF regressors on each source; ``released`` None (nothing released) trains the real one only."""
+def train_regressors(cfg: DictConfig, cohort: Cohort, released: Path | None) -> dict[str, nn.Module]:
+    """EF regressors on each source; ``released`` None (nothing released) trains the real one only.
+
+    The regressors train side by side, one process of ``cfg.threads`` threads per core (forked: no re-import),
+    each seeded as if alone, so the weights are those of training them one after another. Each one's loss curve
+    goes to MLflow as ``parity/<source>/<metric>`` (``+`` spelt ``_plus_``); a finished regressor is read back.
+    """
     out = Path(cfg.workdir) / "parity"
     data = {"real": list(cohort.roots)}
     if released is not None:
         data |= {"synthetic": [released], "real+synthetic": [*cohort.roots, released]}
-    return {source: train_stage("ef", cfg, cohort.sites(roots, "TRAIN"), out=out / source, quiet=quiet)
-            for source, roots in data.items()}
+    jobs = [(cfg, source, roots, cohort.size, out / source) for source, roots in data.items()]
+    workers = min(len(jobs), max(1, (os.cpu_count() or 1) // threads_of(cfg)))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        done = pool.map(_train_regressor, jobs)  # forks the workers before the progress display starts its thread
+        with progress_bar(f"train EF regressors ({', '.join(data)})", total=len(jobs)) as advance:
+            for source, curve in done:
+                log = log_metrics(f"parity/{source.replace('+', '_plus_')}")  # MLflow names: no "+"
+                for step, values in curve:
+                    log(step, values)
+                advance(1)
+    return {source: load_network("ef", plain(cfg.model), out / source / "model.safetensors") for source in data}
+
+
+def _train_regressor(job: tuple[DictConfig, str, list[Path], int, Path]) -> tuple[str, list[tuple[int, dict]]]:
+    """One parity regressor, in a worker process; returns its source and logged (step, metrics)."""
+    cfg, source, roots, size, out = job
+    limit_threads(threads_of(cfg))
+    curve: list[tuple[int, dict]] = []
+    train_stage("ef", cfg, load_sites(roots, size=size, splits=["TRAIN"]), out=out, quiet=True,
+                on_metrics=lambda step, values: curve.append((step, values)))
+    return source, curve
 
 
 def score_regressors(cfg: DictConfig, regressors: dict[str, nn.Module], cohort: Cohort) -> dict[str, Any]:

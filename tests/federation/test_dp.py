@@ -4,6 +4,7 @@ exhaustion, and the faster Opacus engine (per-sample gradients, the clipping bou
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,12 @@ from echoflow.clients.dp import (
     patient_groups,
     poisson_batches,
 )
-from echoflow.clients.dp_engine import FastDPOptimizer, FastGradSampleModule, grouped_conv_grad_sample
+from echoflow.clients.dp_engine import (
+    FastDPOptimizer,
+    FastGradSampleModule,
+    grouped_conv_grad_sample,
+    shifted_conv_grad_sample,
+)
 from echoflow.clients.policy import setup_of
 from echoflow.clients.settings import ClientSettings
 from echoflow.clients.site import train_round
@@ -168,10 +174,30 @@ def test_site_stops_when_the_next_round_would_exceed_its_budget(tmp_path: Path) 
     ],
 )
 def test_grouped_conv_grad_sample_equals_opacus(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
+    assert_sampler_equals_opacus(grouped_conv_grad_sample, layer)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv3d(8, 16, (3, 1, 1), padding=(1, 0, 0)),  # the (2+1)D networks' temporal kernel
+        nn.Conv3d(6, 4, (3, 1, 1), padding=(2, 0, 0), dilation=(2, 1, 1), bias=False),
+        nn.Conv2d(16, 8, 1),
+        nn.Conv2d(3, 5, (1, 3), padding=(0, 2)),  # padding wider than the kernel needs: a larger output
+        nn.Conv1d(3, 4, 3, padding=1),
+        nn.Conv2d(4, 6, 3, padding=1),  # 9 taps: the dispatcher sends it elsewhere, the sampler is still exact
+    ],
+)
+def test_shifted_conv_grad_sample_equals_opacus(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
+    assert_sampler_equals_opacus(shifted_conv_grad_sample, layer)
+
+
+def assert_sampler_equals_opacus(sampler: Callable[..., dict[torch.Tensor, torch.Tensor]],
+                                 layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
     x = torch.randn(5, layer.in_channels, *[9] * (layer.weight.dim() - 2))
     backprops = torch.randn_like(layer(x))
     reference = compute_conv_grad_sample(layer, [x], backprops)
-    fast = grouped_conv_grad_sample(layer, x, backprops)
+    fast = sampler(layer, x, backprops)
     assert fast.keys() == reference.keys()
     for p, grad in reference.items():
         assert fast[p].shape == (5, *p.shape)
@@ -197,7 +223,9 @@ def test_fast_module_gives_each_samples_own_gradient_and_restores_trainable_weig
     per_sample_loss = net(x).square().sum(dim=1)
     (per_sample_loss.sum() if reduction == "sum" else per_sample_loss.mean()).backward()
     assert all(p.requires_grad for p in net.parameters())
-    assert net.body[3].weight.grad is None and net.body[0].weight.grad is not None  # summed grad skipped after input
+    # summed weight AND bias gradients skipped after the input (oneDNN computes the weight's with the bias's)
+    assert net.body[3].weight.grad is None and net.body[3].bias.grad is None
+    assert net.body[0].weight.grad is not None and net.body[0].bias.grad is not None  # the first layer keeps them
     for j, p in enumerate(net.parameters()):
         for i in range(4):
             assert torch.allclose(p.grad_sample[i], alone[i][j], atol=1e-5, rtol=1e-4)
@@ -259,6 +287,49 @@ def test_dp_step_clips_each_samples_own_gradient_computed_alone(net_type: type[n
     for p, want in zip(net.parameters(), expected, strict=True):
         assert torch.allclose(p.grad, want, atol=1e-6, rtol=1e-3)
     assert torch.sqrt(sum(p.grad.square().sum() for p in net.parameters())) <= 6 * bound * (1 + 1e-4)
+
+
+class MeanLossStage:
+    """A one-group stage with a batch-MEAN loss over TwoViewNet, as the real stages have."""
+
+    name = "toy"
+
+    def __init__(self) -> None:
+        self.net = TwoViewNet()
+
+    def groups(self) -> dict[str, nn.Module]:
+        return {"model": self.net}
+
+    def loss(self, group: str, batch: dict[str, torch.Tensor], *, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.net(batch["x"]).square().sum(dim=1).mean(), {}
+
+
+def test_make_private_releases_the_mean_of_each_items_own_gradient_clipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole DP path (mean loss, hooks, clipping, 1 / expected batch size) against each item's gradient
+    computed alone, with the item's own loss (not its share of the batch mean); σ = 0 so the update is exact."""
+    torch.manual_seed(0)
+    stage, expected_batch = MeanLossStage(), 4.0
+    x = torch.randn(6, 4, 8, 8)
+    x[0] *= 30  # far above the bound; the others are clipped less or not at all
+    net = stage.net
+    alone = [torch.autograd.grad(net(x[i:i + 1]).square().sum(), list(net.parameters())) for i in range(6)]
+    norms = [float(torch.sqrt(sum(g.square().sum() for g in grads))) for grads in alone]
+    bound = sorted(norms)[2]  # some items clipped, some not
+    factors = [min(1.0, bound / (n + 1e-6)) for n in norms]
+    expected = torch.cat([sum(grads[j] * f for grads, f in zip(alone, factors, strict=True)).flatten()
+                          for j in range(len(alone[0]))]) / expected_batch
+    trainer = Trainer(stage, TrainConfig(steps=1, grad_clip=0.0, ema_decay=0.0, amp=False))
+    ledger = PrivacyLedger(epsilon=8.0, delta=1e-3)
+    ledger.stages["toy"] = StageMechanism(noise_multiplier=0.0, sample_rate=0.5, planned_steps=1, share=1.0,
+                                          epsilon_cap=8.0)
+    make_private(trainer, ledger, stage="toy", max_grad_norm=bound, batch_size=expected_batch,
+                 generator=torch.Generator().manual_seed(0))
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: seen.append(
+        torch.cat([p.grad.flatten() for group in self.param_groups for p in group["params"]])))
+    trainer.train_step({"x": x})
+    assert torch.allclose(seen[0], expected, atol=1e-4 * bound, rtol=1e-3)
+    assert ledger.stage_steps["toy"] == 1
 
 
 def test_fast_optimizer_noise_has_the_mechanisms_std_and_mean_scaling() -> None:
