@@ -340,6 +340,8 @@ class BoundedIVFIndex(SiteIndex):
         if not found:
             return _no_pairs(k)
         r, pos = (np.concatenate(x) for x in zip(*found, strict=True))
+        by_row = np.argsort(pos, kind="stable")  # the real rows gathered in storage order
+        r, pos = r[by_row], pos[by_row]
         sim = np.full((len(r), k), -np.inf, dtype=np.float32)
         sim[:, 0] = np.einsum("ij,ij->i", q[r], self._members(pos))
         return r, sim, np.repeat(pos[:, None], k, axis=1), self._shell_size[shells]
