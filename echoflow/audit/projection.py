@@ -9,7 +9,7 @@ outside span(V),
 So a pair can reach τ only if its (m+1)-dimensional product does: the bounded IVF clusters, bounds and filters the
 z's (m+1 = 25 numbers a pair instead of D = 128) and computes the exact product only for the pairs the filter
 keeps. Re-id embeddings are nearly low-rank (on the audit benchmark's data the top 24 of 128 directions hold 94 %
-of the energy), so the bound is tight: ~1e-5 of all pairs pass it at the audit's τ.
+of the energy), so the bound is tight: ~4e-5 of all pairs pass it at the audit's τ.
 
 z is computed in float64 (exact to ~1e-15) and stored in float32 (rounding ~1e-7, inside the bounded IVF's float32
 margin). A site's real rows are normalised in float64 on the way (`bound_space`): their prepared float32 copies,
