@@ -49,12 +49,19 @@ class EFRegressor(nn.Module):
 
     Args:
         channels: output channels per block (demo (16, 32, 64, 128): about 0.16 M parameters).
+        input_blur: sigma (pixels) of a fixed Gaussian blur applied to every clip it reads, in training and at test
+            alike (0 = none): EF lives in the ventricle's shape and motion, not in speckle, and a regressor that
+            never sees speckle cannot fit it. On the demo (64 px) sigma 1.5 cut the real-trained MAE 4.9 -> 3.0 and
+            the synthetic-trained one 11.7 -> 10.2 (README "Regressor recipe").
     """
 
-    def __init__(self, *, channels: Sequence[int] = (16, 32, 64, 128)) -> None:
+    def __init__(self, *, channels: Sequence[int] = (16, 32, 64, 128), input_blur: float = 0.0) -> None:
         super().__init__()
         if not channels or min(channels) < 1:
             raise EchoFlowError(f"model.ef.channels: need one or more positive widths, got {tuple(channels)}")
+        if input_blur < 0:
+            raise EchoFlowError(f"model.ef.input_blur: need a sigma >= 0 pixels, got {input_blur}")
+        self.input_blur = input_blur
         blocks: list[nn.Module] = []
         prev = 1
         for i, ch in enumerate(channels):
@@ -69,6 +76,8 @@ class EFRegressor(nn.Module):
         """Clips (B, 1, T, H, W) in [-1, 1] -> EF percent (B,)."""
         if clip.ndim != 5 or clip.shape[1] != 1:
             raise EchoFlowError(f"clip: expected (B, 1, T, H, W), got {tuple(clip.shape)}")
+        if self.input_blur > 0:
+            clip = _blur(clip, clip.new_full((clip.shape[0],), self.input_blur))
         return 100.0 * self.head(self.features(clip)).squeeze(-1)
 
 

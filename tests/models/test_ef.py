@@ -3,7 +3,7 @@ import torch
 from torch import Tensor, nn
 
 from echoflow.errors import EchoFlowError
-from echoflow.models.ef import EFRegressor, augment_clip, ef_loss
+from echoflow.models.ef import EFRegressor, _blur, augment_clip, ef_loss
 from tests.models.test_vae import assert_dp_compatible
 
 
@@ -77,3 +77,19 @@ def test_ef_regressor_is_dp_compatible() -> None:
         return ef_loss(m(clips), ef)
 
     assert_dp_compatible(EFRegressor(channels=(8, 16)), loss, 2)
+
+
+def test_input_blur_reads_every_clip_low_passed_and_ignores_speckle() -> None:
+    torch.manual_seed(0)
+    sharp, blurred = EFRegressor(channels=(4, 8)), EFRegressor(channels=(4, 8), input_blur=1.5)
+    for net in (sharp, blurred):
+        nn.init.normal_(net.head.weight, std=1.0)
+    blurred.load_state_dict(sharp.state_dict())
+    clips = beating_clips(torch.tensor([30.0, 60.0]), size=64)
+    # the same weights read a clip exactly as the sharp regressor reads its Gaussian-blurred copy
+    torch.testing.assert_close(blurred(clips), sharp(_blur(clips, torch.full((2,), 1.5))))
+    # pixel-scale speckle moves the blurred reading far less than the sharp one
+    speckled = (clips + 0.3 * torch.randn_like(clips)).clamp(-1, 1)
+    assert (blurred(speckled) - blurred(clips)).abs().max() < 0.5 * (sharp(speckled) - sharp(clips)).abs().max()
+    with pytest.raises(EchoFlowError, match="input_blur"):
+        EFRegressor(input_blur=-1.0)
