@@ -44,6 +44,7 @@ from echoflow.stages.objectives import FlowStage
 from echoflow.stages.trainer import TrainConfig, Trainer, random_batches
 from echoflow.study.ef_following import following
 from echoflow.study.meter import fit_segmenter
+from echoflow.study.protocol import seed_interval
 
 PATCH, COMPONENTS = 4, 4
 
@@ -119,11 +120,8 @@ def summarize(results: Path, *, reference: str) -> None:
         groups.setdefault((row["arm"], row["guidance"]), {})[row["seed"]] = row
 
     def mean_ci(values: list[float]) -> str:
-        v = np.asarray(values)
-        if len(v) < 2:
-            return f"{v.mean():.3f}"
-        half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
-        return f"{v.mean():.3f} ± {half:.3f}"
+        mean, half = seed_interval(values)
+        return f"{mean:.3f} ± {half:.3f}" if len(values) > 1 else f"{mean:.3f}"
 
     print("| arm | guidance | seeds | " + " | ".join(keys) + f" | Δ MAE vs {reference} (paired) |")
     print("|" + " --- |" * (len(keys) + 4))

@@ -1,4 +1,4 @@
-"""Parity protocol pieces: requested EFs for generation and the paired-bootstrap CI of the MAE ratio."""
+"""Parity protocol pieces: requested EFs for generation, the paired-bootstrap CI of the MAE ratio, seed intervals."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from scipy import stats
 
 from echoflow.errors import EchoFlowError
 
@@ -68,3 +69,11 @@ def paired_mae_ratio(error_a: np.ndarray, error_b: np.ndarray, *, resamples: int
     boot = a[index].mean(1) / np.maximum(b[index].mean(1), 1e-12)
     low, high = np.percentile(boot, [2.5, 97.5])
     return Ratio(float(a.mean() / max(b.mean(), 1e-12)), float(low), float(high), len(a))
+
+
+def seed_interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of the Student-t 95 % interval of a result over seeds (half-width 0 for one seed)."""
+    v = np.asarray(values, float)
+    if len(v) < 2:
+        return float(v.mean()), 0.0
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))

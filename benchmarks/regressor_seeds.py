@@ -1,0 +1,103 @@
+"""The parity regressors over seeds: how much of the synthetic-real gap is the recipe, the VAE, or the video flow?
+
+On a finished demo (or parity) workdir, trains the pipeline's EF regressor recipe (``train.ef`` with
+``pipeline.ef_steps`` steps, ``model.ef``) once per seed on each arm and tests every regressor on the real TEST
+splits (first clip of each video):
+
+- ``real``: the sites' real TRAIN videos (the pipeline's ``real`` row);
+- ``synthetic``: the released videos (``<workdir>/audit/released``; the ``synthetic`` row);
+- ``reconstructed``: the VAE's reconstructions of the real TRAIN videos with their true EFs — what a perfect video
+  flow could give at best through this VAE (the texture gap alone).
+
+Prints each arm's MAE per seed and its mean with a t 95 % interval over seeds, then every other arm's ratio to
+``real`` from the seed-averaged per-video errors with a paired-bootstrap 95 % interval over test videos, as
+``RESULT`` lines. Regressors train two at a time (forked, one thread each) under
+``<workdir>/regressor_seeds/<tag>/``; a finished one is read back. Config overrides follow the options:
+
+    python benchmarks/regressor_seeds.py runs/demo --seeds 0 1 2 3 --tag plain model.ef.input_blur=0
+    python benchmarks/regressor_seeds.py runs/demo --seeds 0 1 2 3 --tag blur
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from echoflow.cli.pipeline import with_pipeline
+from echoflow.config import limit_threads, load_config, plain
+from echoflow.data.intensity import to_uint8, to_unit
+from echoflow.data.sites import SiteData
+from echoflow.stages.networks import load_network
+from echoflow.study.centralized import train_stage
+from echoflow.study.evaluate import first_clips, measure_ef, reconstruct
+from echoflow.study.models import Cohort, Models
+from echoflow.study.protocol import paired_mae_ratio, seed_interval
+
+ARMS = ("real", "synthetic", "reconstructed")
+
+
+def arm_sites(cfg: DictConfig, cohort: Cohort, arm: str) -> list[SiteData]:
+    """The TRAIN videos an arm's regressor learns from (see the module docstring)."""
+    if arm == "real":
+        return cohort.split("TRAIN")
+    if arm == "synthetic":
+        return cohort.sites([Path(cfg.workdir) / "audit" / "released"], "TRAIN")
+    vae = Models.load(cfg).vae
+    with torch.no_grad():
+        return [replace(site, videos=[to_uint8(reconstruct(vae, to_unit(v)[None, None])[0, 0]) for v in site.videos])
+                for site in cohort.split("TRAIN")]
+
+
+def train_one(job: tuple[DictConfig, list[SiteData], Path]) -> None:
+    """One regressor (a worker process, one thread)."""
+    cfg, sites, out = job
+    limit_threads(1)
+    train_stage("ef", cfg, sites, out=out, quiet=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--tag", default="default", help="subfolder of <workdir>/regressor_seeds for these runs")
+    args, overrides = parser.parse_known_args()
+    limit_threads(1)
+    cfg = load_config(with_pipeline([f"workdir={args.workdir}", *overrides]))
+    OmegaConf.update(cfg, "train.ef.optim.steps", cfg.pipeline.ef_steps)
+    cohort = Cohort.of(cfg)
+    out = args.workdir / "regressor_seeds" / args.tag
+    data = {arm: arm_sites(cfg, cohort, arm) for arm in args.arms}
+    seeded = {seed: OmegaConf.merge(cfg, {"seed": seed}) for seed in args.seeds}
+    jobs = [(seeded[seed], data[arm], out / f"{arm}_{seed}") for arm in args.arms for seed in args.seeds]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        list(pool.map(train_one, jobs))
+    clips, truth, _ = first_clips(cohort.split("TEST"), frames=cfg.data.clip_frames, fps=cfg.data.clip_fps)
+    errors: dict[str, np.ndarray] = {}  # arm -> (seeds, videos) absolute errors
+    for arm in args.arms:
+        rows = []
+        for seed in args.seeds:
+            regressor = load_network("ef", plain(cfg.model), out / f"{arm}_{seed}" / "model.safetensors")
+            rows.append((measure_ef(regressor, clips) - truth).abs().numpy())
+        errors[arm] = np.stack(rows)
+        maes = errors[arm].mean(1)
+        mean, half = seed_interval(maes.tolist())
+        print(f"{arm}: MAE per seed {', '.join(f'{m:.2f}' for m in maes)}")
+        print(f"RESULT parity regressor MAE, {arm} ({args.tag}): {mean:.2f} ± {half:.2f} "
+              f"(EF points; mean ± t 95 % over {len(maes)} seeds, {clips.shape[0]} real TEST videos)")
+    for arm in args.arms:
+        if arm != "real" and "real" in errors:
+            ratio = paired_mae_ratio(errors[arm].mean(0), errors["real"].mean(0))
+            print(f"RESULT MAE ratio {arm} / real ({args.tag}): {ratio.ratio:.2f} (paired-bootstrap 95 % "
+                  f"{ratio.low:.2f}-{ratio.high:.2f}; per-video errors averaged over seeds)")
+
+
+if __name__ == "__main__":
+    main()
