@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from echoflow.audit.embed import embed
 from echoflow.config import limit_threads, plain, threads_of
-from echoflow.data.sites import ClipDataset, SiteData, load_sites
+from echoflow.data.sites import ClipDataset, SiteData
 from echoflow.errors import EchoFlowError
 from echoflow.models.flow import Method, Target
 from echoflow.models.reid import verification_auc
@@ -217,12 +217,12 @@ def train_regressors(cfg: DictConfig, cohort: Cohort, released: Path | None) -> 
     data = {"real": list(cohort.roots)}
     if released is not None:
         data |= {"synthetic": [released], "real+synthetic": [*cohort.roots, released]}
-    jobs = [(cfg, source, roots, cohort.size, out / source) for source, roots in data.items()]
+    jobs = [(cfg, cohort.sites(roots, "TRAIN"), out / source) for source, roots in data.items()]  # decoded here, once
     workers = min(len(jobs), max(1, (os.cpu_count() or 1) // threads_of(cfg)))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         done = pool.map(_train_regressor, jobs)  # forks the workers before the progress display starts its thread
         with progress_bar(f"train EF regressors ({', '.join(data)})", total=len(jobs)) as advance:
-            for source, curve in done:
+            for source, curve in zip(data, done, strict=True):
                 log = log_metrics(f"parity/{source.replace('+', '_plus_')}")  # MLflow names: no "+"
                 for step, values in curve:
                     log(step, values)
@@ -230,14 +230,13 @@ def train_regressors(cfg: DictConfig, cohort: Cohort, released: Path | None) -> 
     return {source: load_network("ef", plain(cfg.model), out / source / "model.safetensors") for source in data}
 
 
-def _train_regressor(job: tuple[DictConfig, str, list[Path], int, Path]) -> tuple[str, list[tuple[int, dict]]]:
-    """One parity regressor, in a worker process; returns its source and logged (step, metrics)."""
-    cfg, source, roots, size, out = job
+def _train_regressor(job: tuple[DictConfig, list[SiteData], Path]) -> list[tuple[int, dict[str, float]]]:
+    """One parity regressor, in a worker process; returns its logged (step, metrics)."""
+    cfg, sites, out = job
     limit_threads(threads_of(cfg))
-    curve: list[tuple[int, dict]] = []
-    train_stage("ef", cfg, load_sites(roots, size=size, splits=["TRAIN"]), out=out, quiet=True,
-                on_metrics=lambda step, values: curve.append((step, values)))
-    return source, curve
+    curve: list[tuple[int, dict[str, float]]] = []
+    train_stage("ef", cfg, sites, out=out, quiet=True, on_metrics=lambda step, values: curve.append((step, values)))
+    return curve
 
 
 def score_regressors(cfg: DictConfig, regressors: dict[str, nn.Module], cohort: Cohort) -> dict[str, Any]:
