@@ -166,9 +166,10 @@ def two_level_lists(vectors: np.ndarray, *, nlist: int, seed: int = 0) -> Lists:
     cells = max(1, min(round(np.sqrt(nlist)), n))
     sample = vectors[np.sort(rng.choice(n, min(n, 32 * cells), replace=False))]
     coarse = _nearest(vectors, _spherical_kmeans(sample, cells, rng=rng, niter=8))
-    order = np.argsort(coarse, kind="stable")
-    cuts = np.searchsorted(coarse[order], np.arange(cells + 1))
-    out, ids = vectors[order], order
+    # a stable sort of small integer keys is numpy's radix sort; np.take: ~2.5x fancy indexing on short rows
+    order = np.argsort(coarse.astype(np.uint16) if cells <= 2**16 else coarse, kind="stable")
+    cuts = np.concatenate([[0], np.cumsum(np.bincount(coarse, minlength=cells))])
+    out, ids = np.take(vectors, order, axis=0), order
     centroids, offsets, radius, shells = [], [np.zeros(1, dtype=np.int64)], [], []
     for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
         if lo == hi:
