@@ -29,7 +29,7 @@ import faiss
 import numpy as np
 
 from echoflow.audit.lists import SHELLS, Lists, measure_lists, shell_offsets
-from echoflow.audit.neighbours import Neighbours, Similarity, SiteIndex, normalise, prepare
+from echoflow.audit.neighbours import CPU_SLOTS, Neighbours, Similarity, SiteIndex, normalise, prepare
 from echoflow.audit.projection import PROJECTED_DIMS, principal_basis, project
 from echoflow.audit.scan import batches, pairs_over, top_k
 from echoflow.errors import EchoFlowError
@@ -207,7 +207,7 @@ class BoundedIVFIndex(SiteIndex):
         q = self._check_queries(queries, k)
         parts = []
         step = max(QUERY_CHUNK // 2, CHUNK_ENTRIES // max(self.nlist * SHELLS, 1))
-        with progress_bar(f"search bounded IVF index ({len(q)} queries)", total=len(q)) as advance:
+        with CPU_SLOTS, progress_bar(f"search bounded IVF index ({len(q)} queries)", total=len(q)) as advance:
             for start in range(0, len(q), step):
                 parts.append(self._search_chunk(q[start : start + step], k=k, threshold=threshold))
                 advance(len(parts[-1][0]))
