@@ -76,6 +76,7 @@ def simulate_stages(run_configs: Sequence[Mapping[str, Any]], sim: SimulationCon
         if "checkpoint-dir" not in run_config:
             raise EchoFlowError("run_config: missing key 'checkpoint-dir'")
     init_args: dict[str, Any] = {"address": sim.ray_address} if sim.ray_address else {
+        "address": "local",  # a fresh local instance, never a `ray start` cluster Ray would otherwise autodetect
         "num_cpus": sim.num_cpus or os.cpu_count() or 1,
         "object_store_memory": sim.object_store_mb * 2**20,
         "include_dashboard": False,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from echoflow.errors import EchoFlowError
-from echoflow.models.blocks import group_norm
+from echoflow.models.blocks import TemporalConv, group_norm
 
 #: EF (percent) the untrained head predicts; a population-typical value so early losses are moderate.
 _EF_PRIOR = 55.0
@@ -32,7 +32,7 @@ class _Conv2Plus1D(nn.Module):
             ),
             group_norm(out_channels),
             nn.SiLU(),
-            nn.Conv3d(out_channels, out_channels, (3, 1, 1), stride=(temporal_stride, 1, 1), padding=(1, 0, 0)),
+            TemporalConv(out_channels, out_channels, stride=temporal_stride),
             group_norm(out_channels),
             nn.SiLU(),
         )

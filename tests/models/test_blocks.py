@@ -1,7 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from echoflow.models.blocks import EFEmbedding, EFEmbeddingKind
+from echoflow.models.blocks import EFEmbedding, EFEmbeddingKind, TemporalConv
 
 
 def _distances(embedding: EFEmbedding, ef: float, deltas: list[float]) -> list[float]:
@@ -50,3 +51,12 @@ def test_the_timestep_fourier_embedding_is_the_per_video_key_the_smooth_one_repl
 def test_unknown_kind_is_a_readable_error() -> None:
     with pytest.raises(ValueError, match="unknown kind"):
         EFEmbedding(8, kind="linear")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_temporal_conv_is_the_3d_convolution_with_a_k_by_1_by_1_kernel(stride: int) -> None:
+    torch.manual_seed(0)
+    layer = TemporalConv(3, 5, stride=stride)
+    x = torch.randn(2, 3, 9, 4, 6)
+    expected = F.conv3d(x, layer.conv.weight.unsqueeze(-1), layer.conv.bias, stride=(stride, 1, 1), padding=(1, 0, 0))
+    assert torch.allclose(layer(x), expected, atol=1e-5)
