@@ -6,7 +6,9 @@ Past the real frames, each site's set is filled to ``--real / sites`` from a Gau
 site's real embeddings (`mixture_fill`). τ = the audit's calibration (95th percentile of held-out patients).
 
 Every method runs each site in one thread of the same pool (one worker per site, as the audit asks its sites),
-with one BLAS/faiss/torch thread per worker, and is timed as index build + search (each also reported alone):
+with one BLAS/faiss/torch thread per worker, and is timed as index build + search (each also reported alone).
+The audit's indexes compute in at most one thread per core at once (`CPU_SLOTS`); the baselines are not gated:
+on a loaded machine four threads get more of the CPU than two, which favours them:
 
 - audit: `build_index(kind="auto")` per site, then `decide_samples` (bounded IVF above 50k vectors per site,
   below that the exact index, whose k = 1 search is the tiled GEMM `top1`);

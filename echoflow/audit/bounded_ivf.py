@@ -29,7 +29,7 @@ import faiss
 import numpy as np
 
 from echoflow.audit.lists import SHELLS, Lists, measure_lists, shell_offsets
-from echoflow.audit.neighbours import Neighbours, Similarity, SiteIndex, normalise, prepare
+from echoflow.audit.neighbours import CPU_SLOTS, Neighbours, Similarity, SiteIndex, normalise, prepare
 from echoflow.audit.projection import PROJECTED_DIMS, principal_basis, project
 from echoflow.audit.scan import batches, pairs_over, top_k
 from echoflow.errors import EchoFlowError
@@ -41,8 +41,8 @@ QUERY_CHUNK = 8192
 # queries per search chunk: ≥ 2**27 / (nlist · SHELLS), so each probed shell is read about once per 10k queries
 # (its pairs, at worst (nlist · SHELLS · chunk), are what the chunk holds)
 CHUNK_ENTRIES = 2**27
-# queries per step of the probe: an (nlist, tile) float32 block of centroid products that stays in cache
-PROBE_TILE = 256
+# centroid products per step of the probe: a (lists, Q) float32 block that stays in cache (1 MiB)
+PROBE_ENTRIES = 2**18
 
 
 class BoundedIVFIndex(SiteIndex):
@@ -188,22 +188,26 @@ class BoundedIVFIndex(SiteIndex):
         lower[empty], upper[empty] = np.inf, -np.inf
         return lower.astype(np.float32), (upper + BOUND_MARGIN).astype(np.float32)
 
-    def bounds(self, qc: np.ndarray) -> np.ndarray:
-        """(nlist, Q) float64 upper bounds on ⟨q, x⟩ over each list's members, from ``qc = centroids @ q.T``."""
+    def bounds(self, qc: np.ndarray, *, lists: slice = slice(None)) -> np.ndarray:
+        """(L, Q) float64 upper bounds on ⟨q, x⟩ over the members of ``lists`` (default all).
+
+        ``qc = centroids[lists] @ q.T``.
+        """
         qc = qc.astype(np.float64)
-        norms = self._centroid_norms[:, None]
-        cos_theta, sin_theta = np.cos(self._theta)[:, None], np.sin(self._theta)[:, None]
+        norms = self._centroid_norms[lists, None]
+        theta = self._theta[lists]
+        cos_theta, sin_theta = np.cos(theta)[:, None], np.sin(theta)[:, None]
         cos_phi = np.clip(qc / norms, -1.0, 1.0)
         cone = cos_phi * cos_theta + np.sqrt(1.0 - cos_phi**2) * sin_theta
-        bound = np.minimum(qc + self._radius[:, None], np.where(cos_phi >= cos_theta, 1.0, cone)) + BOUND_MARGIN
-        return np.where(self._sizes[:, None] > 0, bound, -np.inf)
+        bound = np.minimum(qc + self._radius[lists, None], np.where(cos_phi >= cos_theta, 1.0, cone)) + BOUND_MARGIN
+        return np.where(self._sizes[lists, None] > 0, bound, -np.inf)
 
     def search(self, queries: np.ndarray, *, k: int = 1, threshold: float | None = None) -> Neighbours:
         """See `SiteIndex.search`; ``threshold=None`` runs a second pass at each query's first-pass k-th best."""
         q = self._check_queries(queries, k)
         parts = []
         step = max(QUERY_CHUNK // 2, CHUNK_ENTRIES // max(self.nlist * SHELLS, 1))
-        with progress_bar(f"search bounded IVF index ({len(q)} queries)", total=len(q)) as advance:
+        with CPU_SLOTS, progress_bar(f"search bounded IVF index ({len(q)} queries)", total=len(q)) as advance:
             for start in range(0, len(q), step):
                 parts.append(self._search_chunk(q[start : start + step], k=k, threshold=threshold))
                 advance(len(parts[-1][0]))
@@ -242,54 +246,65 @@ class BoundedIVFIndex(SiteIndex):
 
         Every query searches its ``nprobe`` lists of the best ball bound, and scans other shells: with
         ``limits`` (`_shell_limits`), those whose limits hold its centroid product; with ``kth`` (Q,), every shell
-        of the lists whose `bounds` reach its value; with neither, none. Works in query tiles whose centroid
-        products stay in cache; a list-level test first, then the shells of the lists that pass it.
+        of the lists whose `bounds` reach its value; with neither, none. Works in list tiles whose (lists, Q)
+        centroid products stay in cache; a list-level test first, then the shells of the lists that pass it,
+        taken shell by shell, so each shell's pairs come out adjacent without a sort.
 
         Returns:
-            (shells (P,) flat shell index i·SHELLS + h, rows (P,) query, both sorted by shell; lists (R,), their
-            rows (R,), sorted by list; ceiling (Q,) float32).
+            (shells (P,) flat shell index i·SHELLS + h, rows (P,) query, the pairs of one shell adjacent; lists
+            (R,), their rows (R,), sorted by list; ceiling (Q,) float32).
         """
+        n = len(qz)
         filled = (self._shell_size > 0).reshape(self.nlist, SHELLS)
         if limits is not None:
-            lower, upper = limits
-            reach = lower.min(axis=1)  # a list's loosest shell; inf for an empty list
-        ceiling = np.empty(len(qz), dtype=np.float32)
+            edges_by_list = np.concatenate(limits, axis=1)  # (nlist, 2·SHELLS): lower edges, then upper
+            reach = limits[0].min(axis=1)  # a list's loosest shell; inf for an empty list
         nprobe = min(self.nprobe, self.nlist)
-        found: list[tuple[np.ndarray, ...]] = []
-        for lo in range(0, len(qz), PROBE_TILE):  # query-major (t, nlist) tiles: reductions run along rows
-            qc = qz[lo : lo + PROBE_TILE] @ self._centroids.T
-            t = len(qc)
-            ball = qc + self._radius32  # ⟨q, c⟩ + r ≥ ⟨q, x⟩; -inf for an empty list
-            if nprobe == 0:
-                best = np.zeros((t, 0), dtype=np.int64)
-            elif nprobe == 1:
-                best = ball.argmax(axis=1)[:, None]
-            else:
-                best = np.argpartition(-ball, nprobe - 1, axis=1)[:, :nprobe]
-            ceiling[lo : lo + t] = ball.max(axis=1)
-            reached = np.zeros(qc.shape, dtype=bool)
+        ceiling = np.full(n, -np.inf, dtype=np.float32)
+        near = np.zeros((nprobe, n), dtype=np.int64)  # the nprobe best lists so far, and their ball bounds
+        near_ball = np.full((nprobe, n), -np.inf, dtype=np.float32)
+        found: list[tuple[np.ndarray, np.ndarray]] = []
+        step = max(1, PROBE_ENTRIES // max(n, 1))
+        for lo in range(0, self.nlist, step):  # list-major (lists, Q) tiles: reductions run down columns
+            hi = min(lo + step, self.nlist)
+            qc = self._centroids[lo:hi] @ qz.T
+            ball = qc + self._radius32[lo:hi, None]  # ⟨q, c⟩ + r ≥ ⟨q, x⟩; -inf for an empty list
+            top = ball.max(axis=0)
+            np.maximum(ceiling, top, out=ceiling)
+            if nprobe == 1:  # argmax only where this tile beats the best so far (a few tiles per query)
+                better = np.flatnonzero(top > near_ball[0])
+                near[0, better], near_ball[0, better] = ball[:, better].argmax(axis=0) + lo, top[better]
+            elif nprobe > 1:
+                pool_ball = np.concatenate([near_ball, ball])
+                pool = np.concatenate([near, np.broadcast_to(np.arange(lo, hi)[:, None], ball.shape)])
+                pick = np.argpartition(-pool_ball, nprobe - 1, axis=0)[:nprobe]
+                near, near_ball = np.take_along_axis(pool, pick, axis=0), np.take_along_axis(pool_ball, pick, axis=0)
             if limits is not None:
-                reached = qc >= reach
+                reached = qc >= reach[lo:hi, None]
             elif kth is not None:
-                reached = self.bounds(qc.T).T >= kth[lo : lo + t, None]
-            if kth is not None or self._basis is None:  # the nearest lists are scanned whole, exactly
-                np.put_along_axis(reached, best, False, axis=1)
-            flat = np.flatnonzero(reached)
-            row, listed = np.divmod(flat, self.nlist)
-            if limits is not None:
-                value = qc.ravel()[flat][:, None]
-                pair, shell = np.divmod(np.flatnonzero((value >= lower[listed]) & (value <= upper[listed])), SHELLS)
+                reached = self.bounds(qc, lists=slice(lo, hi)) >= kth
             else:
-                pair, shell = np.divmod(np.flatnonzero(filled[listed]), SHELLS)
-            near = np.repeat(np.arange(lo, lo + t), best.shape[1])
-            keep = self._sizes[best.ravel()] > 0
-            found.append(((listed[pair] * SHELLS + shell).astype(np.int32), (row[pair] + lo).astype(np.int32),
-                          best.ravel()[keep].astype(np.int32), near[keep].astype(np.int32)))
-        shell, rows, lists, near = (np.concatenate(x) for x in zip(*found, strict=True))
-        # stable sorts of tiles' sorted runs; 16-bit keys take numpy's radix sort
-        key = shell.astype(np.uint16) if self.nlist * SHELLS <= 2**16 else shell
-        by_shell, by_list = np.argsort(key, kind="stable"), np.argsort(lists, kind="stable")
-        return shell[by_shell], rows[by_shell], lists[by_list], near[by_list], ceiling
+                continue
+            flat = np.flatnonzero(reached)
+            listed, row = np.divmod(flat, n)
+            listed += lo
+            if limits is not None:  # np.take: ~10x numpy's fancy indexing for these small rows
+                value = np.take(qc.ravel(), flat)[:, None]
+                edges = np.take(edges_by_list, listed, axis=0)
+                hit = (value >= edges[:, :SHELLS]) & (value <= edges[:, SHELLS:])
+            else:
+                hit = np.take(filled, listed, axis=0)
+            shell, pair = np.divmod(np.flatnonzero(hit.T), len(row))  # shell-major: a shell's pairs adjacent
+            shell += np.take(listed, pair) * SHELLS
+            found.append((shell.astype(np.int32), np.take(row, pair).astype(np.int32)))
+        shells, rows = (np.concatenate(x) for x in zip(*found, strict=True)) if found else (np.zeros(0, np.int32),) * 2
+        if nprobe and (kth is not None or self._basis is None):  # the nearest lists are scanned whole, exactly
+            keep = (shells // SHELLS)[None, :] != near[:, rows]
+            shells, rows = shells[keep.all(axis=0)], rows[keep.all(axis=0)]
+        lists, by = near.T.ravel(), np.repeat(np.arange(n), nprobe)
+        keep = self._sizes[lists] > 0
+        order = np.argsort(lists[keep], kind="stable")
+        return shells, rows, lists[keep][order].astype(np.int32), by[keep][order].astype(np.int32), ceiling
 
     def _exact(self, q: np.ndarray, blocks: np.ndarray, rows: np.ndarray, *, k: int,
                shells: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -317,14 +332,15 @@ class BoundedIVFIndex(SiteIndex):
             return self._exact(q, lists, rows, k=k, shells=False)
         estimate = qz.copy()
         estimate[:, -1] = 0.0
-        parts = [top_k(batch, k) for batch in batches(estimate, self._z.__getitem__, blocks=lists, rows=rows,
+        parts = [top_k(batch, k) for batch in batches(estimate, self._bound_rows, blocks=lists, rows=rows,
                                                         start=self._offsets[:-1], size=self._sizes)]
         if not parts:
             return _no_pairs(k)
         r, guess, pos = (np.concatenate(x) for x in zip(*parts, strict=True))
         sim = np.full(guess.shape, -np.inf, dtype=np.float32)
         real = np.isfinite(guess)  # -inf: a list with fewer than k members
-        sim[real] = np.einsum("ij,ij->i", q[np.repeat(r, k)[real.ravel()]], self._members(pos[real]))
+        left = np.take(q, np.repeat(r, k)[real.ravel()], axis=0)
+        sim[real] = np.einsum("ij,ij->i", left, self._members(pos[real]))
         order = np.argsort(-sim, axis=1, kind="stable")  # descending, as `_merge` expects of each pair's row
         return r, np.take_along_axis(sim, order, axis=1), np.take_along_axis(pos, order, axis=1), self._sizes[lists]
 
@@ -335,7 +351,7 @@ class BoundedIVFIndex(SiteIndex):
         Returns (rows (H,), similarity (H, k): the exact product then -inf, positions (H, k), (P,) shell sizes).
         """
         cut = np.float32(threshold - BOUND_MARGIN)
-        found = [pairs_over(batch, cut) for batch in batches(qz, self._z.__getitem__, blocks=shells, rows=rows,
+        found = [pairs_over(batch, cut) for batch in batches(qz, self._bound_rows, blocks=shells, rows=rows,
                                                               start=self._shell_start, size=self._shell_size)]
         if not found:
             return _no_pairs(k)
@@ -343,7 +359,7 @@ class BoundedIVFIndex(SiteIndex):
         by_row = np.argsort(pos, kind="stable")  # the real rows gathered in storage order
         r, pos = r[by_row], pos[by_row]
         sim = np.full((len(r), k), -np.inf, dtype=np.float32)
-        sim[:, 0] = np.einsum("ij,ij->i", q[r], self._members(pos))
+        sim[:, 0] = np.einsum("ij,ij->i", np.take(q, r, axis=0), self._members(pos))
         return r, sim, np.repeat(pos[:, None], k, axis=1), self._shell_size[shells]
 
     def _merge(self, rows: np.ndarray, pair_sim: np.ndarray, pair_pos: np.ndarray, *, queries: int,
@@ -376,11 +392,15 @@ class BoundedIVFIndex(SiteIndex):
 
     def _members(self, at: np.ndarray) -> np.ndarray:
         """(..., D) float32 prepared vectors of the members at list-sorted positions ``at`` (any shape)."""
-        rows = self._raw[self._sorted_ids[at.ravel()]]  # a copy: fancy indexing
+        rows = np.take(self._raw, np.take(self._sorted_ids, at.ravel()), axis=0)  # a copy
         if not self._prepared:  # the raw rows passed `prepare`'s checks when the index was built
             rows = rows.astype(np.float32, copy=False)
             normalise(rows, similarity=self.similarity)
         return rows.reshape(*at.shape, self.dim)
+
+    def _bound_rows(self, at: np.ndarray) -> np.ndarray:
+        """(..., m+1) float32 bound-space z's of the members at list-sorted positions ``at`` (any shape)."""
+        return np.take(self._z, at, axis=0)  # np.take: ~2.5x numpy's fancy indexing for these short rows
 
     def vectors(self) -> np.ndarray:  # noqa: D102
         return self._raw if self._prepared else prepare(self._raw, similarity=self.similarity, what="real embeddings")

@@ -21,7 +21,7 @@ import numpy as np
 
 from echoflow.audit.bounded_ivf import QUERY_CHUNK, BoundedIVFIndex
 from echoflow.audit.lists import Lists, measure_lists
-from echoflow.audit.neighbours import Neighbours, Similarity, SiteIndex, prepare
+from echoflow.audit.neighbours import CPU_SLOTS, Neighbours, Similarity, SiteIndex, prepare
 from echoflow.audit.projection import PROJECTED_DIMS, bound_space
 from echoflow.errors import EchoFlowError
 from echoflow.progress import progress_bar
@@ -89,7 +89,7 @@ class ExactIndex(SiteIndex):
     def search(self, queries: np.ndarray, *, k: int = 1, threshold: float | None = None) -> Neighbours:  # noqa: D102
         q = self._check_queries(queries, k)
         if k == 1 and self._search_index is self._cpu:  # the audit's question, on CPU: tiled GEMM + argmax
-            with progress_bar(f"search exact index ({len(q)} queries)", total=len(q)) as advance:
+            with CPU_SLOTS, progress_bar(f"search exact index ({len(q)} queries)", total=len(q)) as advance:
                 sim, idx = top1(q, self.vectors(), advance=advance)
             return Neighbours(similarity=sim[:, None], ids=idx[:, None], exact=np.ones(len(q), dtype=bool),
                               scanned=1.0)
@@ -166,9 +166,10 @@ def two_level_lists(vectors: np.ndarray, *, nlist: int, seed: int = 0) -> Lists:
     cells = max(1, min(round(np.sqrt(nlist)), n))
     sample = vectors[np.sort(rng.choice(n, min(n, 32 * cells), replace=False))]
     coarse = _nearest(vectors, _spherical_kmeans(sample, cells, rng=rng, niter=8))
-    order = np.argsort(coarse, kind="stable")
-    cuts = np.searchsorted(coarse[order], np.arange(cells + 1))
-    out, ids = vectors[order], order
+    # a stable sort of small integer keys is numpy's radix sort; np.take: ~2.5x fancy indexing on short rows
+    order = np.argsort(coarse.astype(np.uint16) if cells <= 2**16 else coarse, kind="stable")
+    cuts = np.concatenate([[0], np.cumsum(np.bincount(coarse, minlength=cells))])
+    out, ids = np.take(vectors, order, axis=0), order
     centroids, offsets, radius, shells = [], [np.zeros(1, dtype=np.int64)], [], []
     for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
         if lo == hi:
@@ -200,7 +201,7 @@ def build_bounded_ivf(vectors: np.ndarray, *, similarity: Similarity = "cosine",
         prepare(vectors, similarity=similarity, what="real embeddings")
     n, d = vectors.shape
     nlist = max(1, min(nlist or n // LIST_SIZE, n))
-    with progress_bar(f"build bounded IVF ({n} vectors)", total=2) as advance:
+    with CPU_SLOTS, progress_bar(f"build bounded IVF ({n} vectors)", total=2) as advance:
         basis, z = bound_space(vectors, similarity=similarity, dims=dims, seed=seed)
         lists = two_level_lists(z, nlist=nlist, seed=seed)
         advance(1)

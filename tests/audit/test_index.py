@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from echoflow.audit import BoundedIVFIndex, ExactIndex, build_index, load_index, prepare, threshold_recall
+from echoflow.audit import BoundedIVFIndex, ExactIndex, bounded_ivf, build_index, load_index, prepare, threshold_recall
 from echoflow.audit.index import build_bounded_ivf
 from echoflow.errors import EchoFlowError
 from tests.audit.synthetic import PatientSpace, near_copies
@@ -187,3 +187,31 @@ def test_top_k_at_tau_in_a_small_bound_space_counts_each_member_once() -> None:
     np.testing.assert_array_equal(got.ids[over], want.ids[over])
     for row in got.ids:
         assert len(set(row[row >= 0].tolist())) == int((row >= 0).sum())
+
+
+@pytest.mark.parametrize("nprobe", [0, 1, 3])
+def test_probe_in_many_list_tiles_decides_planted_near_tau_pairs_and_top_k_exactly(monkeypatch, nprobe: int) -> None:
+    """The probe reads the lists a tile at a time; with tiles of a few lists (so every query's nearest lists and
+    shells are found across many tiles), pairs planted 1e-6 over and under τ are decided as exact search decides,
+    and the exact top-3 without a threshold (nearest lists scanned whole, the others bounded) is the true one."""
+    monkeypatch.setattr(bounded_ivf, "PROBE_ENTRIES", 256)  # 256 entries: 4 lists a tile for 60 queries
+    rng = np.random.default_rng(8)
+    space = PatientSpace.random(dim=32, factors=6, seed=8)
+    real = space.frames(space.patients(200, rng), 10, rng)[0]
+    queries = near_copies(real, 60, noise=0.03, rng=rng)[0]
+    ivf = build_bounded_ivf(real, nlist=40, seed=8)
+    ivf.nprobe = nprobe
+    exact = ExactIndex.build(real)
+    truth = exact.search(queries, k=1).similarity[:, 0]
+    for shift in (-1e-6, 1e-6):
+        tau = truth + shift  # each query's own τ: its true maximum is 1e-6 over (or under) it
+        for q, t in zip(queries, tau, strict=True):
+            got = ivf.search(q[None], k=1, threshold=float(t)).similarity[0, 0]
+            assert (got >= t) == (shift < 0)
+    got = ivf.search(queries, k=3, threshold=float(np.quantile(truth, 0.5)))
+    over = truth >= np.quantile(truth, 0.5)
+    np.testing.assert_allclose(got.similarity[over, 0], truth[over], atol=1e-5)
+    want = exact.search(queries, k=3)
+    full = ivf.search(queries, k=3)
+    assert full.exact.all()
+    np.testing.assert_allclose(full.similarity, want.similarity, atol=1e-5)
