@@ -40,8 +40,6 @@ class TrainConfig:
         steps: total optimiser steps of this run (a federated round passes its local steps).
         batch_size: samples per step. lr, weight_decay: AdamW. grad_clip: max global grad norm (0 = off).
         ema_decay: EMA of the main network's weights (0 = off); sampling uses the EMA weights.
-        warmup: steps of linear lr warm-up from 0. decay: lr after warm-up, ``constant`` or ``cosine`` (to 0 at
-        ``steps``). Both are functions of the step alone, so a resumed run follows the same schedule.
         checkpoint_every: steps between checkpoints (0 = only at the end). log_every: steps between metrics.
         seed: the run's seed. amp: bfloat16 autocast on CUDA (ignored on CPU).
     """
@@ -52,24 +50,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    warmup: int = 0
-    decay: str = "constant"
     checkpoint_every: int = 0
     log_every: int = 25
     seed: int = 0
     amp: bool = True
-
-
-def lr_factor(config: TrainConfig, step: int) -> float:
-    """The multiple of ``config.lr`` used at ``step`` (0-based): linear warm-up, then constant or cosine decay."""
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    if config.decay == "constant":
-        return 1.0
-    if config.decay == "cosine":
-        done = (step - config.warmup) / max(config.steps - config.warmup, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
-    raise EchoFlowError(f"optim.decay: {config.decay!r} is not constant or cosine")
 
 
 class Stage(Protocol):
@@ -157,10 +141,7 @@ class Trainer:
         batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         autocast = self.config.amp and self.device.type == "cuda"
         values: dict[str, float] = {}
-        lr = self.config.lr * lr_factor(self.config, self.step)
         for name, optimizer in self.optimizers.items():
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss, logged = self.stage.loss(name, batch, step=self.step)
