@@ -1,4 +1,8 @@
-"""`echoflow evaluate models|video-flow|texture`: trained models measured on held-out real data, printed, logged."""
+"""`echoflow evaluate models|video-flow|texture`: trained models measured on held-out real data, printed, logged.
+
+Each composes the ``pipeline`` config group like `echoflow pipeline` (default ``demo``), so a pipeline's workdir is
+measured under the settings it ran with (e.g. its sampling guidance); pass ``pipeline=parity`` for that one's.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from echoflow.cli.common import OVERRIDES
+from echoflow.cli.pipeline import with_pipeline
 from echoflow.config import apply_runtime, load_config, plain
 from echoflow.stages.networks import load_network
 from echoflow.study.ef_following import DEFAULT_EFS, video_flow_report
@@ -34,7 +39,7 @@ def models(
     verification AUC on unseen patients; image-flow Fréchet distance in re-id space vs the real floor and a
     Gaussian baseline; R² of requested vs measured EF for generated videos. Writes <workdir>/evaluation.json.
     """
-    cfg = load_config(overrides)
+    cfg = load_config(with_pipeline(overrides or []))
     apply_runtime(cfg)
     with start_run(cfg, "evaluate-models"):
         results = evaluate_models(cfg, Models.load(cfg), Cohort.of(cfg), samples=samples, fd_samples=fd_samples)
@@ -66,7 +71,7 @@ def video_flow(
     frame vs the requested EF; the regressor's reading too when the run has one. Writes
     <workdir>/video_flow_ef.json and logs to MLflow. The meter needs LV masks (the phantom's LVMasks/).
     """
-    cfg = load_config(overrides)
+    cfg = load_config(with_pipeline(overrides or []))
     apply_runtime(cfg)
     requested = [float(e) for e in efs.split(",")]
     scale = cfg.train.sampling.guidance if guidance is None else guidance
@@ -107,7 +112,7 @@ def texture(
     and real VAL frames (the floor); the real-trained EF regressor's MAE on reconstructions vs originals.
     Writes <workdir>/texture.json and the figure, logs both to MLflow.
     """
-    cfg = load_config(overrides)
+    cfg = load_config(with_pipeline(overrides or []))
     apply_runtime(cfg)
     workdir = Path(cfg.workdir)
     released, png = videos or workdir / "audit" / "released", figure or workdir / "texture.png"
