@@ -218,7 +218,8 @@ def train_regressors(cfg: DictConfig, cohort: Cohort, released: Path | None) -> 
     if released is not None:
         data |= {"synthetic": [released], "real+synthetic": [*cohort.roots, released]}
     jobs = [(cfg, cohort.sites(roots, "TRAIN"), out / source) for source, roots in data.items()]  # decoded here, once
-    workers = min(len(jobs), max(1, (os.cpu_count() or 1) // threads_of(cfg)))
+    threads = threads_of(cfg)  # one-thread regressors get a process each: on 2 cores a pool of 2 ran the third alone
+    workers = len(jobs) if threads == 1 else min(len(jobs), max(1, (os.cpu_count() or 1) // threads))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         done = pool.map(_train_regressor, jobs)  # forks the workers before the progress display starts its thread
         with progress_bar(f"train EF regressors ({', '.join(data)})", total=len(jobs)) as advance:
