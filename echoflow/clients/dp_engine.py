@@ -45,9 +45,9 @@ def conv_grad_sample(layer: Conv, activations: list[Tensor], backprops: Tensor) 
     """Per-sample gradients of a convolution's weight and bias, shaped ``(batch, *param.shape)``.
 
     Whichever sampler was fastest per layer of the demo networks (batch 8, one thread): `shifted_conv_grad_sample`
-    for kernels of at most 3 taps (1x1 and temporal (3, 1, 1) kernels, stride 1, one group: ~1.5-2x faster than the
-    grouped sampler on the (2+1)D networks' temporal layers, on par or faster on 1x1 ones; oneDNN's grouped and
-    summed weight gradients of temporal kernels were both slow),
+    for kernels of at most 3 taps (1x1 kernels and the (2+1)D networks' time kernels, now (3, 1) 2D ones in
+    `TemporalConv`; stride 1, one group: ~1.5-2x faster than the grouped sampler on the time kernels when they were
+    3D, on par or faster on 1x1 ones; oneDNN's grouped and summed weight gradients of 3D time kernels were both slow),
     `grouped_conv_grad_sample` where it beats Opacus' im2col sampler, Opacus' otherwise, and for string padding,
     non-zero padding modes and empty batches.
     """
@@ -64,9 +64,9 @@ def conv_grad_sample(layer: Conv, activations: list[Tensor], backprops: Tensor) 
 def _grouped_is_faster(layer: Conv, backprops: Tensor) -> bool:
     """Where the grouped sampler won, per layer of the demo networks (batch 8, one thread).
 
-    Every 3D convolution (3-10x for the EF regressor's wide maps and the (1, 3, 3) kernels of the video flow,
-    par for its temporal ones). In 2D, k x k kernels between maps of >= 8 channels per group (thin layers and
-    1x1 kernels are faster as Opacus' im2col), on maps of >= 16 x 16 outputs (1.2-2.5x) or, on smaller maps,
+    Every 3D convolution (3-10x for the EF regressor's wide maps and the (1, 3, 3) kernels of the video flow;
+    par for the time kernels when they were 3D). In 2D, k x k kernels between maps of >= 8 channels per group (thin
+    layers and 1x1 kernels are faster as Opacus' im2col), on maps of >= 16 x 16 outputs (1.2-2.5x) or, on smaller maps,
     of <= 64 channels per group (the discriminator's 64 -> 128 channels on 8 x 8 are 4x faster as im2col).
     """
     if isinstance(layer, nn.Conv3d):
