@@ -35,8 +35,7 @@ from echoflow.config import limit_threads, load_config, plain
 from echoflow.data.intensity import to_uint8, to_unit
 from echoflow.data.sites import SiteData
 from echoflow.stages.networks import load_network
-from echoflow.study.centralized import train_stage
-from echoflow.study.evaluate import first_clips, measure_ef, reconstruct
+from echoflow.study.evaluate import first_clips, measure_ef, reconstruct, train_regressor
 from echoflow.study.models import Cohort, Models
 from echoflow.study.protocol import paired_mae_ratio, seed_interval
 
@@ -55,13 +54,6 @@ def arm_sites(cfg: DictConfig, cohort: Cohort, arm: str) -> list[SiteData]:
                 for site in cohort.split("TRAIN")]
 
 
-def train_one(job: tuple[DictConfig, list[SiteData], Path]) -> None:
-    """One regressor (a worker process, one thread)."""
-    cfg, sites, out = job
-    limit_threads(1)
-    train_stage("ef", cfg, sites, out=out, quiet=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir", type=Path)
@@ -78,7 +70,7 @@ def main() -> None:
     seeded = {seed: OmegaConf.merge(cfg, {"seed": seed}) for seed in args.seeds}
     jobs = [(seeded[seed], data[arm], out / f"{arm}_{seed}") for arm in args.arms for seed in args.seeds]
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
-        list(pool.map(train_one, jobs))
+        list(pool.map(train_regressor, jobs))  # one thread each: cfg.threads
     clips, truth, _ = first_clips(cohort.split("TEST"), frames=cfg.data.clip_frames, fps=cfg.data.clip_fps)
     errors: dict[str, np.ndarray] = {}  # arm -> (seeds, videos) absolute errors
     for arm in args.arms:

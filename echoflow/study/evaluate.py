@@ -221,7 +221,7 @@ def train_regressors(cfg: DictConfig, cohort: Cohort, released: Path | None) -> 
     threads = threads_of(cfg)  # one-thread regressors get a process each: on 2 cores a pool of 2 ran the third alone
     workers = len(jobs) if threads == 1 else min(len(jobs), max(1, (os.cpu_count() or 1) // threads))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        done = pool.map(_train_regressor, jobs)  # forks the workers before the progress display starts its thread
+        done = pool.map(train_regressor, jobs)  # forks the workers before the progress display starts its thread
         with progress_bar(f"train EF regressors ({', '.join(data)})", total=len(jobs)) as advance:
             for source, curve in zip(data, done, strict=True):
                 log = log_metrics(f"parity/{source.replace('+', '_plus_')}")  # MLflow names: no "+"
@@ -231,8 +231,11 @@ def train_regressors(cfg: DictConfig, cohort: Cohort, released: Path | None) -> 
     return {source: load_network("ef", plain(cfg.model), out / source / "model.safetensors") for source in data}
 
 
-def _train_regressor(job: tuple[DictConfig, list[SiteData], Path]) -> list[tuple[int, dict[str, float]]]:
-    """One parity regressor, in a worker process; returns its logged (step, metrics)."""
+def train_regressor(job: tuple[DictConfig, list[SiteData], Path]) -> list[tuple[int, dict[str, float]]]:
+    """One parity regressor ``(cfg, TRAIN sites, out folder)``, in a worker process; returns its logged (step, metrics).
+
+    Also the job of `benchmarks/regressor_seeds.py`'s pool.
+    """
     cfg, sites, out = job
     limit_threads(threads_of(cfg))
     curve: list[tuple[int, dict[str, float]]] = []
