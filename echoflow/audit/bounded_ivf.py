@@ -299,8 +299,8 @@ class BoundedIVFIndex(SiteIndex):
             found.append((shell.astype(np.int32), np.take(row, pair).astype(np.int32)))
         shells, rows = (np.concatenate(x) for x in zip(*found, strict=True)) if found else (np.zeros(0, np.int32),) * 2
         if nprobe and (kth is not None or self._basis is None):  # the nearest lists are scanned whole, exactly
-            keep = (shells // SHELLS)[None, :] != near[:, rows]
-            shells, rows = shells[keep.all(axis=0)], rows[keep.all(axis=0)]
+            keep = ((shells // SHELLS)[None, :] != near[:, rows]).all(axis=0)
+            shells, rows = shells[keep], rows[keep]
         lists, by = near.T.ravel(), np.repeat(np.arange(n), nprobe)
         keep = self._sizes[lists] > 0
         order = np.argsort(lists[keep], kind="stable")
