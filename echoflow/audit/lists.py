@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SHELLS = 4
+# shells per list: with `echoflow.audit.index.LIST_SIZE` 768, shells of 64 (measured there)
+SHELLS = 12
 # float32 rounding of a prepared member (norm 1 ± 1e-7), of the unit centre and of the difference: < 1e-6 of chord
 CHORD_MARGIN = 1e-6
 

