@@ -2,7 +2,10 @@
 
 On a finished demo (or parity) workdir, trains the pipeline's EF regressor recipe (``train.ef`` with
 ``pipeline.ef_steps`` steps, ``model.ef``) once per seed on each arm and tests every regressor on the real TEST
-splits (first clip of each video):
+splits (first clip of each video), through the pipeline's own seed loop and aggregation
+(`echoflow.study.evaluate.train_seeded`, `echoflow.study.protocol.seed_maes` / `seed_averaged_ratio`; the pipeline
+does the same for its arms with ``pipeline.ef_seeds``). This script adds the ``reconstructed`` arm and seed
+subsets:
 
 - ``real``: the sites' real TRAIN videos (the pipeline's ``real`` row);
 - ``synthetic``: the released videos (``<workdir>/audit/released``; the ``synthetic`` row);
@@ -11,8 +14,9 @@ splits (first clip of each video):
 
 Prints each arm's MAE per seed and its mean with a t 95 % interval over seeds, then every other arm's ratio to
 ``real`` from the seed-averaged per-video errors with a paired-bootstrap 95 % interval over test videos, as
-``RESULT`` lines. Regressors train two at a time (forked, one thread each) under
-``<workdir>/regressor_seeds/<tag>/``; a finished one is read back. Config overrides follow the options:
+``RESULT`` lines. Seed ``k`` trains with ``seed + k`` (forked, one thread each, the pipeline's pool) under
+``<workdir>/regressor_seeds/<tag>/<arm>[.seed<k>]/``; a finished one is read back. Config overrides follow the
+options:
 
     python benchmarks/regressor_seeds.py runs/demo --seeds 0 1 2 3 --tag plain model.ef.input_blur=0
     python benchmarks/regressor_seeds.py runs/demo --seeds 0 1 2 3 --tag blur
@@ -21,8 +25,6 @@ Prints each arm's MAE per seed and its mean with a t 95 % interval over seeds, t
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,13 +33,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from echoflow.cli.pipeline import with_pipeline
-from echoflow.config import limit_threads, load_config, plain
+from echoflow.config import limit_threads, load_config
 from echoflow.data.intensity import to_uint8, to_unit
 from echoflow.data.sites import SiteData
-from echoflow.stages.networks import load_network
-from echoflow.study.evaluate import first_clips, measure_ef, reconstruct, train_regressor
+from echoflow.study.evaluate import first_clips, reconstruct, seed_predictions, train_seeded
 from echoflow.study.models import Cohort, Models
-from echoflow.study.protocol import paired_mae_ratio, seed_interval
+from echoflow.study.protocol import seed_averaged_ratio, seed_maes
 
 ARMS = ("real", "synthetic", "reconstructed")
 
@@ -57,7 +58,7 @@ def arm_sites(cfg: DictConfig, cohort: Cohort, arm: str) -> list[SiteData]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir", type=Path)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seed offsets k (seed + k)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--tag", default="default", help="subfolder of <workdir>/regressor_seeds for these runs")
     args, overrides = parser.parse_known_args()
@@ -67,26 +68,18 @@ def main() -> None:
     cohort = Cohort.of(cfg)
     out = args.workdir / "regressor_seeds" / args.tag
     data = {arm: arm_sites(cfg, cohort, arm) for arm in args.arms}
-    seeded = {seed: OmegaConf.merge(cfg, {"seed": seed}) for seed in args.seeds}
-    jobs = [(seeded[seed], data[arm], out / f"{arm}_{seed}") for arm in args.arms for seed in args.seeds]
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
-        list(pool.map(train_regressor, jobs))  # one thread each: cfg.threads
+    regressors = train_seeded(cfg, data, out, args.seeds, log_as="regressor_seeds")  # one thread each: cfg.threads
     clips, truth, _ = first_clips(cohort.split("TEST"), frames=cfg.data.clip_frames, fps=cfg.data.clip_fps)
-    errors: dict[str, np.ndarray] = {}  # arm -> (seeds, videos) absolute errors
+    errors: dict[str, np.ndarray] = {}  # arm -> (seeds, videos) signed errors
     for arm in args.arms:
-        rows = []
-        for seed in args.seeds:
-            regressor = load_network("ef", plain(cfg.model), out / f"{arm}_{seed}" / "model.safetensors")
-            rows.append((measure_ef(regressor, clips) - truth).abs().numpy())
-        errors[arm] = np.stack(rows)
-        maes = errors[arm].mean(1)
-        mean, half = seed_interval(maes.tolist())
-        print(f"{arm}: MAE per seed {', '.join(f'{m:.2f}' for m in maes)}")
-        print(f"RESULT parity regressor MAE, {arm} ({args.tag}): {mean:.2f} ± {half:.2f} "
-              f"(EF points; mean ± t 95 % over {len(maes)} seeds, {clips.shape[0]} real TEST videos)")
+        errors[arm] = seed_predictions(regressors[arm], clips) - truth.numpy()
+        maes = seed_maes(errors[arm])
+        print(f"{arm}: MAE per seed {', '.join(f'{m:.2f}' for m in maes.per_seed)}")
+        print(f"RESULT parity regressor MAE, {arm} ({args.tag}): {maes.mean:.2f} ± {maes.half:.2f} "
+              f"(EF points; mean ± t 95 % over {len(maes.per_seed)} seeds, {clips.shape[0]} real TEST videos)")
     for arm in args.arms:
         if arm != "real" and "real" in errors:
-            ratio = paired_mae_ratio(errors[arm].mean(0), errors["real"].mean(0))
+            ratio = seed_averaged_ratio(errors[arm], errors["real"])
             print(f"RESULT MAE ratio {arm} / real ({args.tag}): {ratio.ratio:.2f} (paired-bootstrap 95 % "
                   f"{ratio.low:.2f}-{ratio.high:.2f}; per-video errors averaged over seeds)")
 

@@ -8,6 +8,7 @@ from rich.table import Table
 from echoflow.cli.common import MULTIRUN, OVERRIDES, sweep
 from echoflow.config import apply_runtime, load_config
 from echoflow.study.run import run_pipeline
+from echoflow.study.summary import mae_cell, per_seed_cell
 from echoflow.tracking import start_run
 
 
@@ -35,11 +36,14 @@ def run_one(overrides: list[str]) -> None:
     apply_runtime(cfg)
     with start_run(cfg, "pipeline"):
         summary = run_pipeline(cfg)
-    table = Table("trained on", "tested on", "MAE", "RMSE", "R²", title="EF regression on held-out real videos")
-    for row in summary["parity"]:
-        if row["tested on"] == "pooled":
-            table.add_row(row["trained on"], row["tested on"], f"{row['mae']:.2f}", f"{row['rmse']:.2f}",
-                          f"{row['r2']:.3f}")
+    pooled = [row for row in summary["parity"] if row["tested on"] == "pooled"]
+    seeded = any("seeds" in row for row in pooled)  # several regressor seeds: mean ± t 95 % and each seed's MAE
+    table = Table("trained on", "tested on", "MAE", "RMSE", "R²", *(("MAE per seed",) if seeded else ()),
+                  title="EF regression on held-out real videos")
+    for row in pooled:
+        mae = mae_cell(row) if "seeds" in row else f"{row['mae']:.2f}"
+        table.add_row(row["trained on"], row["tested on"], mae, f"{row['rmse']:.2f}", f"{row['r2']:.3f}",
+                      *((per_seed_cell(row),) if seeded else ()))
     console = Console()
     console.print(table)
     for key, value in summary["headline"].items():

@@ -11,19 +11,20 @@ Held-out measurements of the models (``echoflow evaluate models``):
 - Video flow obeys EF: clips generated at requested EFs, decoded, measured by the real-trained regressor.
 
 Parity: EF regressors trained on real, on released synthetic, and on both share one recipe (``train.ef``) and
-are tested on every site's held-out real TEST split, per site and pooled, with bootstrap 95 % intervals. Trained
-regressors live in ``<workdir>/parity/<source>/``.
+are tested on every site's held-out real TEST split, per site and pooled. ``pipeline.ef_seeds`` regressors per source
+(seed ``seed + k``): seed 0 in ``<workdir>/parity/<source>/``, seed k in ``<workdir>/parity/<source>.seed<k>/``.
+One seed: bootstrap 95 % intervals over test videos; several: mean and Student-t 95 % interval over seeds.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ from echoflow.stages.networks import load_network
 from echoflow.study.centralized import train_stage
 from echoflow.study.generate import animate_frames, decode_clips, sample_latent_frames
 from echoflow.study.models import Cohort, Models, trained_network
+from echoflow.study.protocol import seed_interval, seed_maes
 from echoflow.tracking import log_metrics
 
 
@@ -206,36 +208,69 @@ def score(pred: np.ndarray, truth: np.ndarray, site: np.ndarray, names: Sequence
     return scores
 
 
-def train_regressors(cfg: DictConfig, cohort: Cohort, released: Path | None) -> dict[str, nn.Module]:
-    """EF regressors on each source; ``released`` None (nothing released) trains the real one only.
+def seed_folder(root: Path, source: str, k: int) -> Path:
+    """Where seed ``k`` of ``source``'s regressor lives.
 
-    The regressors train side by side, one process of ``cfg.threads`` threads per core (forked: no re-import),
-    each seeded as if alone, so the weights are those of training them one after another. Each one's loss curve
-    goes to MLflow as ``parity/<source>/<metric>`` (``+`` spelt ``_plus_``); a finished regressor is read back.
+    ``root/<source>`` for seed 0 (the one-seed layout, unchanged), ``root/<source>.seed<k>`` for the others.
     """
-    out = Path(cfg.workdir) / "parity"
-    data = {"real": list(cohort.roots)}
-    if released is not None:
-        data |= {"synthetic": [released], "real+synthetic": [*cohort.roots, released]}
-    jobs = [(cfg, cohort.sites(roots, "TRAIN"), out / source) for source, roots in data.items()]  # decoded here, once
-    threads = threads_of(cfg)  # one-thread regressors get a process each: on 2 cores a pool of 2 ran the third alone
-    workers = len(jobs) if threads == 1 else min(len(jobs), max(1, (os.cpu_count() or 1) // threads))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    return root / source if k == 0 else root / f"{source}.seed{k}"
+
+
+def regressor_workers(jobs: int, threads: int) -> int:
+    """Worker processes for ``jobs`` regressors of ``threads`` threads each.
+
+    One-thread regressors: a process each up to one more than the cores (on 2 cores a pool of 2 ran the third
+    of three alone); several threads: the cores / threads cap.
+    """
+    cores = os.cpu_count() or 1
+    return min(jobs, cores + 1 if threads == 1 else max(1, cores // threads))
+
+
+def train_seeded(cfg: DictConfig, data: Mapping[str, list[SiteData]], root: Path, seeds: Sequence[int], *,
+                 log_as: str = "parity") -> dict[str, list[nn.Module]]:
+    """An EF regressor per (source, seed offset ``k``), ``seed = cfg.seed + k``, each in its `seed_folder`.
+
+    Returns per source its regressors in ``seeds`` order.
+
+    The regressors train side by side in one pool of forked processes (no re-import; `regressor_workers`),
+    each seeded as if alone, so the weights are those of training them one after another: seed 0 is the
+    one-seed run's regressor. Each one's loss curve goes to MLflow as ``<log_as>/<source>[.seed<k>]/<metric>``
+    (``+`` spelt ``_plus_``); a finished regressor is read back.
+    """
+    jobs = [(cfg if k == 0 else cast(DictConfig, OmegaConf.merge(cfg, {"seed": int(cfg.seed) + k})), sites,
+             seed_folder(root, source, k)) for source, sites in data.items() for k in seeds]
+    names = [seed_folder(Path(), source, k).name for source in data for k in seeds]
+    label = ", ".join(data) + (f"; {len(seeds)} seeds each" if len(seeds) > 1 else "")
+    with ProcessPoolExecutor(regressor_workers(len(jobs), threads_of(cfg)),
+                             mp_context=multiprocessing.get_context("fork")) as pool:
         done = pool.map(train_regressor, jobs)  # forks the workers before the progress display starts its thread
-        with progress_bar(f"train EF regressors ({', '.join(data)})", total=len(jobs)) as advance:
-            for source, curve in zip(data, done, strict=True):
-                log = log_metrics(f"parity/{source.replace('+', '_plus_')}")  # MLflow names: no "+"
+        with progress_bar(f"train EF regressors ({label})", total=len(jobs)) as advance:
+            for name, curve in zip(names, done, strict=True):
+                log = log_metrics(f"{log_as}/{name.replace('+', '_plus_')}")  # MLflow names: no "+"
                 for step, values in curve:
                     log(step, values)
                 advance(1)
-    return {source: load_network("ef", plain(cfg.model), out / source / "model.safetensors") for source in data}
+    return {source: [load_network("ef", plain(cfg.model), seed_folder(root, source, k) / "model.safetensors")
+                     for k in seeds] for source in data}
+
+
+def train_regressors(cfg: DictConfig, cohort: Cohort, released: Path | None) -> dict[str, list[nn.Module]]:
+    """EF regressors on each source, ``pipeline.ef_seeds`` seeds each (`train_seeded`, in ``<workdir>/parity``).
+
+    ``released`` None (nothing released) trains the real one only.
+    """
+    data = {"real": list(cohort.roots)}
+    if released is not None:
+        data |= {"synthetic": [released], "real+synthetic": [*cohort.roots, released]}
+    sites = {source: cohort.sites(roots, "TRAIN") for source, roots in data.items()}  # decoded here, once
+    seeds = int(cfg.pipeline.ef_seeds)
+    if seeds < 1:
+        raise EchoFlowError(f"pipeline.ef_seeds: {seeds}; need at least one EF regressor seed per arm")
+    return train_seeded(cfg, sites, Path(cfg.workdir) / "parity", range(seeds))
 
 
 def train_regressor(job: tuple[DictConfig, list[SiteData], Path]) -> list[tuple[int, dict[str, float]]]:
-    """One parity regressor ``(cfg, TRAIN sites, out folder)``, in a worker process; returns its logged (step, metrics).
-
-    Also the job of `benchmarks/regressor_seeds.py`'s pool.
-    """
+    """One regressor ``(cfg, TRAIN sites, out folder)``, in a worker process; returns its logged (step, metrics)."""
     cfg, sites, out = job
     limit_threads(threads_of(cfg))
     curve: list[tuple[int, dict[str, float]]] = []
@@ -243,17 +278,51 @@ def train_regressor(job: tuple[DictConfig, list[SiteData], Path]) -> list[tuple[
     return curve
 
 
-def score_regressors(cfg: DictConfig, regressors: dict[str, nn.Module], cohort: Cohort) -> dict[str, Any]:
-    """Every regressor on the real TEST splits: ``{source: {pooled|site: Regression as dict}}`` + predictions."""
+def seed_predictions(regressors: Sequence[nn.Module], clips: Tensor) -> np.ndarray:
+    """EF (seeds, N) percent that each seed's regressor reads from the clips."""
+    return np.stack([measure_ef(regressor, clips).numpy() for regressor in regressors])
+
+
+def score_seeds(pred: np.ndarray, truth: np.ndarray, site: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """Regression quality pooled and per site of one arm's seeds, predictions ``pred`` (seeds, N).
+
+    One seed: `score` (bootstrap intervals over videos). Several: per test set the mean over seeds of MAE, RMSE
+    and R², each with its Student-t 95 % interval over seeds (`seed_interval`, as ``*_ci``), ``seeds`` and
+    ``mae_per_seed`` (`seed_maes`).
+    """
+    if len(pred) == 1:
+        return {k: asdict(v) for k, v in score(pred[0], truth, site, names).items()}
+    masks = {"pooled": np.ones(len(truth), bool)}
+    masks |= {name: site == i for i, name in enumerate(names) if (site == i).sum() >= 2}
+    scores = {}
+    for test_set, mask in masks.items():
+        maes = seed_maes(pred[:, mask] - truth[mask])
+        _, rmse, r2 = np.array([_errors(truth[mask], p[mask]) for p in pred]).T
+        scores[test_set] = {"mae": maes.mean, "mae_ci": (maes.mean - maes.half, maes.mean + maes.half)}
+        for key, values in (("rmse", rmse), ("r2", r2)):
+            mean, half = seed_interval(values.tolist())
+            scores[test_set] |= {key: mean, f"{key}_ci": (mean - half, mean + half)}
+        scores[test_set] |= {"n": int(mask.sum()), "seeds": len(pred), "mae_per_seed": list(maes.per_seed)}
+    return scores
+
+
+def score_regressors(cfg: DictConfig, regressors: Mapping[str, Sequence[nn.Module]], cohort: Cohort
+                     ) -> dict[str, Any]:
+    """Every source's regressors (one per seed) on the real TEST splits, with the truth and site per video.
+
+    Per source: ``scores`` (`score_seeds`, pooled and per site), ``prediction`` (seed 0's) and, for several
+    seeds only, ``predictions`` (every seed's).
+    """
     test = cohort.split("TEST")
     clips, ef, sites = first_clips(test, frames=cfg.data.clip_frames, fps=cfg.data.clip_fps)
     truth, site = ef.numpy(), sites.numpy()
     names = [s.name for s in test]
     results: dict[str, Any] = {"truth": truth.tolist(), "site": site.tolist(), "sources": {}}
-    for source, regressor in regressors.items():
-        pred = measure_ef(regressor, clips).numpy()
-        results["sources"][source] = {"prediction": pred.tolist(),
-                                      "scores": {k: asdict(v) for k, v in score(pred, truth, site, names).items()}}
+    for source, seeded in regressors.items():
+        pred = seed_predictions(seeded, clips)
+        results["sources"][source] = {"prediction": pred[0].tolist(), "scores": score_seeds(pred, truth, site, names)}
+        if len(pred) > 1:
+            results["sources"][source]["predictions"] = pred.tolist()
     return results
 
 
@@ -265,19 +334,19 @@ def parity_study(cfg: DictConfig, models: Models, cohort: Cohort, released: Path
                  ) -> dict[str, Any]:
     """EF regressors on real / synthetic / both (and federated on real); EF consistency and re-id Fréchet distance.
 
-    EF consistency (requested vs measured EF of the released videos) uses the pooled real-trained regressor.
+    EF consistency (requested vs measured EF of the released videos) uses the pooled real-trained regressor (seed 0).
     """
     if released_count < 2:
         raise EchoFlowError(f"{released}: {released_count} videos released; too few to train an EF regressor")
     recipe = cfg.copy()
     OmegaConf.update(recipe, "train.ef.optim.steps", cfg.pipeline.ef_steps)
     regressors = train_regressors(recipe, cohort, released)
-    if cfg.pipeline.training == "federated":
-        regressors[FEDERATED_EF] = trained_network(cfg, "ef")
+    if cfg.pipeline.training == "federated":  # one regressor: the federated stage's
+        regressors[FEDERATED_EF] = [trained_network(cfg, "ef")]
     results = score_regressors(cfg, regressors, cohort)
     synthetic = cohort.sites([released], "TRAIN")
     clips, requested, _ = first_clips(synthetic, frames=cfg.data.clip_frames, fps=cfg.data.clip_fps)
-    measured = measure_ef(regressors["real"], clips)
+    measured = measure_ef(regressors["real"][0], clips)
     consistency = regression(requested.numpy(), measured.numpy())
     first = [encode_sites(models.vae, sites) for sites in (synthetic, cohort.split("TEST"))]
     gen, real = (embed(models.reid, torch.stack([torch.from_numpy(v[0]) for s in sites for v in s.videos])).numpy()

@@ -1,4 +1,9 @@
-"""Parity protocol pieces: requested EFs for generation, the paired-bootstrap CI of the MAE ratio, seed intervals."""
+"""Parity protocol pieces: requested EFs for generation, the paired-bootstrap CI of the MAE ratio, seed intervals.
+
+Over regressor seeds (the pipeline's ``pipeline.ef_seeds``, `benchmarks/regressor_seeds.py`): each arm's MAE per
+seed with the t interval of their mean (`seed_maes`), and the ratio of two arms from their per-video absolute
+errors averaged over seeds with the paired bootstrap over test videos (`seed_averaged_ratio`).
+"""
 
 from __future__ import annotations
 
@@ -77,3 +82,34 @@ def seed_interval(values: Sequence[float]) -> tuple[float, float]:
     if len(v) < 2:
         return float(v.mean()), 0.0
     return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+
+
+@dataclass(frozen=True)
+class SeedMAE:
+    """One arm's MAE (EF points) per regressor seed, their mean and its Student-t 95 % half-width."""
+
+    per_seed: tuple[float, ...]
+    mean: float
+    half: float
+
+
+def seed_maes(errors: np.ndarray) -> SeedMAE:
+    """Each seed's MAE of ``errors`` (seeds, videos; signed or absolute) and their `seed_interval`."""
+    e = np.abs(np.asarray(errors, float))
+    if e.ndim != 2 or e.shape[1] < 1:
+        raise EchoFlowError(f"seed_maes: need (seeds, videos) errors, got {e.shape}")
+    maes = e.mean(1)
+    mean, half = seed_interval(maes.tolist())
+    return SeedMAE(tuple(maes.tolist()), mean, half)
+
+
+def seed_averaged_ratio(errors_a: np.ndarray, errors_b: np.ndarray, **bootstrap: int) -> Ratio:
+    """MAE(a) / MAE(b) from each video's absolute error averaged over seeds, with a paired-bootstrap 95 % interval.
+
+    ``errors_a``, ``errors_b``: (seeds, videos) on the same videos; `paired_mae_ratio` of the seed-averaged
+    errors (one seed each: `paired_mae_ratio` itself).
+    """
+    a, b = (np.abs(np.asarray(e, float)) for e in (errors_a, errors_b))
+    if a.ndim != 2 or b.ndim != 2:
+        raise EchoFlowError(f"seed_averaged_ratio: need (seeds, videos) errors, got {a.shape}, {b.shape}")
+    return paired_mae_ratio(a.mean(0), b.mean(0), **bootstrap)

@@ -19,29 +19,52 @@ import numpy as np
 from echoflow.audit.report import SIMILARITY_PNG
 from echoflow.data.echonet import VideoRecord, read_cohort
 from echoflow.figures import Card, cards, ef_previews, figure, page, png_base64, section, table
-from echoflow.study.protocol import paired_mae_ratio
+from echoflow.study.protocol import seed_averaged_ratio
 
 PARITY_GOAL = 1.1
 """Synthetic-only / real-trained MAE at which the summary calls the synthetic data a match (the paper's claim)."""
 
 
 def parity_rows(evaluated: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per (training source, test set): MAE, RMSE, R² with 95 % intervals."""
+    """One row per (training source, test set): MAE, RMSE, R² with 95 % intervals.
+
+    A source of several regressor seeds adds ``seeds`` and ``mae_per_seed``; its values are then means over
+    seeds and its intervals Student-t over seeds.
+    """
     rows = []
     for source, result in evaluated["sources"].items():
         for test_set, score in result["scores"].items():
             rows.append({"trained on": source, "tested on": test_set, **{k: score[k] for k in
-                         ("mae", "mae_ci", "rmse", "r2", "r2_ci", "n")}})
+                         ("mae", "mae_ci", "rmse", "r2", "r2_ci", "n", "seeds", "mae_per_seed") if k in score}})
     return rows
 
 
+def seed_errors(evaluated: Mapping[str, Any], source: str) -> np.ndarray:
+    """``source``'s signed EF errors (seeds, videos) on the real TEST videos (one row for a one-seed source)."""
+    result = evaluated["sources"][source]
+    return np.asarray(result.get("predictions", [result["prediction"]])) - np.asarray(evaluated["truth"])
+
+
+def mae_cell(row: Mapping[str, Any]) -> str:
+    """A row's MAE with its interval: ``m (low–high)`` (bootstrap over videos) or ``m ± t95`` over seeds."""
+    if "seeds" in row:
+        return f"{row['mae']:.2f} ± {row['mae_ci'][1] - row['mae']:.2f}"
+    return f"{row['mae']:.2f} ({row['mae_ci'][0]:.2f}–{row['mae_ci'][1]:.2f})"
+
+
+def per_seed_cell(row: Mapping[str, Any]) -> str:
+    """A row's MAE per regressor seed (one seed: its only one)."""
+    return ", ".join(f"{m:.2f}" for m in row.get("mae_per_seed", [row["mae"]]))
+
+
 def _markdown(rows: list[dict[str, Any]], headline: Mapping[str, Any]) -> str:
-    lines = ["| trained on | tested on (real TEST) | MAE (95 % CI) | RMSE | R² (95 % CI) | n |",
-             "|---|---|---|---|---|---|"]
+    seeded = any("seeds" in r for r in rows)
+    lines = ["| trained on | tested on (real TEST) | MAE (95 % CI) | RMSE | R² (95 % CI) | n |"
+             + (" MAE per seed |" if seeded else ""), "|---|---|---|---|---|---|" + ("---|" if seeded else "")]
     for r in rows:
-        lines.append(f"| {r['trained on']} | {r['tested on']} | {r['mae']:.2f} ({r['mae_ci'][0]:.2f}–"
-                     f"{r['mae_ci'][1]:.2f}) | {r['rmse']:.2f} | {r['r2']:.3f} ({r['r2_ci'][0]:.2f}–"
-                     f"{r['r2_ci'][1]:.2f}) | {r['n']} |")
+        lines.append(f"| {r['trained on']} | {r['tested on']} | {mae_cell(r)} | {r['rmse']:.2f} | {r['r2']:.3f} "
+                     f"({r['r2_ci'][0]:.2f}–{r['r2_ci'][1]:.2f}) | {r['n']} |"
+                     + (f" {per_seed_cell(r)} |" if seeded else ""))
     lines += ["", *(f"- {key}: {value}" for key, value in headline.items())]
     return "\n".join(lines) + "\n"
 
@@ -50,7 +73,8 @@ def _scatter(evaluated: Mapping[str, Any]) -> Any:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     truth = evaluated["truth"]
     for source, result in evaluated["sources"].items():
-        axes[0].scatter(truth, result["prediction"], s=12, alpha=0.7, label=source)
+        axes[0].scatter(truth, result["prediction"], s=12, alpha=0.7,
+                        label=f"{source} (seed 0)" if "predictions" in result else source)
     axes[0].plot([0, 100], [0, 100], "k--", lw=1)
     axes[0].set(xlabel="true EF (real TEST videos), %", ylabel="predicted EF, %", title="EF regressors",
                 xlim=(0, 100), ylim=(0, 100))
@@ -158,14 +182,18 @@ def _page(rows: Sequence[Mapping[str, Any]], pooled: Mapping[str, Mapping[str, A
                        ("Fréchet distance in re-id space (released vs real TEST first frames)",
                         "Fréchet distance, re-id space (lower = closer to real)")):
         items.append(Card(str(headline[key]), label))
-    table_rows = [(r["trained on"], r["tested on"], f"{r['mae']:.2f} ({r['mae_ci'][0]:.2f}–{r['mae_ci'][1]:.2f})",
-                   f"{r['rmse']:.2f}", f"{r['r2']:.3f} ({r['r2_ci'][0]:.2f}–{r['r2_ci'][1]:.2f})", r["n"])
-                  for r in rows]
+    seeded = any("seeds" in r for r in rows)
+    table_rows = [(r["trained on"], r["tested on"], mae_cell(r), f"{r['rmse']:.2f}",
+                   f"{r['r2']:.3f} ({r['r2_ci'][0]:.2f}–{r['r2_ci'][1]:.2f})", r["n"],
+                   *((per_seed_cell(r),) if seeded else ())) for r in rows]
     parity = section("EF regression on real TEST videos",
                      "Each EF regressor is tested on held-out real videos (pooled, then per site): lower MAE and "
-                     "RMSE and higher R² are better; parity means the synthetic-only row matches the real row.",
+                     "RMSE and higher R² are better; parity means the synthetic-only row matches the real row."
+                     + (" Rows of several regressor seeds show the mean over seeds ± its Student-t 95 % interval "
+                        "(bootstrap intervals over videos otherwise)." if seeded else ""),
                      table(["trained on", "tested on (real TEST)", "MAE, EF % (95 % CI)", "RMSE, EF %",
-                            "R² (95 % CI)", "n (videos)"], table_rows, numeric=(2, 3, 4, 5)))
+                            "R² (95 % CI)", "n (videos)", *(("MAE per seed",) if seeded else ())], table_rows,
+                           numeric=(2, 3, 4, 5)))
     figures = [section(*FIGURES.get(name, (name.replace("_", " "), "")), figure(data, alt=name))
                for name, data in images.items()]
     return page("EchoFlow pipeline summary",
@@ -190,9 +218,9 @@ def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mappin
     out.mkdir(parents=True, exist_ok=True)
     rows = parity_rows(evaluated)
     pooled = {r["trained on"]: r for r in rows if r["tested on"] == "pooled"}
-    truth = np.asarray(evaluated["truth"])
-    errors = {s: np.asarray(evaluated["sources"][s]["prediction"]) - truth for s in ("synthetic", "real")}
-    ratio = paired_mae_ratio(errors["synthetic"], errors["real"])
+    errors = {s: seed_errors(evaluated, s) for s in ("synthetic", "real")}
+    ratio = seed_averaged_ratio(errors["synthetic"], errors["real"])  # one seed: the paired ratio of its errors
+    seeds = max(len(e) for e in errors.values())
     headline = {
         "released videos": f"{audited['released']} of {audited['videos']} generated "
                            f"({generated['screened_out']} of {generated['drawn']} latent frames screened out first)",
@@ -201,6 +229,10 @@ def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mappin
         "EF consistency of released videos (R²)": round(evaluated["consistency"]["r2"], 3),
         "Fréchet distance in re-id space (released vs real TEST first frames)": round(evaluated["frechet_reid"], 3),
     }
+    if seeds > 1:
+        headline["EF regressor seeds per arm"] = (f"{seeds} (seed + 0 … {seeds - 1}); MAE mean ± t 95 % over seeds, "
+                                                  "the ratio's CI from per-video errors averaged over seeds")
+        headline |= {f"{r['trained on']} MAE per seed": per_seed_cell(r) for r in pooled.values() if "seeds" in r}
     privacy = privacy_of(models["history"])
     if privacy:
         headline["differential privacy (unit: one patient, all their videos)"] = (
@@ -224,9 +256,16 @@ def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mappin
                          out / "previews") if released or real_roots else ""
     (out / "summary.html").write_text(_page(rows, pooled, headline, audited, images, videos))
     if mlflow.active_run() is not None:
-        mlflow.log_metrics({f"parity.{r['trained on'].replace('+', '_and_')}.{r['tested on']}.{k}": float(r[k])
-                            for r in rows for k in ("mae", "rmse", "r2")}
-                           | {"released": float(audited["released"]),
-                              "consistency_r2": float(evaluated["consistency"]["r2"]),
-                              "frechet_reid": float(evaluated["frechet_reid"])})
+        metrics = {f"parity.{r['trained on'].replace('+', '_and_')}.{r['tested on']}.{k}": float(r[k])
+                   for r in rows for k in ("mae", "rmse", "r2")}
+        if seeds > 1:  # the seeds' spread, each seed's MAE and the seed-averaged ratio with its CI
+            for r in rows:
+                if "seeds" in r:
+                    name = f"parity.{r['trained on'].replace('+', '_and_')}.{r['tested on']}"
+                    metrics[f"{name}.mae_t95"] = r["mae_ci"][1] - r["mae"]
+                    metrics |= {f"{name}.mae_seed{k}": float(m) for k, m in enumerate(r["mae_per_seed"])}
+            metrics |= {"parity_ratio": ratio.ratio, "parity_ratio_low": ratio.low, "parity_ratio_high": ratio.high}
+        mlflow.log_metrics(metrics | {"released": float(audited["released"]),
+                                      "consistency_r2": float(evaluated["consistency"]["r2"]),
+                                      "frechet_reid": float(evaluated["frechet_reid"])})
     return summary
