@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
@@ -36,19 +38,24 @@ def run_one(overrides: list[str]) -> None:
     apply_runtime(cfg)
     with start_run(cfg, "pipeline"):
         summary = run_pipeline(cfg)
-    pooled = [row for row in summary["parity"] if row["tested on"] == "pooled"]
-    seeded = any("seeds" in row for row in pooled)  # several regressor seeds: mean ± t 95 % and each seed's MAE
+    console = Console()
+    console.print(parity_table(summary["parity"]))
+    for key, value in summary["headline"].items():
+        console.print(f"{key}: {value}")
+    console.print(f"summary: {cfg.workdir}/summary/summary.html; audit: {cfg.workdir}/audit/audit.html")
+
+
+def parity_table(rows: list[dict[str, Any]]) -> Table:
+    """The pooled rows of the summary's parity table; several regressor seeds add mean ± t 95 % and each seed's MAE."""
+    pooled = [row for row in rows if row["tested on"] == "pooled"]
+    seeded = any("seeds" in row for row in pooled)
     table = Table("trained on", "tested on", "MAE", "RMSE", "R²", *(("MAE per seed",) if seeded else ()),
                   title="EF regression on held-out real videos")
     for row in pooled:
         mae = mae_cell(row) if "seeds" in row else f"{row['mae']:.2f}"
         table.add_row(row["trained on"], row["tested on"], mae, f"{row['rmse']:.2f}", f"{row['r2']:.3f}",
                       *((per_seed_cell(row),) if seeded else ()))
-    console = Console()
-    console.print(table)
-    for key, value in summary["headline"].items():
-        console.print(f"{key}: {value}")
-    console.print(f"summary: {cfg.workdir}/summary/summary.html; audit: {cfg.workdir}/audit/audit.html")
+    return table
 
 
 def with_pipeline(overrides: list[str]) -> list[str]:

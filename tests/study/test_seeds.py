@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
+from echoflow.cli.pipeline import parity_table
 from echoflow.config import load_config
 from echoflow.data.phantom import generate_cohort
 from echoflow.data.sites import load_sites
@@ -17,7 +19,7 @@ from echoflow.errors import EchoFlowError
 from echoflow.study.centralized import train_stage
 from echoflow.study.evaluate import score_seeds, seed_folder, train_seeded
 from echoflow.study.protocol import paired_mae_ratio, seed_averaged_ratio, seed_interval, seed_maes
-from echoflow.study.summary import write_summary
+from echoflow.study.summary import parity_rows, write_summary
 
 
 def test_seed_zero_is_the_one_seed_regressor_and_other_seeds_differ(tmp_path: Path) -> None:
@@ -93,3 +95,17 @@ def test_summary_ratio_is_the_paired_ratio_of_seed_averaged_errors(tmp_path: Pat
     assert f"| real | pooled | {real.mean:.2f} ± {real.half:.2f} |" in markdown and "MAE per seed" in markdown
     assert "MAE per seed" in (tmp_path / "summary" / "summary.html").read_text()
     assert json.loads((tmp_path / "summary" / "summary.json").read_text())["parity"][0]["seeds"] == 5
+
+
+def test_printed_table_shows_seeds_only_when_there_are_several() -> None:
+    console = Console(width=200, record=True)
+    one = seeded_results(np.random.default_rng(2), seeds=1)
+    for result in one["sources"].values():
+        del result["predictions"]
+    console.print(parity_table(parity_rows(one)))
+    single = console.export_text()
+    assert "MAE per seed" not in single and "±" not in single
+    assert f"{one['sources']['real']['scores']['pooled']['mae']:.2f}" in single
+    console.print(parity_table(parity_rows(seeded_results(np.random.default_rng(2), seeds=3))))
+    several = console.export_text()
+    assert "MAE per seed" in several and several.count("±") == 2  # real and synthetic, pooled
