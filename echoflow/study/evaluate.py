@@ -230,12 +230,10 @@ def train_seeded(cfg: DictConfig, data: Mapping[str, list[SiteData]], root: Path
                  log_as: str = "parity") -> dict[str, list[nn.Module]]:
     """An EF regressor per (source, seed offset ``k``), ``seed = cfg.seed + k``, each in its `seed_folder`.
 
-    Returns per source its regressors in ``seeds`` order.
-
-    The regressors train side by side in one pool of forked processes (no re-import; `regressor_workers`),
-    each seeded as if alone, so the weights are those of training them one after another: seed 0 is the
-    one-seed run's regressor. Each one's loss curve goes to MLflow as ``<log_as>/<source>[.seed<k>]/<metric>``
-    (``+`` spelt ``_plus_``); a finished regressor is read back.
+    Returns per source its regressors in ``seeds`` order. The regressors train side by side in one pool of
+    forked processes (no re-import; `regressor_workers`), each seeded as if alone, so the weights are those of
+    training them one after another: seed 0 is the one-seed run's regressor. Each one's loss curve goes to
+    MLflow as ``<log_as>/<source>[.seed<k>]/<metric>`` (``+`` spelt ``_plus_``); a finished one is read back.
     """
     jobs = [(cfg if k == 0 else cast(DictConfig, OmegaConf.merge(cfg, {"seed": int(cfg.seed) + k})), sites,
              seed_folder(root, source, k)) for source, sites in data.items() for k in seeds]
