@@ -198,14 +198,15 @@ SOURCES = ("real", "synthetic", "real+synthetic")
 """What each EF regressor trains on."""
 
 
+def scored_sets(site: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Masks of the videos scored: ``pooled`` (all), then each site with at least two TEST videos."""
+    masks = {"pooled": np.ones(len(site), dtype=bool)}
+    return masks | {name: site == i for i, name in enumerate(names) if (site == i).sum() >= 2}
+
+
 def score(pred: np.ndarray, truth: np.ndarray, site: np.ndarray, names: Sequence[str]) -> dict[str, Regression]:
-    """Regression quality pooled and per site."""
-    scores = {"pooled": regression(truth, pred)}
-    for index, name in enumerate(names):
-        mask = site == index
-        if mask.sum() >= 2:
-            scores[name] = regression(truth[mask], pred[mask])
-    return scores
+    """Regression quality pooled and per site (`scored_sets`)."""
+    return {test_set: regression(truth[mask], pred[mask]) for test_set, mask in scored_sets(site, names).items()}
 
 
 def seed_folder(root: Path, source: str, k: int) -> Path:
@@ -290,10 +291,8 @@ def score_seeds(pred: np.ndarray, truth: np.ndarray, site: np.ndarray, names: Se
     """
     if len(pred) == 1:
         return {k: asdict(v) for k, v in score(pred[0], truth, site, names).items()}
-    masks = {"pooled": np.ones(len(truth), bool)}
-    masks |= {name: site == i for i, name in enumerate(names) if (site == i).sum() >= 2}
     scores = {}
-    for test_set, mask in masks.items():
+    for test_set, mask in scored_sets(site, names).items():
         maes = seed_maes(pred[:, mask] - truth[mask])
         _, rmse, r2 = np.array([_errors(truth[mask], p[mask]) for p in pred]).T
         scores[test_set] = {"mae": maes.mean, "mae_ci": (maes.mean - maes.half, maes.mean + maes.half)}

@@ -57,14 +57,18 @@ def per_seed_cell(row: Mapping[str, Any]) -> str:
     return ", ".join(f"{m:.2f}" for m in row.get("mae_per_seed", [row["mae"]]))
 
 
+def parity_cells(row: Mapping[str, Any], *, seeded: bool) -> tuple[object, ...]:
+    """A parity row's cells for the summary's tables; ``seeded`` adds the MAE per seed."""
+    return (row["trained on"], row["tested on"], mae_cell(row), f"{row['rmse']:.2f}",
+            f"{row['r2']:.3f} ({row['r2_ci'][0]:.2f}–{row['r2_ci'][1]:.2f})", row["n"],
+            *((per_seed_cell(row),) if seeded else ()))
+
+
 def _markdown(rows: list[dict[str, Any]], headline: Mapping[str, Any]) -> str:
     seeded = any("seeds" in r for r in rows)
     lines = ["| trained on | tested on (real TEST) | MAE (95 % CI) | RMSE | R² (95 % CI) | n |"
              + (" MAE per seed |" if seeded else ""), "|---|---|---|---|---|---|" + ("---|" if seeded else "")]
-    for r in rows:
-        lines.append(f"| {r['trained on']} | {r['tested on']} | {mae_cell(r)} | {r['rmse']:.2f} | {r['r2']:.3f} "
-                     f"({r['r2_ci'][0]:.2f}–{r['r2_ci'][1]:.2f}) | {r['n']} |"
-                     + (f" {per_seed_cell(r)} |" if seeded else ""))
+    lines += ["| " + " | ".join(str(cell) for cell in parity_cells(r, seeded=seeded)) + " |" for r in rows]
     lines += ["", *(f"- {key}: {value}" for key, value in headline.items())]
     return "\n".join(lines) + "\n"
 
@@ -183,9 +187,7 @@ def _page(rows: Sequence[Mapping[str, Any]], pooled: Mapping[str, Mapping[str, A
                         "Fréchet distance, re-id space (lower = closer to real)")):
         items.append(Card(str(headline[key]), label))
     seeded = any("seeds" in r for r in rows)
-    table_rows = [(r["trained on"], r["tested on"], mae_cell(r), f"{r['rmse']:.2f}",
-                   f"{r['r2']:.3f} ({r['r2_ci'][0]:.2f}–{r['r2_ci'][1]:.2f})", r["n"],
-                   *((per_seed_cell(r),) if seeded else ())) for r in rows]
+    table_rows = [parity_cells(r, seeded=seeded) for r in rows]
     parity = section("EF regression on real TEST videos",
                      "Each EF regressor is tested on held-out real videos (pooled, then per site): lower MAE and "
                      "RMSE and higher R² are better; parity means the synthetic-only row matches the real row."
