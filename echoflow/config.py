@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +53,22 @@ def limit_threads(threads: int) -> None:
     threadpool_limits(threads)
 
 
+@contextmanager
+def threads_while(threads: int) -> Iterator[None]:
+    """Torch's and the BLAS/OpenMP pools' threads set to ``threads`` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    limit_threads(threads)
+    try:
+        yield
+    finally:
+        limit_threads(before)
+
+
 def apply_runtime(cfg: DictConfig) -> None:
     """Process-wide settings from the config: threads per process (``threads: 0`` = every core)."""
     limit_threads(threads_of(cfg))
 
 
-def threads_of(cfg: DictConfig) -> int:
-    """Torch threads per process the config asks for (``threads: 0`` = every core)."""
-    return int(cfg.threads) or os.cpu_count() or 1
+def threads_of(cfg: DictConfig, key: str = "threads") -> int:
+    """Torch threads the config asks for under ``key`` (``threads`` per process; 0 = every core)."""
+    return int(cfg[key]) or os.cpu_count() or 1

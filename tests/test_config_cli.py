@@ -1,15 +1,17 @@
-"""`echoflow config show`: the composed config, and every key of configs/ documented by a comment."""
+"""`echoflow config show`: the composed config, every key of configs/ documented by a comment; thread settings."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from echoflow.cli import app
-from echoflow.config import load_config
+from echoflow.config import load_config, threads_of, threads_while
 from echoflow.config_docs import all_keys, composed_keys, file_keys, group_choices, reference_markdown
 from echoflow.errors import EchoFlowError
 from echoflow.progress import QUIET_ENV, is_quiet
@@ -83,3 +85,13 @@ def test_configuration_reference_in_docs_is_current() -> None:
     documented = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
     assert documented == reference_markdown(), "run `echoflow config reference > docs/configuration.md`"
     assert "| `federation.min_sites` |" in documented and "| `strategy.server_momentum` |" in documented
+
+
+def test_generation_threads_apply_inside_the_block_only() -> None:
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), threads_while(before + 1):
+        assert torch.get_num_threads() == before + 1
+        raise RuntimeError("generation failed")
+    assert torch.get_num_threads() == before
+    cfg = load_config(["generation_threads=0", "threads=1"])
+    assert (threads_of(cfg, "generation_threads"), threads_of(cfg)) == (os.cpu_count(), 1)

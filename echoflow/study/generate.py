@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from echoflow.config import threads_of, threads_while
 from echoflow.data.echonet import VideoRecord, write_avi, write_filelist
 from echoflow.data.intensity import to_uint8
 from echoflow.errors import EchoFlowError
@@ -76,7 +77,7 @@ class Sampling:
     Attributes:
         steps, method: the ODE solver. image_target, video_target: each flow's training target.
         guidance: classifier-free guidance scale. window: the clip length the video flow was trained on.
-        frames: frames per generated video. size: frame size in pixels.
+        frames: frames per generated video. size: frame size in pixels. threads: torch threads while generating.
     """
 
     steps: int
@@ -87,6 +88,7 @@ class Sampling:
     window: int
     frames: int
     size: int
+    threads: int
 
     @classmethod
     def of(cls, cfg: DictConfig, *, frames: int) -> Sampling:
@@ -94,7 +96,7 @@ class Sampling:
         s = cfg.train.sampling
         return cls(steps=s.steps, method=s.method, image_target=cfg.train.image_flow.loss.target,
                    video_target=cfg.train.video_flow.loss.target, guidance=s.guidance, window=cfg.data.clip_frames,
-                   frames=frames, size=cfg.data.size)
+                   frames=frames, size=cfg.data.size, threads=threads_of(cfg, "generation_threads"))
 
 
 @dataclass(frozen=True)
@@ -117,16 +119,19 @@ def generate_videos(models: Models, n: int, requested_ef: Callable[[int, torch.G
     """
     vae, drawn = models.vae, round(n * oversample)
     latent = sampling.size // vae.downsample
-    frames = sample_latent_frames(models.image_flow, drawn, shape=(vae.latent_channels, latent, latent),
-                                  steps=sampling.steps, method=sampling.method, target=sampling.image_target,
-                                  generator=generator)
+    with threads_while(sampling.threads):
+        frames = sample_latent_frames(models.image_flow, drawn, shape=(vae.latent_channels, latent, latent),
+                                      steps=sampling.steps, method=sampling.method, target=sampling.image_target,
+                                      generator=generator)
     keep = np.ones(drawn, dtype=bool) if screen is None else screen(frames)
     survivors = frames[torch.from_numpy(keep)][:n]
     ef = requested_ef(len(survivors), generator)
-    latents = animate_frames(models.video_flow, survivors, ef, frames=sampling.frames, window=sampling.window,
-                             steps=sampling.steps, method=sampling.method, target=sampling.video_target,
-                             guidance=sampling.guidance, generator=generator)
-    return Generated(to_uint8(decode_clips(vae, latents)[:, 0]), ef.numpy(), drawn, int((~keep).sum()))
+    with threads_while(sampling.threads):
+        latents = animate_frames(models.video_flow, survivors, ef, frames=sampling.frames, window=sampling.window,
+                                 steps=sampling.steps, method=sampling.method, target=sampling.video_target,
+                                 guidance=sampling.guidance, generator=generator)
+        videos = to_uint8(decode_clips(vae, latents)[:, 0])
+    return Generated(videos, ef.numpy(), drawn, int((~keep).sum()))
 
 
 def write_synthetic(out: Path, videos: np.ndarray, ef: np.ndarray, *, fps: float, prefix: str = "SYN",
