@@ -123,6 +123,7 @@ def generate_videos(models: Models, n: int, requested_ef: Callable[[int, torch.G
         frames = sample_latent_frames(models.image_flow, drawn, shape=(vae.latent_channels, latent, latent),
                                       steps=sampling.steps, method=sampling.method, target=sampling.image_target,
                                       generator=generator)
+    # screening runs outside the block: the audit's sites search side by side, one thread each
     keep = np.ones(drawn, dtype=bool) if screen is None else screen(frames)
     survivors = frames[torch.from_numpy(keep)][:n]
     ef = requested_ef(len(survivors), generator)

@@ -154,10 +154,11 @@ def test_shells_skip_members_a_query_cannot_reach_yet_decide_pairs_at_their_edge
                 assert (got >= tau) == (truth >= tau), (phi, tau - truth)
     far = toward(centre, ring[0], 0.9)
     truth = exact.search(far, k=1).similarity[0, 0]
-    for tau in (truth - 1e-6, truth - 0.01):
-        got = ivf.search(far, k=1, threshold=float(tau))
-        assert got.similarity[0, 0] >= truth - 1e-6
-    assert got.scanned == 96 / 128  # the whole ring, none of the core (at τ − 1e-6 ring shells at the edge may go too)
+    at_edge = ivf.search(far, k=1, threshold=float(truth - 1e-6))  # ring shells at the edge may be skipped too
+    assert at_edge.similarity[0, 0] >= truth - 1e-6
+    below = ivf.search(far, k=1, threshold=float(truth - 0.01))
+    assert below.similarity[0, 0] >= truth - 1e-6
+    assert below.scanned == 96 / 128  # the whole ring, none of the core
 
 
 @pytest.mark.parametrize("seed", [0, 1])
