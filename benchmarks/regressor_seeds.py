@@ -69,7 +69,7 @@ def main() -> None:
     out = args.workdir / "regressor_seeds" / args.tag
     data = {arm: arm_sites(cfg, cohort, arm) for arm in args.arms}
     regressors = train_seeded(cfg, data, out, args.seeds, log_as="regressor_seeds")  # one thread each: cfg.threads
-    clips, truth, _ = first_clips(cohort.split("TEST"), frames=cfg.data.clip_frames, fps=cfg.data.clip_fps)
+    clips, truth, _ = first_clips(cohort.test(), frames=cfg.data.clip_frames, fps=cfg.data.clip_fps)
     errors: dict[str, np.ndarray] = {}  # arm -> (seeds, videos) signed errors
     for arm in args.arms:
         errors[arm] = seed_predictions(regressors[arm], clips) - truth.numpy()

@@ -19,10 +19,30 @@ def cohort_roots(data: Mapping[str, Any], *, workdir: Path, seed: int) -> list[P
         if not data["roots"]:
             raise EchoFlowError(f"data.roots: give one folder per site for data.source={data['source']}")
         return [Path(root) for root in data["roots"]]
-    out = workdir / "cohort"
+    return phantom_once(workdir / "cohort", data, patients=data["patients_per_site"], seed=seed)
+
+
+def test_cohort_roots(data: Mapping[str, Any], *, workdir: Path, seed: int) -> list[Path]:
+    """The held-out test cohort's site folders: ``data.test_patients`` unseen phantom patients per site, or none.
+
+    The same sites (same site styles) as the training cohort, patients numbered after its ``patients_per_site``
+    (so none of them is in it), every video in TEST; generated once in ``<workdir>/test_cohort``.
+    """
+    patients = int(data.get("test_patients") or 0)
+    if patients <= 0:
+        return []
+    if data["source"] != "phantom":
+        raise EchoFlowError(f"data.test_patients: {patients}; an extra test cohort is generated only for "
+                            f"data.source=phantom (got {data['source']}: use your sites' TEST split, test_patients=0)")
+    return phantom_once(workdir / "test_cohort", data, patients=patients, seed=seed,
+                        first_patient=data["patients_per_site"], split="TEST")
+
+
+def phantom_once(out: Path, data: Mapping[str, Any], *, patients: int, seed: int, **which: Any) -> list[Path]:
+    """A phantom cohort of ``data``'s sites in ``out``, generated on first use (a ``done`` marker), then reused."""
     marker = out / "done"
     if not marker.exists():
-        generate_cohort(out, sites=data["sites"], patients_per_site=data["patients_per_site"], seed=seed,
-                        size=data["size"], frames=data["frames"])
+        generate_cohort(out, sites=data["sites"], patients_per_site=patients, seed=seed, size=data["size"],
+                        frames=data["frames"], **which)
         marker.write_text("ok\n")
     return sorted(path for path in out.iterdir() if path.is_dir())

@@ -184,18 +184,20 @@ def split_of_patients(patients: int, rng: np.random.Generator) -> list[str]:
     return [labels[i] for i in rng.permutation(patients)]
 
 
-def write_site(out: Path, *, site: int, patients: int, seed: int, size: int = 64, frames: int = 32) -> Path:
+def write_site(out: Path, *, site: int, patients: int, seed: int, size: int = 64, frames: int = 32,
+               first_patient: int = 0, split: str | None = None) -> Path:
     """Write one site's cohort in the EchoNet-Dynamic layout under ``out/site_XX``; returns that folder.
 
-    Files: ``Videos/<FileName>.avi``, ``FileList.csv`` (FileName, EF, ESV, EDV, FrameHeight, FrameWidth, FPS,
+    Patients ``first_patient ...`` (a later number is another patient of the same site style), split about
+    70/15/15 TRAIN/VAL/TEST, or all in ``split``. Files: ``Videos/<FileName>.avi``, ``FileList.csv`` (FileName, EF, ESV, EDV, FrameHeight, FrameWidth, FPS,
     NumberOfFrames, Split, PatientID, Site), ``VolumeTracings.csv`` (FileName with ``.avi``, X1, Y1, X2, Y2, Frame)
     and ``LVMasks/<FileName>.npz`` (key ``mask``: (T, H, W) bool).
     """
     folder, name = out / f"site_{site:02d}", f"site_{site:02d}"
     style = sample_site_style(stream_rng(seed, _STYLE, site))
-    splits = split_of_patients(patients, stream_rng(seed, _SPLIT, site))
+    splits = [split] * patients if split else split_of_patients(patients, stream_rng(seed, _SPLIT, site))
     rows, traces = [], []
-    for patient in range(patients):
+    for patient in range(first_patient, first_patient + patients):
         rng = stream_rng(seed, _ANATOMY, site, patient)
         anatomy, patient_ef, visits = sample_anatomy(rng), sample_patient_ef(rng), int(rng.integers(2, 5))
         patient_id = f"S{site:02d}P{patient:04d}"
@@ -209,7 +211,7 @@ def write_site(out: Path, *, site: int, patients: int, seed: int, size: int = 64
             np.savez_compressed(folder / "LVMasks" / f"{file_name}.npz", mask=video.lv_mask)
             rows.append({"FileName": file_name, "EF": video.ef, "ESV": video.esv, "EDV": video.edv,
                          "FrameHeight": size, "FrameWidth": size, "FPS": int(FPS), "NumberOfFrames": frames,
-                         "Split": splits[patient], "PatientID": patient_id, "Site": name})
+                         "Split": splits[patient - first_patient], "PatientID": patient_id, "Site": name})
             for frame, tracing in video.tracings.items():
                 traces += [(f"{file_name}.avi", *map(float, row), frame) for row in tracing]
     pd.DataFrame(rows).to_csv(folder / "FileList.csv", index=False)
@@ -219,13 +221,14 @@ def write_site(out: Path, *, site: int, patients: int, seed: int, size: int = 64
 
 
 def generate_cohort(out: Path, *, sites: int, patients_per_site: int, seed: int, size: int = 64,
-                    frames: int = 32) -> list[Path]:
+                    frames: int = 32, first_patient: int = 0, split: str | None = None) -> list[Path]:
     """Write ``sites`` site folders ``out/site_00 ...`` of ``patients_per_site`` patients each; returns them.
 
-    Same arguments -> identical FileList.csv bytes and identical pixels (see :func:`write_site` for the files).
+    Same arguments -> identical FileList.csv bytes and identical pixels (see :func:`write_site` for the files,
+    ``first_patient`` and ``split``).
     """
     if sites < 1 or patients_per_site < 1 or seed < 0:
         raise EchoFlowError(f"phantom: need sites >= 1, patients >= 1, seed >= 0 (got {sites}, "
                             f"{patients_per_site}, {seed})")
-    return [write_site(out, site=site, patients=patients_per_site, seed=seed, size=size, frames=frames)
-            for site in range(sites)]
+    return [write_site(out, site=site, patients=patients_per_site, seed=seed, size=size, frames=frames,
+                       first_patient=first_patient, split=split) for site in range(sites)]

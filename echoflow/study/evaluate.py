@@ -11,7 +11,8 @@ Held-out measurements of the models (``echoflow evaluate models``):
 - Video flow obeys EF: clips generated at requested EFs, decoded, measured by the real-trained regressor.
 
 Parity: EF regressors trained on real, on released synthetic, and on both share one recipe (``train.ef``) and
-are tested on every site's held-out real TEST split, per site and pooled. ``pipeline.ef_seeds`` regressors per source
+are tested on held-out real videos (`Cohort.test`: the test cohort of unseen patients, ``data.test_patients`` per
+site, else every site's TEST split), per site and pooled. ``pipeline.ef_seeds`` regressors per source
 (seed ``seed + k``): seed 0 in ``<workdir>/parity/<source>/``, seed k in ``<workdir>/parity/<source>.seed<k>/``.
 One seed: bootstrap 95 % intervals over test videos; several: mean and Student-t 95 % interval over seeds.
 """
@@ -305,12 +306,12 @@ def score_seeds(pred: np.ndarray, truth: np.ndarray, site: np.ndarray, names: Se
 
 def score_regressors(cfg: DictConfig, regressors: Mapping[str, Sequence[nn.Module]], cohort: Cohort
                      ) -> dict[str, Any]:
-    """Every source's regressors (one per seed) on the real TEST splits, with the truth and site per video.
+    """Every source's regressors (one per seed) on the real test videos (`Cohort.test`), with truth and site per video.
 
     Per source: ``scores`` (`score_seeds`, pooled and per site), ``prediction`` (seed 0's) and, for several
     seeds only, ``predictions`` (every seed's).
     """
-    test = cohort.split("TEST")
+    test = cohort.test()
     clips, ef, sites = first_clips(test, frames=cfg.data.clip_frames, fps=cfg.data.clip_fps)
     truth, site = ef.numpy(), sites.numpy()
     names = [s.name for s in test]
@@ -345,7 +346,7 @@ def parity_study(cfg: DictConfig, models: Models, cohort: Cohort, released: Path
     clips, requested, _ = first_clips(synthetic, frames=cfg.data.clip_frames, fps=cfg.data.clip_fps)
     measured = measure_ef(regressors["real"][0], clips)
     consistency = regression(requested.numpy(), measured.numpy())
-    first = [encode_sites(models.vae, sites) for sites in (synthetic, cohort.split("TEST"))]
+    first = [encode_sites(models.vae, sites) for sites in (synthetic, cohort.test())]
     gen, real = (embed(models.reid, torch.stack([torch.from_numpy(v[0]) for s in sites for v in s.videos])).numpy()
                  for sites in first)
     results["consistency"] = {"requested": requested.tolist(), "measured": measured.tolist(),

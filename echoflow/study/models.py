@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from echoflow.config import plain
-from echoflow.data.cohort import cohort_roots
+from echoflow.data.cohort import cohort_roots, test_cohort_roots
 from echoflow.data.sites import Decoded, SiteData, load_sites
 from echoflow.models.vae import AdversarialVAE
 from echoflow.models.video_flow import LatentVideoFlow
@@ -28,20 +28,27 @@ class Cohort:
 
     Attributes:
         roots: one folder per site (EchoNet layout). size: frame size the videos are decoded at.
+        test_roots: the held-out test cohort's site folders (``data.test_patients``), or none.
     """
 
     roots: list[Path]
     size: int
+    test_roots: list[Path] = field(default_factory=list)
     decoded: Decoded = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, cfg: DictConfig) -> Cohort:
-        """The cohort of ``cfg`` (the phantom is generated on first use)."""
-        return cls(cohort_roots(cfg.data, workdir=Path(cfg.workdir), seed=cfg.seed), cfg.data.size)
+        """The cohort of ``cfg`` (the phantom, and its test cohort, are generated on first use)."""
+        where = {"workdir": Path(cfg.workdir), "seed": cfg.seed}
+        return cls(cohort_roots(cfg.data, **where), cfg.data.size, test_roots=test_cohort_roots(cfg.data, **where))
 
     def split(self, *splits: str) -> list[SiteData]:
         """Every site's videos of ``splits``."""
         return self.sites(self.roots, *splits)
+
+    def test(self) -> list[SiteData]:
+        """The real videos parity is tested on: the test cohort's if there is one, else every site's TEST split."""
+        return self.sites(self.test_roots, "TEST") if self.test_roots else self.split("TEST")
 
     def sites(self, roots: Sequence[Path], *splits: str) -> list[SiteData]:
         """The videos of ``splits`` in other site folders (e.g. released synthetic videos), loaded together."""

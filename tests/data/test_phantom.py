@@ -71,6 +71,22 @@ def test_same_seed_gives_identical_bytes_and_pixels_other_seed_differs(cohort: l
     assert np.abs(first[1].astype(int) - changed[1].astype(int)).mean() > 5
 
 
+def test_later_patients_are_new_patients_of_the_same_site(cohort: list[Path], tmp_path: Path) -> None:
+    """A test cohort numbered after the cohort's patients: none of them is in it; patient k is the same either way."""
+    test = write_site(tmp_path / "test", site=1, patients=3, seed=SEED, first_patient=PATIENTS, split="TEST")
+    table, base = pd.read_csv(test / "FileList.csv"), pd.read_csv(cohort[1] / "FileList.csv")
+    assert set(table.Split) == {"TEST"}
+    assert sorted(table.PatientID.unique()) == [f"S01P{k:04d}" for k in range(PATIENTS, PATIENTS + 3)]
+    assert not set(table.FileName) & set(base.FileName)
+    shifted = write_site(tmp_path / "shifted", site=1, patients=2, seed=SEED, first_patient=PATIENTS - 2)
+    ours = pd.read_csv(shifted / "FileList.csv")  # the cohort's last two patients, rendered alone
+    mine = base[base.PatientID.isin(ours.PatientID)]
+    assert ours.FileName.tolist() == mine.FileName.tolist() and ours.EF.tolist() == mine.EF.tolist()
+    for name in ours.FileName[:2]:
+        np.testing.assert_array_equal(read_avi(shifted / "Videos" / f"{name}.avi"),
+                                      read_avi(cohort[1] / "Videos" / f"{name}.avi"))
+
+
 def test_ef_from_the_stored_tracings_and_masks_matches_filelist(cohort: list[Path]) -> None:
     raster_errors = []
     for folder in cohort:

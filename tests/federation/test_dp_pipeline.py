@@ -19,9 +19,10 @@ from echoflow.tracking import start_run
 
 STAGES = ("vae", "image_flow", "reid", "video_flow", "ef")
 TINY = [
-    "dp=eps8", "data.sites=2", "data.patients_per_site=8", "federation.sites=2", "pipeline.videos=6",
-    "pipeline.ef_steps=5", "train.sampling.steps=2", "model.vae.base_channels=8", "model.image_flow.channels=[8,16]",
-    "model.video_flow.channels=[8,16]", "model.reid.channels=8", "model.ef.channels=[4,8,8,8]",
+    "dp=eps8", "data.sites=2", "data.patients_per_site=8", "data.test_patients=2", "federation.sites=2",
+    "pipeline.videos=6", "pipeline.ef_steps=5", "train.sampling.steps=2", "model.vae.base_channels=8",
+    "model.image_flow.channels=[8,16]", "model.video_flow.channels=[8,16]", "model.reid.channels=8",
+    "model.ef.channels=[4,8,8,8]",
     *(f"pipeline.federation.{stage}={{federation.rounds:2,federation.local_steps:3}}" for stage in STAGES),
 ]
 
