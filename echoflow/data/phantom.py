@@ -189,9 +189,9 @@ def write_site(out: Path, *, site: int, patients: int, seed: int, size: int = 64
     """Write one site's cohort in the EchoNet-Dynamic layout under ``out/site_XX``; returns that folder.
 
     Patients ``first_patient ...`` (a later number is another patient of the same site style), split about
-    70/15/15 TRAIN/VAL/TEST, or all in ``split``. Files: ``Videos/<FileName>.avi``, ``FileList.csv`` (FileName, EF, ESV, EDV, FrameHeight, FrameWidth, FPS,
-    NumberOfFrames, Split, PatientID, Site), ``VolumeTracings.csv`` (FileName with ``.avi``, X1, Y1, X2, Y2, Frame)
-    and ``LVMasks/<FileName>.npz`` (key ``mask``: (T, H, W) bool).
+    70/15/15 TRAIN/VAL/TEST, or all in ``split``. Files: ``Videos/<FileName>.avi``, ``FileList.csv`` (FileName,
+    EF, ESV, EDV, FrameHeight, FrameWidth, FPS, NumberOfFrames, Split, PatientID, Site), ``VolumeTracings.csv``
+    (FileName with ``.avi``, X1, Y1, X2, Y2, Frame) and ``LVMasks/<FileName>.npz`` (key ``mask``: (T, H, W) bool).
     """
     folder, name = out / f"site_{site:02d}", f"site_{site:02d}"
     style = sample_site_style(stream_rng(seed, _STYLE, site))

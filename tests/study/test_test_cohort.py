@@ -1,4 +1,4 @@
-"""The held-out test cohort parity is tested on: unseen patients of the same sites, generated once, or the TEST split."""
+"""The held-out test cohort parity is tested on: unseen patients of the same sites, generated once; else TEST."""
 
 from __future__ import annotations
 
@@ -40,5 +40,5 @@ def test_without_a_test_cohort_parity_tests_on_the_sites_test_split(tmp_path: Pa
 def test_a_test_cohort_of_your_own_data_is_a_clear_error(tmp_path: Path) -> None:
     cfg = load_config(["data.source=echonet", f"data.roots=[{tmp_path}]", "data.test_patients=5",
                        f"workdir={tmp_path}"])
-    with pytest.raises(EchoFlowError, match="data.test_patients: 5.*data.source=phantom"):
+    with pytest.raises(EchoFlowError, match=r"data\.test_patients: 5.*data\.source=phantom"):
         Cohort.of(cfg)
