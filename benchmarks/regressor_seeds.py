@@ -1,8 +1,8 @@
 """The parity regressors over seeds: how much of the synthetic-real gap is the recipe, the VAE, or the video flow?
 
 On a finished demo (or parity) workdir, trains the pipeline's EF regressor recipe (``train.ef`` with
-``pipeline.ef_steps`` steps, ``model.ef``) once per seed on each arm and tests every regressor on the real TEST
-splits (first clip of each video), through the pipeline's own seed loop and aggregation
+``pipeline.ef_steps`` steps, ``model.ef``) once per seed on each arm and tests every regressor on the parity test
+videos (`Cohort.test`: the held-out test cohort, else the sites' TEST splits; first clip of each video), through the pipeline's own seed loop and aggregation
 (`echoflow.study.evaluate.train_seeded`, `echoflow.study.protocol.seed_maes` / `seed_averaged_ratio`; the pipeline
 does the same for its arms with ``pipeline.ef_seeds``). This script adds the ``reconstructed`` arm and seed
 subsets:
@@ -76,7 +76,7 @@ def main() -> None:
         maes = seed_maes(errors[arm])
         print(f"{arm}: MAE per seed {', '.join(f'{m:.2f}' for m in maes.per_seed)}")
         print(f"RESULT parity regressor MAE, {arm} ({args.tag}): {maes.mean:.2f} ± {maes.half:.2f} "
-              f"(EF points; mean ± t 95 % over {len(maes.per_seed)} seeds, {clips.shape[0]} real TEST videos)")
+              f"(EF points; mean ± t 95 % over {len(maes.per_seed)} seeds, {clips.shape[0]} real test videos)")
     for arm in args.arms:
         if arm != "real" and "real" in errors:
             ratio = seed_averaged_ratio(errors[arm], errors["real"])
