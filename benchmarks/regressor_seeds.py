@@ -2,10 +2,10 @@
 
 On a finished demo (or parity) workdir, trains the pipeline's EF regressor recipe (``train.ef`` with
 ``pipeline.ef_steps`` steps, ``model.ef``) once per seed on each arm and tests every regressor on the parity test
-videos (`Cohort.test`: the held-out test cohort, else the sites' TEST splits; first clip of each video), through the pipeline's own seed loop and aggregation
-(`echoflow.study.evaluate.train_seeded`, `echoflow.study.protocol.seed_maes` / `seed_averaged_ratio`; the pipeline
-does the same for its arms with ``pipeline.ef_seeds``). This script adds the ``reconstructed`` arm and seed
-subsets:
+videos (`Cohort.test`: the held-out test cohort, else the sites' TEST splits; first clip of each video), through
+the pipeline's own seed loop and aggregation (`echoflow.study.evaluate.train_seeded`,
+`echoflow.study.protocol.seed_maes` / `seed_averaged_ratio`; the pipeline does the same for its arms with
+``pipeline.ef_seeds``). This script adds the ``reconstructed`` arm and seed subsets:
 
 - ``real``: the sites' real TRAIN videos (the pipeline's ``real`` row);
 - ``synthetic``: the released videos (``<workdir>/audit/released``; the ``synthetic`` row);
