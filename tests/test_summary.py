@@ -52,7 +52,7 @@ def test_summary_files_ratio_and_previews(tmp_path: Path) -> None:
     pooled = {r["trained on"]: r["mae"] for r in summary["parity"] if r["tested on"] == "pooled"}
     ratio = summary["headline"]["synthetic-only MAE / real-trained MAE"]
     assert ratio == round(pooled["synthetic"] / pooled["real"], 2)
-    interval = summary["headline"]["its 95 % CI (paired bootstrap over real TEST videos)"]
+    interval = summary["headline"]["its 95 % CI (paired bootstrap over real test videos)"]
     low, high = map(float, interval[1:-1].split(", "))
     assert low < ratio < high
     assert "http" not in html and "<script" not in html

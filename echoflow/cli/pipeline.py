@@ -20,7 +20,8 @@ def pipeline(overrides: list[str] | None = OVERRIDES, multirun: bool = MULTIRUN)
     Sites train the VAE, then (on the global VAE's latents) the image flow, re-id and video flow, federated.
     New latent frames are screened by re-id, animated at requested EFs, decoded, and audited frame by frame
     against every site; only what passes is released (<workdir>/audit/released, EchoNet layout). EF regressors
-    trained on real, released-synthetic and both are tested on every site's real TEST split. Results:
+    trained on real, released-synthetic and both are tested on held-out real videos (a cohort of unseen patients
+    with `data.test_patients`, else every site's TEST split). Results:
     <workdir>/summary/ and one MLflow run with a nested run per stage. Re-running after a crash resumes.
     With `--multirun`, each sweep point (e.g. `dp=none,eps8`) runs in <workdir>/sweep_NNN as its own MLflow
     run; `echoflow runs compare` lines them up.

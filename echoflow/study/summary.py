@@ -40,7 +40,7 @@ def parity_rows(evaluated: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def seed_errors(evaluated: Mapping[str, Any], source: str) -> np.ndarray:
-    """``source``'s signed EF errors (seeds, videos) on the real TEST videos (one row for a one-seed source)."""
+    """``source``'s signed EF errors (seeds, videos) on the real test videos (one row for a one-seed source)."""
     result = evaluated["sources"][source]
     return np.asarray(result.get("predictions", [result["prediction"]])) - np.asarray(evaluated["truth"])
 
@@ -66,7 +66,7 @@ def parity_cells(row: Mapping[str, Any], *, seeded: bool) -> tuple[object, ...]:
 
 def _markdown(rows: list[dict[str, Any]], headline: Mapping[str, Any]) -> str:
     seeded = any("seeds" in r for r in rows)
-    lines = ["| trained on | tested on (real TEST) | MAE (95 % CI) | RMSE | R² (95 % CI) | n |"
+    lines = ["| trained on | tested on (real test) | MAE (95 % CI) | RMSE | R² (95 % CI) | n |"
              + (" MAE per seed |" if seeded else ""), "|---|---|---|---|---|---|" + ("---|" if seeded else "")]
     lines += ["| " + " | ".join(str(cell) for cell in parity_cells(r, seeded=seeded)) + " |" for r in rows]
     lines += ["", *(f"- {key}: {value}" for key, value in headline.items())]
@@ -80,7 +80,7 @@ def _scatter(evaluated: Mapping[str, Any]) -> Any:
         axes[0].scatter(truth, result["prediction"], s=12, alpha=0.7,
                         label=f"{source} (seed 0)" if "predictions" in result else source)
     axes[0].plot([0, 100], [0, 100], "k--", lw=1)
-    axes[0].set(xlabel="true EF (real TEST videos), %", ylabel="predicted EF, %", title="EF regressors",
+    axes[0].set(xlabel="true EF (real test videos), %", ylabel="predicted EF, %", title="EF regressors",
                 xlim=(0, 100), ylim=(0, 100))
     axes[0].legend()
     consistency = evaluated["consistency"]
@@ -153,7 +153,7 @@ def _train_records(roots: Sequence[Path]) -> list[VideoRecord]:
 
 
 FIGURES = {  # section title and how to read each figure
-    "ef_scatter": ("EF scatter", "Left: each real TEST video's true EF against each regressor's prediction (on the "
+    "ef_scatter": ("EF scatter", "Left: each real test video's true EF against each regressor's prediction (on the "
                    "dashed line = perfect). Right: the EF each released video was asked for against the EF the "
                    "real-trained regressor measures in it (on the line = the video shows the EF it was asked for)."),
     "loss_curves": ("Training curves per site", "Each site's training loss as it trained each stage; dotted lines "
@@ -183,17 +183,17 @@ def _page(rows: Sequence[Mapping[str, Any]], pooled: Mapping[str, Mapping[str, A
              Card(f"{ratio:.2f}×", f"synthetic-only / real-trained MAE (goal ≤ {PARITY_GOAL})",
                   tone or ("bad" if ratio > PARITY_GOAL and not why else ""))]
     for key, label in (("EF consistency of released videos (R²)", "R², requested vs measured EF of released videos"),
-                       ("Fréchet distance in re-id space (released vs real TEST first frames)",
+                       ("Fréchet distance in re-id space (released vs real test first frames)",
                         "Fréchet distance, re-id space (lower = closer to real)")):
         items.append(Card(str(headline[key]), label))
     seeded = any("seeds" in r for r in rows)
     table_rows = [parity_cells(r, seeded=seeded) for r in rows]
-    parity = section("EF regression on real TEST videos",
+    parity = section("EF regression on real test videos",
                      "Each EF regressor is tested on held-out real videos (pooled, then per site): lower MAE and "
                      "RMSE and higher R² are better; parity means the synthetic-only row matches the real row."
                      + (" Rows of several regressor seeds show the mean over seeds ± its Student-t 95 % interval "
                         "(bootstrap intervals over videos otherwise)." if seeded else ""),
-                     table(["trained on", "tested on (real TEST)", "MAE, EF % (95 % CI)", "RMSE, EF %",
+                     table(["trained on", "tested on (real test)", "MAE, EF % (95 % CI)", "RMSE, EF %",
                             "R² (95 % CI)", "n (videos)", *(("MAE per seed",) if seeded else ())], table_rows,
                            numeric=(2, 3, 4, 5)))
     figures = [section(*FIGURES.get(name, (name.replace("_", " "), "")), figure(data, alt=name))
@@ -202,7 +202,7 @@ def _page(rows: Sequence[Mapping[str, Any]], pooled: Mapping[str, Mapping[str, A
                 headline=f"EF parity: {verdict} ({ratio:.2f}×)",
                 verdict=f"Synthetic-only MAE {synthetic:.2f} vs real-trained {real:.2f} EF %: an EF regressor trained "
                         "only on released synthetic videos against one trained on real videos, both tested on real "
-                        f"TEST videos. {headline['released videos']}.{why}",
+                        f"test videos. {headline['released videos']}.{why}",
                 tone=tone, sections=[cards(items), parity, *figures, videos])
 
 
@@ -227,9 +227,9 @@ def write_summary(workdir: Path, *, models: Mapping[str, Any], generated: Mappin
         "released videos": f"{audited['released']} of {audited['videos']} generated "
                            f"({generated['screened_out']} of {generated['drawn']} latent frames screened out first)",
         "synthetic-only MAE / real-trained MAE": round(pooled["synthetic"]["mae"] / pooled["real"]["mae"], 2),
-        "its 95 % CI (paired bootstrap over real TEST videos)": f"[{ratio.low:.2f}, {ratio.high:.2f}]",
+        "its 95 % CI (paired bootstrap over real test videos)": f"[{ratio.low:.2f}, {ratio.high:.2f}]",
         "EF consistency of released videos (R²)": round(evaluated["consistency"]["r2"], 3),
-        "Fréchet distance in re-id space (released vs real TEST first frames)": round(evaluated["frechet_reid"], 3),
+        "Fréchet distance in re-id space (released vs real test first frames)": round(evaluated["frechet_reid"], 3),
     }
     if seeds > 1:
         headline["EF regressor seeds per arm"] = (f"{seeds} (seed + 0 … {seeds - 1}); MAE mean ± t 95 % over seeds, "

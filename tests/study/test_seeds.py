@@ -85,7 +85,7 @@ def test_summary_ratio_is_the_paired_ratio_of_seed_averaged_errors(tmp_path: Pat
                             generated={"drawn": 8, "screened_out": 0, "animated": 8},
                             audited={"released": 8, "videos": 8}, evaluated=evaluated)
     headline = summary["headline"]
-    assert headline["its 95 % CI (paired bootstrap over real TEST videos)"] == \
+    assert headline["its 95 % CI (paired bootstrap over real test videos)"] == \
         f"[{expected.low:.2f}, {expected.high:.2f}]"
     assert headline["synthetic-only MAE / real-trained MAE"] == round(expected.ratio, 2)
     assert headline["EF regressor seeds per arm"].startswith("5 ")
