@@ -26,7 +26,8 @@ def test_cohort_roots(data: Mapping[str, Any], *, workdir: Path, seed: int) -> l
     """The held-out test cohort's site folders: ``data.test_patients`` unseen phantom patients per site, or none.
 
     The same sites (same site styles) as the training cohort, patients numbered after its ``patients_per_site``
-    (so none of them is in it), every video in TEST; generated once in ``<workdir>/test_cohort``.
+    (so none of them is in it), every video in TEST; generated once in ``<workdir>/test_cohort``, with the seed the
+    cohort was generated with (a later run under another ``seed``, e.g. a generation draw, gets the same sites).
     """
     patients = int(data.get("test_patients") or 0)
     if patients <= 0:
@@ -34,15 +35,22 @@ def test_cohort_roots(data: Mapping[str, Any], *, workdir: Path, seed: int) -> l
     if data["source"] != "phantom":
         raise EchoFlowError(f"data.test_patients: {patients}; an extra test cohort is generated only for "
                             f"data.source=phantom (got {data['source']}: use your sites' TEST split, test_patients=0)")
-    return phantom_once(workdir / "test_cohort", data, patients=patients, seed=seed,
+    return phantom_once(workdir / "test_cohort", data, patients=patients, seed=phantom_seed(workdir / "cohort", seed),
                         first_patient=data["patients_per_site"], split="TEST")
 
 
 def phantom_once(out: Path, data: Mapping[str, Any], *, patients: int, seed: int, **which: Any) -> list[Path]:
-    """A phantom cohort of ``data``'s sites in ``out``, generated on first use (a ``done`` marker), then reused."""
+    """A phantom cohort of ``data``'s sites in ``out``, generated on first use (a ``done`` marker with its seed), then
+    reused."""
     marker = out / "done"
     if not marker.exists():
         generate_cohort(out, sites=data["sites"], patients_per_site=patients, seed=seed, size=data["size"],
                         frames=data["frames"], **which)
-        marker.write_text("ok\n")
+        marker.write_text(f"seed {seed}\n")
     return sorted(path for path in out.iterdir() if path.is_dir())
+
+
+def phantom_seed(out: Path, seed: int) -> int:
+    """The seed the phantom in ``out`` was generated with; ``seed`` if none is there (or its marker predates seeds)."""
+    words = (out / "done").read_text().split() if (out / "done").exists() else []
+    return int(words[1]) if words[:1] == ["seed"] else seed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from echoflow.config import load_config
@@ -28,6 +29,17 @@ def test_parity_tests_on_unseen_patients_of_the_same_sites(tmp_path: Path) -> No
     again = Cohort.of(load_config([*SMALL, "data.test_patients=3", f"workdir={tmp_path}"]))
     assert marker.stat().st_mtime_ns == written  # generated once, then reused
     assert [r.file_name for s in again.test() for r in s.records] == [r.file_name for s in test for r in s.records]
+
+
+def test_a_run_under_another_seed_tests_on_the_cohort_seeds_test_patients(tmp_path: Path) -> None:
+    """A generation draw (``seed=3``) on a workdir whose cohort came from seed 0 gets seed 0's test cohort."""
+    Cohort.of(load_config([*SMALL, "seed=0", f"workdir={tmp_path / 'draw'}"]))  # the cohort, no test cohort yet
+    draw = Cohort.of(load_config([*SMALL, "seed=3", "data.test_patients=2", f"workdir={tmp_path / 'draw'}"]))
+    fresh = Cohort.of(load_config([*SMALL, "seed=0", "data.test_patients=2", f"workdir={tmp_path / 'fresh'}"]))
+    other = Cohort.of(load_config([*SMALL, "seed=3", "data.test_patients=2", f"workdir={tmp_path / 'other'}"]))
+    first = [site.videos[0] for site in draw.test()]
+    assert all(np.array_equal(a, b) for a, b in zip(first, [site.videos[0] for site in fresh.test()], strict=True))
+    assert not np.array_equal(first[0], other.test()[0].videos[0])  # the seed does change the phantom's sites
 
 
 def test_without_a_test_cohort_parity_tests_on_the_sites_test_split(tmp_path: Path) -> None:
