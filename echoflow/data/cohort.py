@@ -40,8 +40,7 @@ def test_cohort_roots(data: Mapping[str, Any], *, workdir: Path, seed: int) -> l
 
 
 def phantom_once(out: Path, data: Mapping[str, Any], *, patients: int, seed: int, **which: Any) -> list[Path]:
-    """A phantom cohort of ``data``'s sites in ``out``, generated on first use (a ``done`` marker with its seed), then
-    reused."""
+    """A phantom cohort of ``data``'s sites in ``out``, made once (a ``done`` marker with its seed), then reused."""
     marker = out / "done"
     if not marker.exists():
         generate_cohort(out, sites=data["sites"], patients_per_site=patients, seed=seed, size=data["size"],
