@@ -12,7 +12,8 @@ the pipeline's own seed loop and aggregation (`echoflow.study.evaluate.train_see
 - ``reconstructed``: the VAE's reconstructions of the real TRAIN videos with their true EFs — what a perfect video
   flow could give at best through this VAE (the texture gap alone).
 
-Prints each arm's MAE per seed and its mean with a t 95 % interval over seeds, then every other arm's ratio to
+Prints each arm's MAE per seed and its mean with a t 95 % interval over seeds, its calibration (readings against the
+true EF: slope, and mean error by true-EF bin), then every other arm's ratio to
 ``real`` from the seed-averaged per-video errors with a paired-bootstrap 95 % interval over test videos, as
 ``RESULT`` lines. Seed ``k`` trains with ``seed + k`` (forked, one thread each, the pipeline's pool) under
 ``<workdir>/regressor_seeds/<tag>/<arm>[.seed<k>]/``; a finished one is read back. Config overrides follow the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,18 @@ def arm_sites(cfg: DictConfig, cohort: Cohort, arm: str) -> list[SiteData]:
                 for site in cohort.split("TRAIN")]
 
 
+def calibration(truth: np.ndarray, error: np.ndarray) -> str:
+    """Slope and intercept of the seed-averaged readings against the true EF, and the mean error by true-EF bin.
+
+    A slope under 1 is regression dilution: trained on videos whose motion strays from their labels, a regressor
+    pulls its readings toward the labels' mean.
+    """
+    slope, intercept = np.polyfit(truth, truth + error, 1)
+    edges = (0, 30, 45, 60, 101)
+    bias = [f"{lo}-{hi}: {error[(truth >= lo) & (truth < hi)].mean():+.1f}" for lo, hi in pairwise(edges)]
+    return f"slope {slope:.2f}, intercept {intercept:.1f}; mean error by true EF {', '.join(bias)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir", type=Path)
@@ -77,6 +91,7 @@ def main() -> None:
         print(f"{arm}: MAE per seed {', '.join(f'{m:.2f}' for m in maes.per_seed)}")
         print(f"RESULT parity regressor MAE, {arm} ({args.tag}): {maes.mean:.2f} ± {maes.half:.2f} "
               f"(EF points; mean ± t 95 % over {len(maes.per_seed)} seeds, {clips.shape[0]} real test videos)")
+        print(f"RESULT calibration, {arm} ({args.tag}): {calibration(truth.numpy(), errors[arm].mean(0))}")
     for arm in args.arms:
         if arm != "real" and "real" in errors:
             ratio = seed_averaged_ratio(errors[arm], errors["real"])
