@@ -5,7 +5,7 @@ own generation and audit steps there (`echoflow.study.run.generate` / `audit`, o
 overrides; the models are not retrained. Score the new set with `benchmarks/regressor_seeds.py`, e.g.
 
     python benchmarks/regenerate.py runs/parity_fed runs/parity_uni pipeline=parity pipeline.ef=uniform
-    mkdir -p runs/parity_uni/regressor_seeds/uni && cp -r runs/parity_fed/regressor_seeds/p/real* $_  # read back
+    mkdir -p runs/parity_uni/regressor_seeds/uni && cp -r runs/parity_fed/regressor_seeds/p/real* $_  # an earlier --tag p
     python benchmarks/regressor_seeds.py runs/parity_uni --seeds 0 1 2 3 4 --arms real synthetic --tag uni \\
         pipeline=parity
 
@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("src", type=Path, help="a finished pipeline workdir")
     parser.add_argument("dst", type=Path, help="the new workdir (must not exist)")
     args, overrides = parser.parse_known_args()
+    if not (args.src / "pipeline" / "models.json").exists():
+        parser.error(f"{args.src}: no trained models (pipeline/models.json); give a finished pipeline workdir")
     if args.dst.exists():
         parser.error(f"{args.dst}: exists; give a new workdir")
     for name in COPIED:
