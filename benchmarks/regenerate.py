@@ -5,7 +5,7 @@ own generation and audit steps there (`echoflow.study.run.generate` / `audit`, o
 overrides; the models are not retrained. Score the new set with `benchmarks/regressor_seeds.py`, e.g.
 
     python benchmarks/regenerate.py runs/parity_fed runs/parity_uni pipeline=parity pipeline.ef=uniform
-    mkdir -p runs/parity_uni/regressor_seeds/uni && cp -r runs/parity_fed/regressor_seeds/p/real* $_  # an earlier --tag p
+    mkdir -p runs/parity_uni/regressor_seeds/uni && cp -r runs/parity_fed/regressor_seeds/p/real* $_  # of a --tag p
     python benchmarks/regressor_seeds.py runs/parity_uni --seeds 0 1 2 3 4 --arms real synthetic --tag uni \\
         pipeline=parity
 
