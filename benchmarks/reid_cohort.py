@@ -24,6 +24,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -131,7 +132,7 @@ def _cohort_latents(sites: int, patients: int, generated: int, seed: int) -> dic
     vae = _vae(frames["real_site_00"])
     out = {name: _encode(vae, x) for name, x in frames.items()} | owners | {"copies": np.array(copies)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **out)
+    np.savez(path, **cast(dict[str, Any], out))
     print(f"rendered and VAE-encoded {sum(len(x) for x in frames.values()):,} phantom frames in "
           f"{time.perf_counter() - start:.0f} s (cached: {path})")
     return out
@@ -179,7 +180,8 @@ def reid_cohort(*, sites: int = 4, patients: int = 50, generated: int = 10_000, 
             return np.concatenate([encoder(torch.from_numpy(z[i : i + 512])).numpy() for i in range(0, len(z), 512)])
 
         groups = [f"real_{n}" for n in names] + [f"heldout_{n}" for n in names] + ["generated"]
-        np.savez(path, copies=data["copies"], **{g: embed(data[g]).astype(np.float32) for g in groups})
+        embedded: dict[str, Any] = {g: embed(data[g]).astype(np.float32) for g in groups}
+        np.savez(path, copies=data["copies"], **embedded)
     data = dict(np.load(path))
     return ReidCohort({n: data[f"real_{n}"] for n in names}, {n: data[f"heldout_{n}"] for n in names},
                       data["generated"], int(data["copies"]))
