@@ -51,5 +51,6 @@ def phantom_once(out: Path, data: Mapping[str, Any], *, patients: int, seed: int
 
 def phantom_seed(out: Path, seed: int) -> int:
     """The seed the phantom in ``out`` was generated with; ``seed`` if none is there (or its marker predates seeds)."""
-    words = (out / "done").read_text().split() if (out / "done").exists() else []
+    marker = out / "done"
+    words = marker.read_text().split() if marker.exists() else []
     return int(words[1]) if words[:1] == ["seed"] else seed
