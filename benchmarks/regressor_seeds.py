@@ -21,11 +21,19 @@ options:
 
     python benchmarks/regressor_seeds.py runs/demo --seeds 0 1 2 3 --tag plain model.ef.input_blur=0
     python benchmarks/regressor_seeds.py runs/demo --seeds 0 1 2 3 --tag blur
+
+With ``--readers-on <released>`` (a fresh released set no regressor trained on, e.g. another draw of the same models
+by `benchmarks/regenerate.py` with ``seed=7``): each arm's reading line (slope, intercept, residual SD) against the
+requested EFs of that set and against the true EFs of the sites' real VAL videos — a regressor that reads its own
+domain on a steeper line than the other shows a domain gap, not label noise — and each arm's test MAE after
+regression calibration on its own held-out source (real: VAL; synthetic: that set; a reading r becomes
+(r - intercept) / slope, the brain-age bias correction).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -33,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from echoflow.cli.pipeline import with_pipeline
 from echoflow.config import limit_threads, load_config
@@ -69,12 +78,35 @@ def calibration(truth: np.ndarray, error: np.ndarray) -> str:
     return f"slope {slope:.2f}, intercept {intercept:.1f}; mean error by true EF {', '.join(bias)}"
 
 
+def reading_line(truth: np.ndarray, readings: np.ndarray) -> tuple[float, float, float]:
+    """Slope, intercept and residual SD of ``readings`` regressed on ``truth``."""
+    slope, intercept = np.polyfit(truth, readings, 1)
+    return float(slope), float(intercept), float(np.std(readings - intercept - slope * truth))
+
+
+def readers(arm: str, regressors: Sequence[nn.Module], held_out: dict[str, tuple[torch.Tensor, np.ndarray]],
+            test: torch.Tensor, truth: np.ndarray) -> np.ndarray:
+    """Print the seed-mean reading lines of ``arm`` on each held-out source; return its calibrated test errors.
+
+    Each seed's test readings are calibrated by its own line on the arm's source (real: ``"real VAL"``).
+    """
+    for source, (clips, ef) in held_out.items():
+        line = reading_line(ef, seed_predictions(regressors, clips).mean(0))
+        print(f"RESULT {arm}-trained readers on {source} ({len(ef)}): slope {line[0]:.2f}, intercept {line[1]:.1f}, "
+              f"residual SD {line[2]:.1f}")
+    clips, ef = held_out["real VAL" if arm == "real" else "held-out synthetic"]
+    lines = [reading_line(ef, reading) for reading in seed_predictions(regressors, clips)]
+    readings = seed_predictions(regressors, test)
+    return np.stack([(r - b) / a for r, (a, b, _) in zip(readings, lines, strict=True)]) - truth
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="seed offsets k (seed + k)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--tag", default="default", help="subfolder of <workdir>/regressor_seeds for these runs")
+    parser.add_argument("--readers-on", type=Path, help="a fresh released set: reading lines and calibrated MAEs")
     args, overrides = parser.parse_known_args()
     limit_threads(1)
     cfg = load_config(with_pipeline([f"workdir={args.workdir}", *overrides]))
@@ -92,10 +124,27 @@ def main() -> None:
         print(f"RESULT parity regressor MAE, {arm} ({args.tag}): {maes.mean:.2f} ± {maes.half:.2f} "
               f"(EF points; mean ± t 95 % over {len(maes.per_seed)} seeds, {clips.shape[0]} real test videos)")
         print(f"RESULT calibration, {arm} ({args.tag}): {calibration(truth.numpy(), errors[arm].mean(0))}")
-    for arm in args.arms:
+    ratios(errors, args.tag)
+    if args.readers_on is not None:
+        kept = {"frames": cfg.data.clip_frames, "fps": cfg.data.clip_fps}
+        synthetic, requested, _ = first_clips(cohort.sites([args.readers_on], "TRAIN"), **kept)
+        val, val_ef, _ = first_clips(cohort.split("VAL"), **kept)
+        held_out = {"held-out synthetic": (synthetic, requested.numpy()), "real VAL": (val, val_ef.numpy())}
+        calibrated = {arm: readers(arm, regressors[arm], held_out, clips, truth.numpy())
+                      for arm in args.arms if arm in ("real", "synthetic")}
+        for arm, error in calibrated.items():
+            maes = seed_maes(error)
+            print(f"RESULT calibrated MAE, {arm} ({args.tag}): {maes.mean:.2f} ± {maes.half:.2f} (per seed "
+                  f"{', '.join(f'{m:.2f}' for m in maes.per_seed)})")
+        ratios(calibrated, f"{args.tag}, each arm calibrated on its own held-out source")
+
+
+def ratios(errors: dict[str, np.ndarray], tag: str) -> None:
+    """Print each arm's MAE ratio to ``real`` (seed-averaged per-video errors, paired bootstrap)."""
+    for arm in errors:
         if arm != "real" and "real" in errors:
             ratio = seed_averaged_ratio(errors[arm], errors["real"])
-            print(f"RESULT MAE ratio {arm} / real ({args.tag}): {ratio.ratio:.2f} (paired-bootstrap 95 % "
+            print(f"RESULT MAE ratio {arm} / real ({tag}): {ratio.ratio:.2f} (paired-bootstrap 95 % "
                   f"{ratio.low:.2f}-{ratio.high:.2f}; per-video errors averaged over seeds)")
 
 
