@@ -1,8 +1,8 @@
 """A finished run redone from one step on: its released set drawn again, or one stage re-trained, under overrides.
 
 Copies ``<src>``'s cohorts, trained models and their records into a new workdir ``<dst>``, leaving out what
-``--redo`` names (``cohort``: the cohorts, generated again by the data config; a stage, e.g. ``video_flow``: its
-weights and federation checkpoints, trained again), then runs the pipeline's own steps there
+``--redo`` names (repeatable; ``cohort``: the cohorts, generated again by the data config; a stage, e.g.
+``video_flow``: its weights and federation checkpoints, trained again), then runs the pipeline's own steps there
 (`echoflow.study.run.train_models`, which re-trains only what is missing, then `generate` and `audit`; one MLflow
 run) under the config overrides, stopping after ``--until``. Score a new set with `benchmarks/regressor_seeds.py`,
 a re-trained video flow with `echoflow evaluate video-flow`, e.g.
@@ -61,8 +61,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path, help="a finished pipeline workdir")
     parser.add_argument("dst", type=Path, help="the new workdir (must not exist)")
-    parser.add_argument("--redo", nargs="+", default=[], choices=sorted(REDONE),
-                        help="make these again instead of copying them (cohort, or a stage to re-train)")
+    parser.add_argument("--redo", action="append", default=[], choices=sorted(REDONE),
+                        help="make this again instead of copying it (cohort, or a stage to re-train); repeatable")
     parser.add_argument("--until", choices=("models", "audit"), default="audit",
                         help="the last step to run (models: stop once the re-trained stages are written)")
     args, overrides = parser.parse_known_args()

@@ -92,6 +92,15 @@ class EFEmbedding(nn.Module):
         return self.mlp(self.features(ef))
 
 
+def ef_condition(embedding: EFEmbedding, null: nn.Embedding, ef: Tensor | None, drop: Tensor | None,
+                 batch: int, device: torch.device) -> Tensor:
+    """(B, dim) EF embedding, the learned ``null`` where ``ef`` is None or ``drop`` (B,) is True (guidance)."""
+    empty = null(torch.zeros(batch, dtype=torch.long, device=device))
+    if ef is None:
+        return empty
+    return embedding(ef) if drop is None else torch.where(drop[:, None], empty, embedding(ef))
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with up to 32 groups that divide ``channels``."""
     return nn.GroupNorm(math.gcd(channels, 32), channels)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from echoflow.errors import EchoFlowError
-from echoflow.models.blocks import EFEmbedding, EFEmbeddingKind, ScalarEmbedding
+from echoflow.models.blocks import EFEmbedding, EFEmbeddingKind, ScalarEmbedding, ef_condition
 from echoflow.models.flow import Method, Target, sample
 from echoflow.models.unet import UNet
 
@@ -101,13 +101,7 @@ class LatentVideoFlow(nn.Module):
                 f"{tuple(x.shape)}, got {tuple(first_frame.shape)}"
             )
         batch, frames = x.shape[0], x.shape[2]
-        null = self.null_ef(torch.zeros(batch, dtype=torch.long, device=x.device))
-        if ef is None:
-            ef_emb = null
-        else:
-            ef_emb = self.ef(ef)
-            if drop is not None:
-                ef_emb = torch.where(drop[:, None], null, ef_emb)
+        ef_emb = ef_condition(self.ef, self.null_ef, ef, drop, batch, x.device)
         repeated = first_frame.unsqueeze(2).expand(-1, -1, frames, -1, -1)
         return self.unet(torch.cat([x, repeated], dim=1), self.time(t) + ef_emb)
 

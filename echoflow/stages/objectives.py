@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from echoflow.models.ef import EFRegressor, augment_clip, ef_loss
 from echoflow.models.flow import Schedule, Target, flow_matching_loss
+from echoflow.models.image_flow import LatentImageFlow
 from echoflow.models.reid import ReidEncoder, augment_latent, info_nce_loss
 from echoflow.models.vae import (
     AdversarialVAE,
@@ -85,7 +86,8 @@ class VAEStage:
 class FlowStage:
     """Flow matching of a latent network; one class serves the image flow and the video flow.
 
-    Image flow: batches of latent ``frame``s, optionally conditioned on ``site``. Video flow: latent ``clip``s,
+    Image flow: batches of latent ``frame``s, optionally conditioned on ``site`` and on their video's ``ef``
+    (when the network has an EF embedding). Video flow: latent ``clip``s,
     conditioned on their own first frame and on EF (dropped with probability ``p_uncond`` for guidance).
     """
 
@@ -94,6 +96,7 @@ class FlowStage:
         self.name, self.net = name, net
         self.target, self.schedule, self.p_uncond = target, schedule, p_uncond
         self.condition_on_site = condition_on_site
+        self.condition_on_ef = isinstance(net, LatentImageFlow) and net.conditions_on_ef
 
     def groups(self) -> dict[str, nn.Module]:
         """``model``: the velocity network."""
@@ -110,6 +113,8 @@ class FlowStage:
             x1 = batch["frame"]
             if self.condition_on_site:
                 cond = {"site": batch["site"]}
+            if self.condition_on_ef:
+                cond["ef"] = batch["ef"]
         p_uncond = self.p_uncond if cond else 0.0  # nothing to drop for an unconditional image flow
         loss = flow_matching_loss(self.net, x1, target=self.target, schedule=self.schedule, p_uncond=p_uncond,
                                   **cond)

@@ -38,6 +38,7 @@ from echoflow.config import limit_threads, plain, threads_of
 from echoflow.data.sites import ClipDataset, SiteData
 from echoflow.errors import EchoFlowError
 from echoflow.models.flow import Method, Target
+from echoflow.models.image_flow import LatentImageFlow
 from echoflow.models.reid import verification_auc
 from echoflow.models.vae import AdversarialVAE
 from echoflow.progress import progress_bar
@@ -166,7 +167,12 @@ def image_flow_fd(flow: nn.Module, encoder: nn.Module, train: Sequence[SiteData]
     """Fréchet distance to held-out real latents in re-id space: generated, real-train floor, Gaussian baseline."""
     real, _ = frames_of(held_out, every=4)
     floor, _ = frames_of(train, every=4)
-    generated = sample_latent_frames(flow, n, shape=real.shape[1:], steps=steps, method=method, target=target)
+    ef = None
+    if isinstance(flow, LatentImageFlow) and flow.conditions_on_ef:  # drawn for EFs as the held-out videos have
+        efs = torch.tensor([record.ef for site in held_out for record in site.records], dtype=torch.float32)
+        ef = efs[torch.randint(len(efs), (n,))]
+    generated = sample_latent_frames(flow, n, shape=real.shape[1:], steps=steps, method=method, target=target,
+                                     ef=ef)
     reference = embed(encoder, real).numpy()
     fd = {
         "generated": frechet_distance(embed(encoder, generated).numpy(), reference),

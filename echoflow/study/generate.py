@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from echoflow.data.echonet import VideoRecord, write_avi, write_filelist
 from echoflow.data.intensity import to_uint8
 from echoflow.errors import EchoFlowError
 from echoflow.models.flow import Method, Target, sample
+from echoflow.models.image_flow import LatentImageFlow
 from echoflow.models.vae import AdversarialVAE
 from echoflow.models.video_flow import LatentVideoFlow, animate
 from echoflow.progress import progress_bar
@@ -29,13 +31,19 @@ from echoflow.study.models import Models
 
 @torch.no_grad()
 def sample_latent_frames(flow: nn.Module, n: int, *, shape: Sequence[int], steps: int, method: Method,
-                         target: Target, batch_size: int = 64, generator: torch.Generator | None = None) -> Tensor:
-    """``n`` latent frames (n, C, h, w) from the latent image flow (progress: ODE steps of all batches)."""
+                         target: Target, batch_size: int = 64, generator: torch.Generator | None = None,
+                         ef: Tensor | None = None) -> Tensor:
+    """``n`` latent frames (n, C, h, w) from the latent image flow (progress: ODE steps of all batches).
+
+    ``ef`` (n,) percent: each frame drawn for that EF (an EF-conditioned image flow only).
+    """
     flow.eval()
     starts = range(0, n, batch_size)
+    cond: list[dict[str, Any]] = [{} if ef is None else {"ef": ef[i : i + batch_size]} for i in starts]
     with progress_bar(f"sample {n} latent frames (ODE steps)", total=len(starts) * steps) as advance:
         chunks = [sample(flow, torch.randn(min(batch_size, n - i), *shape, generator=generator), steps=steps,
-                         method=method, target=target, advance=advance) for i in starts]
+                         method=method, target=target, advance=advance, **c)
+                  for i, c in zip(starts, cond, strict=True)]
     return torch.cat(chunks)
 
 
@@ -115,18 +123,21 @@ def generate_videos(models: Models, n: int, requested_ef: Callable[[int, torch.G
     """Up to ``n`` videos: the generation recipe of the pipeline, ``echoflow sample`` and the evaluation.
 
     Samples ``oversample`` × n latent frames, keeps those ``screen`` passes (all without one), animates the first
-    ``n`` survivors at ``requested_ef(count, generator)`` EFs, and decodes them.
+    ``n`` survivors at ``requested_ef(count, generator)`` EFs, and decodes them. An EF-conditioned image flow
+    draws each frame for its EF: the EFs are requested first, one per drawn frame.
     """
     vae, drawn = models.vae, round(n * oversample)
     latent = sampling.size // vae.downsample
+    coupled = isinstance(models.image_flow, LatentImageFlow) and models.image_flow.conditions_on_ef
+    drawn_ef = requested_ef(drawn, generator) if coupled else None
     with threads_while(sampling.threads):
         frames = sample_latent_frames(models.image_flow, drawn, shape=(vae.latent_channels, latent, latent),
                                       steps=sampling.steps, method=sampling.method, target=sampling.image_target,
-                                      generator=generator)
+                                      generator=generator, ef=drawn_ef)
     # screening runs outside the block: the audit's sites search side by side, one thread each
-    keep = np.ones(drawn, dtype=bool) if screen is None else screen(frames)
-    survivors = frames[torch.from_numpy(keep)][:n]
-    ef = requested_ef(len(survivors), generator)
+    keep = torch.from_numpy(np.ones(drawn, dtype=bool) if screen is None else screen(frames))
+    survivors = frames[keep][:n]
+    ef = drawn_ef[keep][:n] if drawn_ef is not None else requested_ef(len(survivors), generator)
     with threads_while(sampling.threads):
         latents = animate_frames(models.video_flow, survivors, ef, frames=sampling.frames, window=sampling.window,
                                  steps=sampling.steps, method=sampling.method, target=sampling.video_target,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from echoflow.errors import EchoFlowError
-from echoflow.models.flow import sample
+from echoflow.models.flow import flow_matching_loss, sample
 from echoflow.models.image_flow import LatentImageFlow
 from tests.models.net_checks import assert_opacus_per_sample_grads, overfit_ratio
 
@@ -54,3 +54,32 @@ def test_samples_with_guidance() -> None:
     noise = torch.randn(2, 4, 8, 8)
     out = sample(model, noise, steps=2, method="heun", guidance=2.0, site=torch.tensor([0, 1]))
     assert out.shape == noise.shape and torch.isfinite(out).all()
+
+
+def test_ef_conditioning_changes_output_and_drop_means_null_ef() -> None:
+    model = LatentImageFlow(channels=(16, 32), heads=2, ef_embedding="smooth")
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    low, high = model(x, t, ef=torch.tensor([20.0, 20.0])), model(x, t, ef=torch.tensor([70.0, 70.0]))
+    assert model.conditions_on_ef and (low - high).abs().max() > 1e-4
+    dropped = model(x, t, ef=torch.tensor([70.0, 70.0]), drop=torch.tensor([True, False]))
+    assert torch.allclose(dropped[0], model(x, t)[0]) and torch.allclose(dropped[1], high[1])
+    with pytest.raises(EchoFlowError, match="without ef_embedding"):
+        tiny()(x, t, ef=torch.tensor([20.0, 20.0]))
+
+
+def test_ef_conditioned_flow_draws_the_anatomy_of_its_ef() -> None:
+    """Frames whose content depends on EF (bright for EF 20-30, dark for 60-70): samples follow the requested EF."""
+    torch.manual_seed(0)
+    model = LatentImageFlow(channels=(16, 32), heads=2, ef_embedding="smooth")
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(150):
+        ef = torch.where(torch.rand(16) < 0.5, 20.0, 60.0) + 10 * torch.rand(16)
+        frames = torch.where(ef[:, None, None, None] < 45, 1.0, -1.0) + 0.1 * torch.randn(16, 4, 8, 8)
+        loss = flow_matching_loss(model, frames, target="x1", schedule="uniform", p_uncond=0.0, ef=ef)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    out = sample(model, torch.randn(8, 4, 8, 8), steps=8, method="heun", target="x1",
+                 ef=torch.tensor([25.0] * 4 + [65.0] * 4))
+    assert out[:4].mean() > 0.5 and out[4:].mean() < -0.5
