@@ -62,11 +62,6 @@ class LatentImageFlow(nn.Module):
             video=False,
         )
 
-    @property
-    def conditions_on_ef(self) -> bool:
-        """Whether frames are drawn for a given EF."""
-        return self.ef is not None
-
     def forward(self, x: Tensor, t: Tensor, *, site: Tensor | None = None, ef: Tensor | None = None,
                 drop: Tensor | None = None) -> Tensor:
         """Predict the velocity (or x1) at x_t.
@@ -95,3 +90,8 @@ class LatentImageFlow(nn.Module):
         elif ef is not None:
             raise EchoFlowError("LatentImageFlow.ef: model built without ef_embedding cannot take an EF")
         return self.unet(x, emb)
+
+
+def conditions_on_ef(flow: nn.Module) -> bool:
+    """Whether ``flow`` is a `LatentImageFlow` that draws each frame for a given EF."""
+    return isinstance(flow, LatentImageFlow) and flow.ef is not None

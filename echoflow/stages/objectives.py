@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from echoflow.models.ef import EFRegressor, augment_clip, ef_loss
 from echoflow.models.flow import Schedule, Target, flow_matching_loss
-from echoflow.models.image_flow import LatentImageFlow
+from echoflow.models.image_flow import conditions_on_ef
 from echoflow.models.reid import ReidEncoder, augment_latent, info_nce_loss
 from echoflow.models.vae import (
     AdversarialVAE,
@@ -96,7 +96,7 @@ class FlowStage:
         self.name, self.net = name, net
         self.target, self.schedule, self.p_uncond = target, schedule, p_uncond
         self.condition_on_site = condition_on_site
-        self.condition_on_ef = isinstance(net, LatentImageFlow) and net.conditions_on_ef
+        self.condition_on_ef = conditions_on_ef(net)
 
     def groups(self) -> dict[str, nn.Module]:
         """``model``: the velocity network."""

@@ -38,7 +38,7 @@ from echoflow.config import limit_threads, plain, threads_of
 from echoflow.data.sites import ClipDataset, SiteData
 from echoflow.errors import EchoFlowError
 from echoflow.models.flow import Method, Target
-from echoflow.models.image_flow import LatentImageFlow
+from echoflow.models.image_flow import conditions_on_ef
 from echoflow.models.reid import verification_auc
 from echoflow.models.vae import AdversarialVAE
 from echoflow.progress import progress_bar
@@ -168,7 +168,7 @@ def image_flow_fd(flow: nn.Module, encoder: nn.Module, train: Sequence[SiteData]
     real, _ = frames_of(held_out, every=4)
     floor, _ = frames_of(train, every=4)
     ef = None
-    if isinstance(flow, LatentImageFlow) and flow.conditions_on_ef:  # drawn for EFs as the held-out videos have
+    if conditions_on_ef(flow):  # drawn for EFs as the held-out videos have
         efs = torch.tensor([record.ef for site in held_out for record in site.records], dtype=torch.float32)
         ef = efs[torch.randint(len(efs), (n,))]
     generated = sample_latent_frames(flow, n, shape=real.shape[1:], steps=steps, method=method, target=target,

@@ -22,7 +22,7 @@ from echoflow.data.echonet import VideoRecord, write_avi, write_filelist
 from echoflow.data.intensity import to_uint8
 from echoflow.errors import EchoFlowError
 from echoflow.models.flow import Method, Target, sample
-from echoflow.models.image_flow import LatentImageFlow
+from echoflow.models.image_flow import conditions_on_ef
 from echoflow.models.vae import AdversarialVAE
 from echoflow.models.video_flow import LatentVideoFlow, animate
 from echoflow.progress import progress_bar
@@ -128,7 +128,7 @@ def generate_videos(models: Models, n: int, requested_ef: Callable[[int, torch.G
     """
     vae, drawn = models.vae, round(n * oversample)
     latent = sampling.size // vae.downsample
-    coupled = isinstance(models.image_flow, LatentImageFlow) and models.image_flow.conditions_on_ef
+    coupled = conditions_on_ef(models.image_flow)
     drawn_ef = requested_ef(drawn, generator) if coupled else None
     with threads_while(sampling.threads):
         frames = sample_latent_frames(models.image_flow, drawn, shape=(vae.latent_channels, latent, latent),

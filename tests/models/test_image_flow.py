@@ -3,7 +3,7 @@ import torch
 
 from echoflow.errors import EchoFlowError
 from echoflow.models.flow import flow_matching_loss, sample
-from echoflow.models.image_flow import LatentImageFlow
+from echoflow.models.image_flow import LatentImageFlow, conditions_on_ef
 from tests.models.net_checks import assert_opacus_per_sample_grads, overfit_ratio
 
 
@@ -60,7 +60,7 @@ def test_ef_conditioning_changes_output_and_drop_means_null_ef() -> None:
     model = LatentImageFlow(channels=(16, 32), heads=2, ef_embedding="smooth")
     x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
     low, high = model(x, t, ef=torch.tensor([20.0, 20.0])), model(x, t, ef=torch.tensor([70.0, 70.0]))
-    assert model.conditions_on_ef and (low - high).abs().max() > 1e-4
+    assert conditions_on_ef(model) and (low - high).abs().max() > 1e-4
     dropped = model(x, t, ef=torch.tensor([70.0, 70.0]), drop=torch.tensor([True, False]))
     assert torch.allclose(dropped[0], model(x, t)[0]) and torch.allclose(dropped[1], high[1])
     with pytest.raises(EchoFlowError, match="without ef_embedding"):
