@@ -72,7 +72,7 @@ def calibration(truth: np.ndarray, error: np.ndarray) -> str:
     A slope under 1 is regression dilution: trained on videos whose motion strays from their labels, a regressor
     pulls its readings toward the labels' mean.
     """
-    slope, intercept = np.polyfit(truth, truth + error, 1)
+    slope, intercept, _ = reading_line(truth, truth + error)
     edges = (0, 30, 45, 60, 101)
     bias = [f"{lo}-{hi}: {error[(truth >= lo) & (truth < hi)].mean():+.1f}" for lo, hi in pairwise(edges)]
     return f"slope {slope:.2f}, intercept {intercept:.1f}; mean error by true EF {', '.join(bias)}"
@@ -85,19 +85,20 @@ def reading_line(truth: np.ndarray, readings: np.ndarray) -> tuple[float, float,
 
 
 def readers(arm: str, regressors: Sequence[nn.Module], held_out: dict[str, tuple[torch.Tensor, np.ndarray]],
-            test: torch.Tensor, truth: np.ndarray) -> np.ndarray:
+            on_test: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Print the seed-mean reading lines of ``arm`` on each held-out source; return its calibrated test errors.
 
-    Each seed's test readings are calibrated by its own line on the arm's source (real: ``"real VAL"``).
+    ``on_test`` (seeds, N): each seed's test readings, calibrated by its own line on the arm's source (real:
+    ``"real VAL"``); ``truth`` (N,) the test EFs.
     """
-    for source, (clips, ef) in held_out.items():
-        line = reading_line(ef, seed_predictions(regressors, clips).mean(0))
+    readings = {source: seed_predictions(regressors, clips) for source, (clips, _) in held_out.items()}
+    for source, (_, ef) in held_out.items():
+        line = reading_line(ef, readings[source].mean(0))
         print(f"RESULT {arm}-trained readers on {source} ({len(ef)}): slope {line[0]:.2f}, intercept {line[1]:.1f}, "
               f"residual SD {line[2]:.1f}")
-    clips, ef = held_out["real VAL" if arm == "real" else "held-out synthetic"]
-    lines = [reading_line(ef, reading) for reading in seed_predictions(regressors, clips)]
-    readings = seed_predictions(regressors, test)
-    return np.stack([(r - b) / a for r, (a, b, _) in zip(readings, lines, strict=True)]) - truth
+    own = "real VAL" if arm == "real" else "held-out synthetic"
+    lines = [reading_line(held_out[own][1], reading) for reading in readings[own]]
+    return np.stack([(r - b) / a for r, (a, b, _) in zip(on_test, lines, strict=True)]) - truth
 
 
 def main() -> None:
@@ -130,7 +131,7 @@ def main() -> None:
         synthetic, requested, _ = first_clips(cohort.sites([args.readers_on], "TRAIN"), **kept)
         val, val_ef, _ = first_clips(cohort.split("VAL"), **kept)
         held_out = {"held-out synthetic": (synthetic, requested.numpy()), "real VAL": (val, val_ef.numpy())}
-        calibrated = {arm: readers(arm, regressors[arm], held_out, clips, truth.numpy())
+        calibrated = {arm: readers(arm, regressors[arm], held_out, errors[arm] + truth.numpy(), truth.numpy())
                       for arm in args.arms if arm in ("real", "synthetic")}
         for arm, error in calibrated.items():
             maes = seed_maes(error)
