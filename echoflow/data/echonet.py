@@ -251,6 +251,23 @@ def _parse_row(row: dict[str, str], root: Path, *, require_ef: bool) -> VideoRec
     )
 
 
+def end_diastolic_frames(root: Path) -> dict[str, int]:
+    """Each traced video's end-diastolic frame, from ``root/VolumeTracings.csv``: FileName stem -> frame index.
+
+    EchoNet traces two frames per video, ED and ES, as chords across the LV; the ED frame is the one whose chords
+    are longer in total (the larger cavity). A missing or unreadable file gives no frames.
+    """
+    path = root / "VolumeTracings.csv"
+    try:
+        table = pd.read_csv(path)
+        chords = np.hypot(table["X2"] - table["X1"], table["Y2"] - table["Y1"])
+        size = chords.groupby([table["FileName"], table["Frame"]]).sum()
+    except (OSError, KeyError, ValueError, pd.errors.ParserError):
+        return {}
+    largest = size.groupby(level=0).idxmax()
+    return {Path(str(name)).stem: int(frame) for name, frame in largest.to_numpy()}
+
+
 def write_filelist(root: Path, records: Sequence[VideoRecord]) -> Path:
     """Write ``root/FileList.csv``: EchoNet's columns + PatientID, Site; NaN EF/ESV/EDV become blank cells.
 

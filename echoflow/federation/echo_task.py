@@ -28,7 +28,7 @@ from echoflow.federation.priors import recall
 from echoflow.federation.protocol import PRIOR_DIGESTS
 from echoflow.models.vae import AdversarialVAE
 from echoflow.stages import LATENT_STAGES
-from echoflow.stages.data import encode_sites, stage_dataset, stage_sites
+from echoflow.stages.data import encode_sites, image_flow_frames, stage_dataset, stage_sites
 from echoflow.stages.networks import build_network, global_network
 from echoflow.stages.objectives import build_stage
 from echoflow.stages.trainer import Batch, Stage
@@ -82,6 +82,8 @@ def _site_data(name: str, site_dir: str, config_json: str) -> tuple[Dataset[Batc
     clip = {"clip_frames": cfg.data.clip_frames, "clip_fps": cfg.data.clip_fps}
 
     def dataset(site: SiteData, *, training: bool) -> Dataset[Batch]:
+        if name == "image_flow":
+            site = image_flow_frames([site], cfg.train.image_flow.frames)[0]
         if training:  # re-id trains on the site's videos plus their transformed twins
             return stage_dataset(name, stage_sites(name, [site], vae, seed=cfg.seed), **clip)
         return stage_dataset(name, encode_sites(vae, [site]) if vae is not None else [site], **clip)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from echoflow.data.echonet import end_diastolic_frames
 from echoflow.data.intensity import TRANSFORMS, to_uint8, to_unit
 from echoflow.data.sites import ClipDataset, FrameDataset, PatientPairDataset, SiteData
 from echoflow.errors import EchoFlowError
@@ -61,6 +62,40 @@ def with_twins(sites: Sequence[SiteData], *, seed: int) -> list[SiteData]:
                 videos.append(to_uint8(TRANSFORMS[name](to_unit(video).numpy(), rng)))
                 records.append(record)
         out.append(replace(site, videos=videos, records=records))
+    return out
+
+
+IMAGE_FRAMES = ("all", "end_diastole")
+"""Which frames of each video the image flow learns (``train.image_flow.frames``)."""
+
+
+def image_flow_frames(sites: Sequence[SiteData], frames: str) -> list[SiteData]:
+    """The frames the image flow learns: every frame, or each video's end-diastolic frame and its two neighbours.
+
+    ``end_diastole`` makes every generated first frame an ED frame, so the video flow contracts the heart from its
+    full size and a released video's EDV is the first frame's, drawn without regard to the EF requested later — as
+    the EDV of a real heart is (on the phantom, EDV and EF are uncorrelated, r = 0.02). ED frames come from each
+    site's ``VolumeTracings.csv``; a video with none is left out and listed in the site's ``problems``.
+    """
+    if frames not in IMAGE_FRAMES:
+        raise EchoFlowError(f"train.image_flow.frames: {frames!r}; choose one of {', '.join(IMAGE_FRAMES)}")
+    if frames == "all":
+        return list(sites)
+    out = []
+    for site in sites:
+        ed = {}
+        for root in {record.path.parent.parent for record in site.records}:
+            ed |= end_diastolic_frames(root)
+        kept = [(r, v[max(0, ed[r.file_name] - 1): ed[r.file_name] + 2]) for r, v in zip(site.records, site.videos,
+                                                                                          strict=True)
+                if r.file_name in ed and ed[r.file_name] < len(v)]
+        if not kept:
+            raise EchoFlowError(f"{site.name}: train.image_flow.frames=end_diastole needs VolumeTracings.csv with "
+                                f"an ED frame per video; none found")
+        missing = [f"{r.path}: no end-diastolic frame in VolumeTracings.csv, left out of the image flow"
+                   for r in site.records if r.file_name not in {k.file_name for k, _ in kept}]
+        out.append(replace(site, records=[r for r, _ in kept], videos=[v for _, v in kept],
+                           problems=[*site.problems, *missing]))
     return out
 
 

@@ -21,7 +21,7 @@ from echoflow.data.intensity import to_unit
 from echoflow.data.sites import SiteData
 from echoflow.models.vae import AdversarialVAE, measure_latent_scale
 from echoflow.stages import LATENT_STAGES
-from echoflow.stages.data import stage_dataset, stage_sites
+from echoflow.stages.data import image_flow_frames, stage_dataset, stage_sites
 from echoflow.stages.networks import save_network
 from echoflow.stages.objectives import build_stage
 from echoflow.stages.trainer import TrainConfig, Trainer, random_batches
@@ -40,7 +40,8 @@ def train_stages(cfg: DictConfig, names: Sequence[str], cohort: Cohort, *, quiet
             net = trained["vae"] if "vae" in trained else trained_network(cfg, "vae")
             assert isinstance(net, AdversarialVAE)
             vae = net
-        trained[name] = train_stage(name, cfg, stage_sites(name, pixels, vae, seed=cfg.seed), quiet=quiet)
+        sites = image_flow_frames(pixels, cfg.train.image_flow.frames) if name == "image_flow" else pixels
+        trained[name] = train_stage(name, cfg, stage_sites(name, sites, vae, seed=cfg.seed), quiet=quiet)
     return trained
 
 
