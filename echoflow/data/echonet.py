@@ -260,8 +260,8 @@ def end_diastolic_frames(root: Path) -> dict[str, int]:
     path = root / "VolumeTracings.csv"
     try:
         table = pd.read_csv(path)
-        chords = np.hypot(table["X2"] - table["X1"], table["Y2"] - table["Y1"])
-        size = chords.groupby([table["FileName"], table["Frame"]]).sum()
+        table["chord"] = np.hypot(table["X2"] - table["X1"], table["Y2"] - table["Y1"])
+        size = table.groupby(["FileName", "Frame"])["chord"].sum()
     except (OSError, KeyError, ValueError, pd.errors.ParserError):
         return {}
     largest = size.groupby(level=0).idxmax()

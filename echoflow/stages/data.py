@@ -83,7 +83,7 @@ def image_flow_frames(sites: Sequence[SiteData], frames: str) -> list[SiteData]:
         return list(sites)
     out = []
     for site in sites:
-        ed = {}
+        ed: dict[str, int] = {}
         for root in {record.path.parent.parent for record in site.records}:
             ed |= end_diastolic_frames(root)
         kept = [(r, v[max(0, ed[r.file_name] - 1): ed[r.file_name] + 2]) for r, v in zip(site.records, site.videos,
