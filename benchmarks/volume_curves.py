@@ -3,8 +3,9 @@
 Per clip (the first clip, as the regressors read it): EDV and ESV (largest and smallest meter volume, pixel³), the
 meter's EF, the first frame's phase ((V₀ − ESV) / (EDV − ESV): 1 at end-diastole, 0 at end-systole), heart cycles
 per clip (the peak of the zero-padded spectrum of the volume curve) and the curve's travel in strokes (the summed
-frame-to-frame volume change over EDV − ESV; about 2 per beat). The meter is the one `echoflow evaluate video-flow`
-trains (kept in ``<workdir>/meter``; trained here if missing):
+frame-to-frame volume change over EDV − ESV; about 2 per beat), and the travel per cycle by cycles per clip — a
+clip whose every beat fills and empties fully travels ~2 strokes per cycle at any heart rate. The meter is the one
+`echoflow evaluate video-flow` trains (kept in ``<workdir>/meter``; trained here if missing):
 
     python benchmarks/volume_curves.py runs/parity_fed runs/parity_fed/audit/released pipeline=parity
 """
@@ -26,6 +27,7 @@ from echoflow.study.evaluate import first_clips
 from echoflow.study.models import Cohort, Models, stage_folder
 
 BINS = ((0, 30), (30, 45), (45, 60), (60, 101))
+CYCLE_BINS = ((0.5, 1.2), (1.2, 1.5), (1.5, 1.8), (1.8, 2.2), (2.2, 4.0))
 
 
 def curve_table(name: str, meter: LVSegmenter, sites: Sequence[SiteData], *, frames: int, fps: float) -> None:
@@ -44,6 +46,10 @@ def curve_table(name: str, meter: LVSegmenter, sites: Sequence[SiteData], *, fra
         m = (ef >= low) & (ef < high)
         print(f"| {low}-{high} | {m.sum()} | " + " | ".join(f"{x[m].mean():.2f}" for x in measures.values()) + " |")
     c = measures["cycles per clip"]
+    per_cycle = measures["travel (strokes)"] / c
+    rows = [(low, high, (c >= low) & (c < high)) for low, high in CYCLE_BINS]
+    print(f"RESULT strokes travelled per cycle by cycles per clip, {name}: " + ", ".join(
+        f"{low}-{high}: {per_cycle[m].mean():.2f} (n {m.sum()})" for low, high, m in rows if m.any()))
     print(f"RESULT cycles per clip, {name}: mean {c.mean():.2f}, SD {c.std():.2f}, 10/50/90 % "
           f"{'/'.join(f'{q:.2f}' for q in np.percentile(c, [10, 50, 90]))}; correlation with EF "
           f"{np.corrcoef(c, ef)[0, 1]:+.2f}")
