@@ -74,7 +74,7 @@ def main() -> None:
     meter = train_meter(train, Models.load(cfg).vae, stage_folder(cfg, "meter"), steps=600, seed=cfg.seed)
     clip = {"frames": cfg.data.clip_frames, "fps": cfg.data.clip_fps}
     curve_table("real TRAIN", meter, train, **clip)
-    curve_table(f"released {Path(released).name}", meter, cohort.sites([Path(released)], "TRAIN"), **clip)
+    curve_table(f"released {released}", meter, cohort.sites([Path(released)], "TRAIN"), **clip)
 
 
 if __name__ == "__main__":
