@@ -86,14 +86,17 @@ def image_flow_frames(sites: Sequence[SiteData], frames: str) -> list[SiteData]:
         ed: dict[str, int] = {}
         for root in {record.path.parent.parent for record in site.records}:
             ed |= end_diastolic_frames(root)
-        kept = [(r, v[max(0, ed[r.file_name] - 1): ed[r.file_name] + 2]) for r, v in zip(site.records, site.videos,
-                                                                                          strict=True)
-                if r.file_name in ed and ed[r.file_name] < len(v)]
+        kept, missing = [], []
+        for record, video in zip(site.records, site.videos, strict=True):
+            frame = ed.get(record.file_name)
+            if frame is None or frame >= len(video):
+                missing.append(f"{record.path}: no end-diastolic frame in VolumeTracings.csv, left out of the "
+                               "image flow")
+            else:
+                kept.append((record, video[max(0, frame - 1): frame + 2]))
         if not kept:
             raise EchoFlowError(f"{site.name}: train.image_flow.frames=end_diastole needs VolumeTracings.csv with "
                                 f"an ED frame per video; none found")
-        missing = [f"{r.path}: no end-diastolic frame in VolumeTracings.csv, left out of the image flow"
-                   for r in site.records if r.file_name not in {k.file_name for k, _ in kept}]
         out.append(replace(site, records=[r for r, _ in kept], videos=[v for _, v in kept],
                            problems=[*site.problems, *missing]))
     return out
