@@ -169,14 +169,24 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Residual multi-head self-attention: over H·W positions for frames, over T frames for clips."""
+    """Residual multi-head self-attention: over H·W positions for frames, over T frames for clips.
 
-    def __init__(self, channels: int, *, heads: int, video: bool) -> None:
+    Without positions attention is blind to order: permuting a clip's frames permutes its output, and only the
+    temporal convolutions' zero padding tells a frame how far it is from the clip's start. ``positions=True`` adds
+    the sinusoidal encoding of the frame index (as the Transformer's, no learned tensor) to the tokens before the
+    projections (clips only; VDM uses relative position biases; absolute here, since frame 0 is the conditioning
+    frame).
+    """
+
+    def __init__(self, channels: int, *, heads: int, video: bool, positions: bool = False) -> None:
         super().__init__()
         if channels % heads:
             raise ValueError(f"Attention: channels {channels} not divisible by heads {heads}")
+        if positions and not video:
+            raise ValueError("Attention: positions are frame indices, for clips (video=True) only")
         self.heads = heads
         self.video = video
+        self.positions = positions
         self.norm = group_norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.out = nn.Linear(channels, channels)
@@ -198,6 +208,9 @@ class Attention(nn.Module):
         """x: (B, C, [T,] H, W) -> same shape."""
         tokens = self._tokens(self.norm(x))
         *lead, length, channels = tokens.shape
+        if self.positions:
+            index = torch.arange(length, device=x.device) / 1000.0  # sinusoidal_embedding scales by 1000
+            tokens = tokens + sinusoidal_embedding(index, channels).to(tokens.dtype)
         q, k, v = (
             part.reshape(*lead, length, self.heads, -1).transpose(-3, -2)
             for part in self.qkv(tokens).chunk(3, dim=-1)

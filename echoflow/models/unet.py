@@ -25,7 +25,7 @@ class UNetLevel(nn.Module):
 
     def __init__(
         self, in_channels: int, out_channels: int, *, blocks: int, attention: bool, emb_dim: int, heads: int,
-        video: bool,
+        video: bool, positions: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -33,7 +33,7 @@ class UNetLevel(nn.Module):
             layers.append(ResBlock(in_channels if i == 0 else out_channels, out_channels, emb_dim=emb_dim,
                                    video=video))
             if attention:
-                layers.append(Attention(out_channels, heads=heads, video=video))
+                layers.append(Attention(out_channels, heads=heads, video=video, positions=positions))
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -62,6 +62,7 @@ class UNet(nn.Module):
         heads: int,
         video: bool,
         patch: int = 1,
+        positions: bool = False,
     ) -> None:
         """Build the U-Net.
 
@@ -77,13 +78,14 @@ class UNet(nn.Module):
             video: clips (B, C, T, H, W) with (2+1)D convolutions instead of frames (B, C, H, W).
             patch: side of the square patches folded into channels before level 0 (and unfolded after),
                 as in DiT's patchify; 2 makes a 16x16 latent a 8x8 grid, 4x cheaper. H, W divisible by it.
+            positions: clips' temporal attention sees each frame's index (see :class:`Attention`).
         """
         super().__init__()
         if len(attention) != len(channels):
             raise ValueError(f"UNet: {len(attention)} attention flags for {len(channels)} levels")
         self.patch = patch
         self.conv_in = conv(in_channels * patch**2, channels[0], video=video)
-        stage = partial(UNetLevel, blocks=blocks, emb_dim=emb_dim, heads=heads, video=video)
+        stage = partial(UNetLevel, blocks=blocks, emb_dim=emb_dim, heads=heads, video=video, positions=positions)
         self.down = nn.ModuleList(
             stage(channels[max(i - 1, 0)], c, attention=attn)
             for i, (c, attn) in enumerate(zip(channels, attention, strict=True))

@@ -31,6 +31,7 @@ class LatentVideoFlow(nn.Module):
         patch: int = 2,
         motion_scale: float = 1.0,
         ef_embedding: EFEmbeddingKind = "smooth",
+        frame_positions: bool = False,
     ) -> None:
         """Build the network.
 
@@ -45,6 +46,8 @@ class LatentVideoFlow(nn.Module):
             ef_embedding: ``"smooth"`` (features of EF with periods of 20-160 points plus a linear coordinate)
                 or ``"fourier"`` (the timestep embedding of EF/100, the earlier default), see
                 :class:`~echoflow.models.blocks.EFEmbedding`.
+            frame_positions: temporal attention sees each frame's index (sinusoidal, no parameters); without it
+                attention is order-blind and only the temporal convolutions' padding places a frame in the clip.
         """
         super().__init__()
         emb_dim = 4 * channels[0]
@@ -62,6 +65,7 @@ class LatentVideoFlow(nn.Module):
             heads=heads,
             video=True,
             patch=patch,
+            positions=frame_positions,
         )
 
     motion_scale: Tensor

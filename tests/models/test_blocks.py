@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from echoflow.models.blocks import EFEmbedding, EFEmbeddingKind, TemporalConv
+from echoflow.models.blocks import Attention, EFEmbedding, EFEmbeddingKind, TemporalConv
 
 
 def _distances(embedding: EFEmbedding, ef: float, deltas: list[float]) -> list[float]:
@@ -60,3 +60,19 @@ def test_temporal_conv_is_the_3d_convolution_with_a_k_by_1_by_1_kernel(stride: i
     x = torch.randn(2, 3, 9, 4, 6)
     expected = F.conv3d(x, layer.conv.weight.unsqueeze(-1), layer.conv.bias, stride=(stride, 1, 1), padding=(1, 0, 0))
     assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", [False, True])
+def test_temporal_attention_sees_frame_order_only_with_positions(positions: bool) -> None:
+    torch.manual_seed(0)
+    attention = Attention(8, heads=2, video=True, positions=positions)
+    clip = torch.randn(1, 8, 6, 3, 3)
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    permuted_then_attended = attention(clip[:, :, order])
+    attended_then_permuted = attention(clip)[:, :, order]
+    assert torch.allclose(permuted_then_attended, attended_then_permuted, atol=1e-5) is not positions
+
+
+def test_frame_positions_are_for_clips_only() -> None:
+    with pytest.raises(ValueError, match="clips"):
+        Attention(8, heads=2, video=False, positions=True)
